@@ -23,6 +23,15 @@ def _xy(rows, xkey, ykey):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _set_load_axis(ax, series: Sequence[Series]) -> None:
+    ax.set_xlabel(_load_name(series))
+    loads = [r["load"] for _, rows in series for r in rows if isinstance(r.get("load"), (int, float))
+             and 0 < r["load"] < float("inf")]
+    # Sweeps are usually geometric (1, 8, 32): a log axis spaces them evenly.
+    if loads and max(loads) / min(loads) >= 8:
+        ax.set_xscale("log", base=2)
+
+
 def _load_name(series: Sequence[Series]) -> str:
     kinds = {r.get("load_kind") for _, rows in series for r in rows}
     return "concurrency" if kinds == {"concurrency"} else ("request rate (req/s)" if kinds == {"rate"} else "load")
@@ -38,7 +47,7 @@ def latency_vs_load(series: Sequence[Series], path: str) -> str:
                 if x:
                     ax.plot(x, y, ls, marker="o", color=colors[ci % len(colors)], label=f"{label} {stat}")
         ax.set_title(f"{metric.upper()} vs load")
-        ax.set_xlabel(_load_name(series))
+        _set_load_axis(ax, series)
         ax.set_ylabel("ms")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -56,7 +65,7 @@ def throughput_vs_load(series: Sequence[Series], path: str) -> str:
                 if gx:
                     ax.plot(gx, gy, "--", marker="x", label=f"{label} goodput")
         ax.set_title(f"{title} vs load")
-        ax.set_xlabel(_load_name(series))
+        _set_load_axis(ax, series)
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
