@@ -1,0 +1,318 @@
+{{/* Names and labels. */}}
+{{- define "serving.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" }}
+{{- end }}
+
+{{/* At most 40 characters: KubeRay names the RayCluster <name>-<5 chars>, its pods
+<cluster>-head-<5>/<cluster>-<group>-worker-<5>, and the Service <name>-serve-svc. */}}
+{{- define "serving.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "serving.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "serving.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "serving.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "serving.labels" -}}
+helm.sh/chart: {{ include "serving.chart" . }}
+{{ include "serving.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: serving
+{{- end }}
+
+{{- define "serving.serviceName" -}}
+{{- default (printf "%s-serve-svc" (include "serving.fullname" .)) .Values.service.name }}
+{{- end }}
+
+{{- define "serving.image" -}}
+{{- printf "%s:%s" .Values.image.repository (toString .Values.image.tag) }}
+{{- end }}
+
+{{/* The models config as YAML, exactly as the ConfigMap ships it. */}}
+{{- define "serving.configYaml" -}}
+{{- toYaml .Values.serving }}
+{{- end }}
+
+{{/*
+Checks JSON schema cannot express (values.schema.json covers the rest). Each failure names
+the key path the way `serving check` does.
+*/}}
+{{- define "serving.validate" -}}
+{{- $cfg := .Values.serving }}
+{{- $profiles := $cfg.profiles | default dict }}
+{{- $names := dict }}
+{{- range $i, $m := $cfg.models }}
+{{- $where := printf "serving.models[%d] (%s)" $i $m.name }}
+{{- if hasKey $names $m.name }}
+{{- fail (printf "%s.name: duplicate model name %q (also %s); names must be unique" $where $m.name (get $names $m.name)) }}
+{{- end }}
+{{- $_ := set $names $m.name (printf "serving.models[%d]" $i) }}
+{{- end }}
+{{- $aliases := dict }}
+{{- range $i, $m := $cfg.models }}
+{{- $where := printf "serving.models[%d] (%s)" $i $m.name }}
+{{- range $j, $a := ($m.aliases | default list) }}
+{{- if hasKey $names $a }}
+{{- fail (printf "%s.aliases[%d]: alias %q collides with the name of a model; rename the alias" $where $j $a) }}
+{{- end }}
+{{- if hasKey $aliases $a }}
+{{- fail (printf "%s.aliases[%d]: duplicate alias %q (also an alias of %s)" $where $j $a (get $aliases $a)) }}
+{{- end }}
+{{- $_ := set $aliases $a $m.name }}
+{{- end }}
+{{- $profile := $m.profile | default $cfg.default_profile }}
+{{- if and $profile (not (hasKey $profiles $profile)) }}
+{{- fail (printf "%s.profile: unknown profile %q (profiles: %s)" $where $profile (keys $profiles | sortAlpha | join ", " | default "none defined")) }}
+{{- end }}
+{{- if kindIs "map" $m.replicas }}
+{{- $min := $m.replicas.min | default 1 }}
+{{- $max := $m.replicas.max | default 1 }}
+{{- if hasKey $m.replicas "min" }}{{ $min = $m.replicas.min }}{{ end }}
+{{- if gt (int $min) (int $max) }}
+{{- fail (printf "%s.replicas: min (%d) must not exceed max (%d)" $where (int $min) (int $max)) }}
+{{- end }}
+{{- end }}
+{{- /* GPUs: resources.gpus must cover tensor x pipeline parallelism, and some worker group must offer that many. */}}
+{{- $p := dict }}
+{{- if $profile }}{{ $p = get $profiles $profile | default dict }}{{ end }}
+{{- $res := $m.resources | default $p.resources | default dict }}
+{{- $args := merge (deepCopy ($m.engine_args | default dict)) (deepCopy ($p.engine_args | default dict)) }}
+{{- $gpus := $res.gpus | default 0 | float64 }}
+{{- $parallel := mul (int ($args.tensor_parallel_size | default 1)) (int ($args.pipeline_parallel_size | default 1)) }}
+{{- if and (gt $parallel 1) (lt $gpus (float64 $parallel)) }}
+{{- fail (printf "%s.resources.gpus: %v GPUs per replica cannot hold tensor_parallel_size x pipeline_parallel_size = %d; set resources.gpus to %d" $where $gpus $parallel $parallel) }}
+{{- end }}
+{{- if gt $gpus 0.0 }}
+{{- $best := 0.0 }}
+{{- range $.Values.workerGroups }}
+{{- $g := include "serving.groupGpus" . | float64 }}
+{{- if gt $g $best }}{{ $best = $g }}{{ end }}
+{{- end }}
+{{- if lt $best $gpus }}
+{{- fail (printf "%s: a replica needs %v GPUs but no worker group's pod offers that many (largest: %v); add a worker group with resources.limits[\"nvidia.com/gpu\"] >= %v" $where $gpus $best $gpus) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $i, $g := .Values.workerGroups }}
+{{- if gt (int $g.minReplicas) (int $g.maxReplicas) }}
+{{- fail (printf "workerGroups[%d] (%s): minReplicas (%d) must not exceed maxReplicas (%d)" $i $g.name (int $g.minReplicas) (int $g.maxReplicas)) }}
+{{- end }}
+{{- if and (hasKey $g "replicas") (or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas))) }}
+{{- fail (printf "workerGroups[%d] (%s): replicas (%d) must lie between minReplicas (%d) and maxReplicas (%d)" $i $g.name (int $g.replicas) (int $g.minReplicas) (int $g.maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- if le (int .Values.terminationGracePeriodSeconds) (int .Values.drainSeconds) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed drainSeconds (%d), or Kubernetes kills pods mid-drain" (int .Values.terminationGracePeriodSeconds) (int .Values.drainSeconds)) }}
+{{- end }}
+{{- end }}
+
+{{/* GPUs one pod of a worker group offers: num-gpus in rayStartParams, else its nvidia.com/gpu limit. */}}
+{{- define "serving.groupGpus" -}}
+{{- $limits := (.resources | default dict).limits | default dict }}
+{{- if hasKey (.rayStartParams | default dict) "num-gpus" }}
+{{- get .rayStartParams "num-gpus" | float64 }}
+{{- else }}
+{{- get $limits "nvidia.com/gpu" | default 0 | float64 }}
+{{- end }}
+{{- end }}
+
+{{/* serveConfigV2: the Ray Serve config KubeRay applies to the cluster. */}}
+{{- define "serving.serveConfig" -}}
+{{- $router := .Values.serving.router | default dict }}
+{{- $timeout := .Values.serve.gracefulShutdownTimeoutSeconds | default ($router.request_timeout_s | default 600) }}
+{{- $deployments := list (dict "name" "router" "graceful_shutdown_timeout_s" $timeout) }}
+{{- range .Values.serving.models }}
+{{- $deployments = append $deployments (dict "name" .name "graceful_shutdown_timeout_s" $timeout) }}
+{{- end }}
+{{- $app := dict "name" "serving" "import_path" "serving.app:build_app" "route_prefix" "/" "args" .Values.serving "deployments" $deployments }}
+{{- $http := dict "host" "0.0.0.0" "port" ($router.port | default 8000) }}
+{{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "applications" (list $app)) }}
+{{- end }}
+
+{{/*
+The pod template of a Ray node. Call with (dict "root" $ "group" <head or worker group> "kind" "head"|"worker").
+*/}}
+{{- define "serving.podTemplate" -}}
+{{- $root := .root }}
+{{- $g := .group }}
+{{- $kind := .kind }}
+{{- $v := $root.Values }}
+{{- $router := $v.serving.router | default dict }}
+{{- $servePort := $router.port | default 8000 }}
+{{- $cache := $v.modelCache.mountPath -}}
+metadata:
+  labels:
+    {{- include "serving.selectorLabels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ printf "ray-%s" $kind }}
+    {{- if eq $kind "worker" }}
+    serving/worker-group: {{ $g.name }}
+    {{- end }}
+    {{- with $g.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/models-config: {{ include "serving.configYaml" $root | sha256sum }}
+    {{- with $g.annotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  {{- with $g.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $g.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $g.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if and $g.provisionModels $v.modelCache.provision }}
+  initContainers:
+    - name: provision-models
+      image: {{ include "serving.image" $root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      command:
+        - serving
+        - provision
+        - --config
+        - /etc/serving/models.yaml
+        {{- if $v.huggingface.allowDownload }}
+        - --allow-download
+        {{- end }}
+      env:
+        - name: SERVING_CACHE_DIR
+          value: {{ $cache | quote }}
+        - name: HF_HOME
+          value: {{ printf "%s/hf" $cache | quote }}
+        - name: HF_HUB_OFFLINE
+          value: {{ ternary "0" "1" (and $v.huggingface.allowDownload true) | quote }}
+        {{- if $v.huggingface.token.existingSecret }}
+        - name: HF_TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ $v.huggingface.token.existingSecret }}
+              key: {{ $v.huggingface.token.key }}
+        {{- end }}
+      {{- with $v.modelCache.provisionResources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: models-config
+          mountPath: /etc/serving
+          readOnly: true
+        - name: model-cache
+          mountPath: {{ $cache }}
+  {{- end }}
+  containers:
+    - name: {{ printf "ray-%s" $kind }}
+      image: {{ include "serving.image" $root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      ports:
+        {{- if eq $kind "head" }}
+        - name: gcs-server
+          containerPort: 6379
+        - name: dashboard
+          containerPort: 8265
+        - name: client
+          containerPort: 10001
+        {{- end }}
+        - name: serve
+          containerPort: {{ $servePort }}
+        - name: metrics
+          containerPort: 8080
+      env:
+        - name: SERVING_CACHE_DIR
+          value: {{ $cache | quote }}
+        - name: HF_HOME
+          value: {{ printf "%s/hf" $cache | quote }}
+        - name: HF_HUB_OFFLINE
+          value: "1"
+        {{- if $v.apiKeys.existingSecret }}
+        - name: {{ $router.api_keys_env | default "SERVING_API_KEYS" }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ $v.apiKeys.existingSecret }}
+              key: {{ $v.apiKeys.key }}
+        {{- end }}
+        {{- with $v.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $g.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- if eq $kind "worker" }}
+      # Ready when the router answers /health through this pod's Serve proxy (200: the router is
+      # up and at least one engine is healthy). The head keeps KubeRay's own probes: KubeRay
+      # deploys the application only once the head is ready.
+      readinessProbe:
+        httpGet:
+          path: /health
+          port: serve
+        initialDelaySeconds: 10
+        periodSeconds: 5
+        timeoutSeconds: 3
+        failureThreshold: 2
+        successThreshold: 1
+      {{- end }}
+      lifecycle:
+        # Drain: while this pod's Serve proxy answers, wait (up to drainSeconds) so requests it
+        # already accepted finish before Ray is stopped. Idle pods (no proxy) stop at once.
+        preStop:
+          exec:
+            command:
+              - /bin/sh
+              - -c
+              - >-
+                waited=0;
+                while [ "$waited" -lt {{ int $v.drainSeconds }} ] &&
+                python -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:{{ $servePort }}/-/healthz", timeout=2)' >/dev/null 2>&1;
+                do sleep 5; waited=$((waited + 5)); done
+      volumeMounts:
+        - name: models-config
+          mountPath: /etc/serving
+          readOnly: true
+        - name: model-cache
+          mountPath: {{ $cache }}
+        - name: dshm
+          mountPath: /dev/shm
+  volumes:
+    - name: models-config
+      configMap:
+        name: {{ printf "%s-config" (include "serving.fullname" $root) }}
+    - name: model-cache
+      {{- if $v.modelCache.existingClaim }}
+      persistentVolumeClaim:
+        claimName: {{ $v.modelCache.existingClaim }}
+      {{- else }}
+      emptyDir:
+        {{- toYaml ($v.modelCache.emptyDir | default dict) | nindent 8 }}
+      {{- end }}
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $g.shmSize }}
+{{- end }}
