@@ -1,0 +1,102 @@
+"""`build_app`: turn the validated config into the Ray Serve application graph.
+
+One engine deployment per model (named after it) and one router deployment ("router") that
+holds a handle to each. Used by `serving up`, by `serve run serving.app:build_app`, and by
+KubeRay's serveConfigV2 (import_path `serving.app:build_app`, args = the models config).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serving import router as router_module
+from serving.config import ServingConfig, config_to_dict, load_config, parse_config
+from serving.engine import EngineDeployment
+from serving.router import Router
+
+APP_NAME = "serving"
+ROUTER_DEPLOYMENT = "router"
+
+
+@serve.deployment(name=ROUTER_DEPLOYMENT)
+@serve.ingress(router_module.app)
+class RouterIngress(Router):
+    def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
+        super().__init__(config, engines)
+        router_module.activate(self)
+
+
+def engine_options(config: ServingConfig, name: str) -> dict[str, Any]:
+    """Ray Serve deployment options for one model: replicas, resources, queue limits."""
+    spec = config.model(name)
+    engine = config.engine_spec(spec)
+    res = engine.resources
+    actor: dict[str, Any] = {"num_cpus": res.cpus, "runtime_env": {"env_vars": dict(engine.env)}}
+    if res.memory_gib:
+        actor["memory"] = int(res.memory_gib * 2**30)
+    if res.accelerator_type:
+        actor["accelerator_type"] = res.accelerator_type
+    options: dict[str, Any] = {
+        "name": spec.name,
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "max_queued_requests": spec.max_queued_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 60,
+        "ray_actor_options": actor,
+    }
+    parallel = int(engine.engine_args.get("tensor_parallel_size", 1)) * int(engine.engine_args.get("pipeline_parallel_size", 1))
+    if res.gpus and parallel > 1:
+        # vLLM places its own GPU workers: reserve them as one placement group beside the replica.
+        options["placement_group_bundles"] = [{"CPU": res.cpus}] + [{"GPU": 1}] * parallel
+        options["placement_group_strategy"] = "STRICT_PACK"
+    elif res.gpus:
+        actor["num_gpus"] = res.gpus
+    if spec.replicas.fixed:
+        options["num_replicas"] = spec.replicas.min
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": spec.replicas.min,
+            "max_replicas": spec.replicas.max,
+            "initial_replicas": max(spec.replicas.min, 1),
+            "target_ongoing_requests": spec.replicas.target_ongoing_requests,
+        }
+    return options
+
+
+def engine_init_args(config: ServingConfig, name: str) -> dict[str, Any]:
+    spec = config.model(name)
+    engine = config.engine_spec(spec)
+    args = dict(engine.engine_args)
+    if engine.resources.gpus and "tensor_parallel_size" in args and int(args["tensor_parallel_size"]) > 1:
+        args.setdefault("distributed_executor_backend", "ray")
+    return {"model": spec.model_dump(mode="json"), "engine_args": args, "env": dict(engine.env)}
+
+
+def build(config: ServingConfig) -> Application:
+    engines = {
+        spec.name: serve.deployment(EngineDeployment).options(**engine_options(config, spec.name)).bind(
+            **engine_init_args(config, spec.name))
+        for spec in config.models
+    }
+    router = config.router
+    return RouterIngress.options(
+        num_replicas=router.replicas,
+        max_ongoing_requests=router.max_ongoing_requests,
+        ray_actor_options={"num_cpus": router.cpus},
+        graceful_shutdown_timeout_s=router.request_timeout_s,
+    ).bind(config_to_dict(config), engines)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder for `serve run` / serveConfigV2.
+
+    `args` is either the models config itself (same schema as models.yaml) or
+    `{"config_file": "/path/to/models.yaml"}`.
+    """
+    if set(args) == {"config_file"}:
+        return build(load_config(args["config_file"]))
+    return build(parse_config(args, "application args"))

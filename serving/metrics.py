@@ -1,0 +1,103 @@
+"""Every Prometheus metric of the router, defined once, plus the engines' reported metrics.
+
+The router's own metrics live in a private registry (the Ray worker process's default
+registry holds Ray's internals). Engine metrics (our load gauges and vLLM's own `vllm:*`
+families) arrive with each engine replica's load report and are re-exposed here with a
+`replica` label, so one scrape of the router's `/metrics` shows the whole app.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "serving_requests", "Requests finished by the router, by served model, route, routing rule and HTTP status.",
+            ["model", "route", "rule", "status"], registry=r)
+        self.ttft = Histogram(
+            "serving_time_to_first_token_seconds", "Time from request arrival at the router to the first streamed token.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram(
+            "serving_request_duration_seconds", "End-to-end request latency at the router.",
+            ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("serving_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.completion_tokens = Counter("serving_completion_tokens", "Completion tokens generated.", ["model"], registry=r)
+        self.inflight = Gauge("serving_inflight_requests", "Requests in flight from this router, per deployment.",
+                              ["model"], registry=r)
+        self.route_failovers = Counter(
+            "serving_route_failovers", "Requests retried on another deployment because the chosen one failed before answering.",
+            ["model"], registry=r)
+        self.engines = EngineReportCollector()
+        r.register(self.engines)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineReportCollector:
+    """Turns the engines' latest load reports into metric families at scrape time."""
+
+    def __init__(self) -> None:
+        self.reports: Mapping[str, Iterable[Mapping]] = {}
+
+    def update(self, reports: Mapping[str, Iterable[Mapping]]) -> None:
+        self.reports = {name: list(items) for name, items in reports.items()}
+
+    def describe(self) -> list:
+        return []  # families vary with what engines report; skip registry-time description
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily("serving_engine_running_requests", "Requests running in the engine (last report).",
+                                    labels=["model", "replica"])
+        waiting = GaugeMetricFamily("serving_engine_waiting_requests", "Requests waiting in the engine queue (last report).",
+                                    labels=["model", "replica"])
+        kv = GaugeMetricFamily("serving_engine_kv_cache_usage_ratio", "Fraction of the KV cache in use (last report).",
+                               labels=["model", "replica"])
+        healthy = GaugeMetricFamily("serving_engine_healthy", "1 if the engine replica reported itself healthy.",
+                                    labels=["model", "replica"])
+        merged: dict[str, Metric] = {}
+        for model, items in self.reports.items():
+            for report in items:
+                labels = [model, str(report.get("replica", ""))]
+                running.add_metric(labels, float(report.get("running", 0)))
+                waiting.add_metric(labels, float(report.get("waiting", 0)))
+                kv.add_metric(labels, float(report.get("kv_cache_usage", 0.0)))
+                healthy.add_metric(labels, 1.0 if report.get("healthy") else 0.0)
+                _merge_engine_text(merged, report.get("metrics_text", ""), report.get("replica", ""))
+        yield from (running, waiting, kv, healthy)
+        yield from merged.values()
+
+
+def _merge_engine_text(merged: dict[str, Metric], text: str, replica: str) -> None:
+    """Add one replica's vLLM exposition to `merged`, labelling every sample with the replica."""
+    if not text:
+        return
+    for family in text_string_to_metric_families(text):
+        target = merged.get(family.name)
+        if target is None:
+            target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+        for sample in family.samples:
+            target.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value, sample.timestamp)
+
+
+def engine_metrics_text(prefix: str = "vllm:") -> str:
+    """This process's metric families whose names start with `prefix` (vLLM's own), as text."""
+    from prometheus_client import REGISTRY
+
+    class _Only:
+        def collect(self) -> Iterable[Metric]:
+            return [m for m in REGISTRY.collect() if m.name.startswith(prefix)]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Only())  # type: ignore[arg-type]
+    return generate_latest(registry).decode()

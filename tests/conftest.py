@@ -1,0 +1,115 @@
+"""Session fixtures: one real stack (Ray Serve + vLLM engines) started once and shared.
+
+The stack is started the way a user starts it, with `serving up`, from the shipped
+models.yaml plus a second chat deployment of the same weights (so load-based choice
+between two deployments sharing a tag can be tested). It is stopped with SIGINT at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = int(os.environ.get("SERVING_TEST_PORT", "18000"))
+CHAT_MODEL = "smollm2-135m"
+SECOND_CHAT_MODEL = "smollm2-135m-b"
+EMBED_MODEL = "all-minilm-l6-v2"
+START_TIMEOUT_S = 900
+
+
+def e2e_config(tmp: Path) -> Path:
+    """The shipped models.yaml plus a second deployment of the chat model (served from its folder)."""
+    from serving.provision import model_dir
+    from serving.config import load_config
+
+    raw = yaml.safe_load((ROOT / "models.yaml").read_text())
+    chat = next(m for m in raw["models"] if m["name"] == CHAT_MODEL)
+    spec = load_config(ROOT / "models.yaml").model(CHAT_MODEL)
+    twin = {**chat, "name": SECOND_CHAT_MODEL, "aliases": ["smollm2-b"], "tags": ["chat", "small"],
+            "source": {"path": str(model_dir(spec))}}
+    raw["models"].append(twin)
+    # Three engines + router on a 2-core machine: reserve fractions so Ray can place them all.
+    for model in raw["models"]:
+        model["resources"] = {"cpus": 0.4}
+    raw["router"] = {**raw.get("router", {}), "port": PORT, "cpus": 0.2}
+    path = tmp / "models.e2e.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+class Stack:
+    def __init__(self, process: subprocess.Popen, url: str, log: Path):
+        self.process = process
+        self.url = url
+        self.log = log
+        self.exit_code: int | None = None
+        self.stop_seconds: float | None = None
+
+    def stop(self) -> int:
+        """Ctrl-C, as a user would; returns the exit code."""
+        if self.exit_code is None:
+            started = time.monotonic()
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.exit_code = self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.exit_code = -9
+            self.stop_seconds = time.monotonic() - started
+        return self.exit_code
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    from serving.config import load_config
+    from serving.provision import provision_all
+
+    provision_all(load_config(ROOT / "models.yaml"))  # the twin is served from the same folder
+    tmp = tmp_path_factory.mktemp("stack")
+    config = e2e_config(tmp)
+    log = tmp / "serving-up.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", str(config)], cwd=ROOT, env=env,
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{PORT}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"`serving up` exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                status, body = get_json(f"{url}/v1/status")
+                if status == 200 and all(m["state"] == "ready" for m in body["models"].values()):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"stack not ready after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+            time.sleep(2)
+        yield Stack(process, url, log)
+    finally:
+        if process.poll() is None:
+            Stack(process, url, log).stop()
+
+
+@pytest.fixture(scope="session")
+def stack_url(stack: Stack) -> str:
+    return stack.url

@@ -1,0 +1,145 @@
+"""Live load, cancellation, health and metrics through the real stack."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import CHAT_MODEL, SECOND_CHAT_MODEL
+
+SELECTOR = "tag:chat,small"  # both chat deployments carry these tags
+
+
+@pytest.fixture(scope="module")
+def http(stack_url):
+    with httpx.Client(base_url=stack_url, timeout=300) as session:
+        yield session
+
+
+def wait_until_idle(http, models=(CHAT_MODEL, SECOND_CHAT_MODEL), timeout=60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = http.get("/v1/status").json()["models"]
+        if all(status[m]["running"] + status[m]["waiting"] + status[m]["inflight"] == 0 for m in models):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engines not idle: {status}")
+        time.sleep(0.5)
+
+
+class HeldStream:
+    """A long streaming request kept open in a thread until released."""
+
+    def __init__(self, base_url: str, model: str):
+        self.first_chunk = threading.Event()
+        self.release = threading.Event()
+        self.status = None
+        body = {"model": model, "prompt": "Write a long story.", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+        self.thread = threading.Thread(target=self._run, args=(base_url, body), daemon=True)
+        self.thread.start()
+        assert self.first_chunk.wait(120), "held stream never started"
+
+    def _run(self, base_url, body):
+        with httpx.Client(base_url=base_url, timeout=300) as client:
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                self.status = response.status_code
+                for _ in response.iter_lines():
+                    self.first_chunk.set()
+                    if self.release.is_set():
+                        break  # closing the connection mid-stream: the client went away
+
+    def close(self):
+        self.release.set()
+        self.thread.join(30)
+
+
+def test_load_decides_between_deployments_sharing_a_tag(http, stack_url):
+    wait_until_idle(http)
+    idle_choice = http.post("/v1/completions", json={"model": SELECTOR, "prompt": "Hi", "max_tokens": 1})
+    assert idle_choice.status_code == 200
+    favourite = idle_choice.headers["x-served-model"]
+    other = SECOND_CHAT_MODEL if favourite == CHAT_MODEL else CHAT_MODEL
+    assert "least-loaded of 2" in idle_choice.headers["x-route-reason"]
+
+    held = HeldStream(stack_url, favourite)  # make the idle favourite busy
+    try:
+        busy_choice = http.post("/v1/completions", json={"model": SELECTOR, "prompt": "Hi", "max_tokens": 1})
+        assert busy_choice.status_code == 200
+        assert busy_choice.headers["x-served-model"] == other, busy_choice.headers["x-route-reason"]
+        assert busy_choice.headers["x-route-reason"].startswith(f"{SELECTOR} -> least-loaded of 2")
+    finally:
+        held.close()
+
+
+def test_client_disconnect_aborts_generation_in_engine(http, stack_url):
+    wait_until_idle(http)
+    held = HeldStream(stack_url, SECOND_CHAT_MODEL)
+    deadline = time.monotonic() + 15
+    while http.get("/v1/status").json()["models"][SECOND_CHAT_MODEL]["running"] == 0:
+        assert time.monotonic() < deadline, "engine never reported the running request"
+        time.sleep(0.3)
+    held.close()
+    # 1500 tokens would take well over a minute here; an aborted request leaves the engine at once.
+    status = wait_until_idle(http, models=(SECOND_CHAT_MODEL,), timeout=20)
+    assert status[SECOND_CHAT_MODEL]["running"] == 0
+
+
+def test_health_and_status(http):
+    health = http.get("/health")
+    assert health.status_code == 200
+    models = health.json()["models"]
+    assert set(models) == {CHAT_MODEL, SECOND_CHAT_MODEL, "all-minilm-l6-v2"}
+    assert all(m["state"] == "ready" and m["replicas"] == 1 for m in models.values())
+
+
+def scrape(http) -> dict[tuple, float]:
+    text = http.get("/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def test_metrics_count_the_requests_just_made(http):
+    before = scrape(http)
+    ok = http.post("/v1/chat/completions", json={"model": "smollm2", "max_tokens": 5, "stream": True,
+                                                 "messages": [{"role": "user", "content": "Hi"}]})
+    assert ok.status_code == 200
+    missing = http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert missing.status_code == 404
+    time.sleep(0.5)
+    after = scrape(http)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("serving_requests_total", model=CHAT_MODEL, route="/v1/chat/completions", rule="alias", status="200") == 1
+    assert delta("serving_requests_total", route="/v1/completions", status="404") == 1
+    assert delta("serving_time_to_first_token_seconds_count", model=CHAT_MODEL) == 1
+    assert delta("serving_request_duration_seconds_count", model=CHAT_MODEL, route="/v1/chat/completions") == 1
+    assert delta("serving_completion_tokens_total", model=CHAT_MODEL) == 5
+    assert delta("serving_prompt_tokens_total", model=CHAT_MODEL) > 0
+    assert ("serving_inflight_requests", (("model", CHAT_MODEL),)) in after
+    assert value(after, "serving_engine_healthy", model=CHAT_MODEL) == 1
+
+
+def test_metrics_include_vllm_engine_metrics_per_replica(http):
+    text = http.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "serving_requests" in families and families["serving_requests"].type == "counter"
+    assert families["serving_time_to_first_token_seconds"].type == "histogram"
+    vllm = [f for name, f in families.items() if name.startswith("vllm:")]
+    assert vllm, "no vLLM engine metrics"
+    running = families["vllm:num_requests_running"]
+    models = {s.labels["model_name"] for s in running.samples}
+    assert {CHAT_MODEL, SECOND_CHAT_MODEL} <= models
+    assert all(s.labels.get("replica") for s in running.samples)
