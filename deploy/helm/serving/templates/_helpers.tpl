@@ -196,7 +196,6 @@ spec:
       command:
         - serving
         - provision
-        - --config
         - /etc/serving/models.yaml
         {{- if $v.huggingface.allowDownload }}
         - --allow-download
