@@ -1,0 +1,439 @@
+"""The Helm chart (deploy/helm/serving), rendered offline by Helm's own engine (helm-python-sdk).
+
+Every rendered core object is validated against the Kubernetes schemas (kubernetes-validate,
+strict: unknown fields fail), the RayService against KubeRay's ray.io/v1 fields and types
+(tests/schemas), its pod templates and serve Service against core/v1. The serveConfigV2 must
+be a Ray Serve config for `serving.app:build_app` whose args pass `serving check`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from serving.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "deploy" / "helm" / "serving"
+GPU_VALUES = CHART / "values-gpu-example.yaml"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+KUBE_VERSION = "1.32"
+
+sys.path.insert(0, str(ROOT / "deploy"))
+from render import render  # noqa: E402
+
+
+def gpu_values() -> dict[str, Any]:
+    return yaml.safe_load(GPU_VALUES.read_text())
+
+
+ALL_FEATURES = {
+    "ingress": {"enabled": True, "className": "nginx", "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.internal"]}]},
+    "monitoring": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}, "serviceMonitor": {"enabled": True}},
+    "apiKeys": {"existingSecret": "serving-api-keys", "key": "api-keys"},
+    "huggingface": {"allowDownload": True, "token": {"existingSecret": "hf-token", "key": "token"}},
+    "modelCache": {"existingClaim": "model-cache"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "extraEnv": [{"name": "VLLM_LOGGING_LEVEL", "value": "INFO"}],
+    "head": {"nodeSelector": {"pool": "cpu"}, "tolerations": [{"key": "a", "operator": "Exists", "effect": "NoSchedule"}]},
+}
+
+VALUE_SETS = {"default": None, "gpu": "gpu", "all-features": ALL_FEATURES}
+
+
+def values_for(key: str) -> dict[str, Any] | None:
+    v = VALUE_SETS[key]
+    return gpu_values() if v == "gpu" else copy.deepcopy(v)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {key: render(values_for(key)) for key in VALUE_SETS}
+
+
+def one(objects: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"expected one {kind}*{name_suffix}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def serve_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return yaml.safe_load(one(objects, "RayService")["spec"]["serveConfigV2"])
+
+
+def pod_templates(rayservice: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    out = [("head", cluster["headGroupSpec"]["template"])]
+    out += [(g["groupName"], g["template"]) for g in cluster["workerGroupSpecs"]]
+    return out
+
+
+def ray_container(template: dict[str, Any]) -> dict[str, Any]:
+    return template["spec"]["containers"][0]
+
+
+def kube_validate(obj: dict[str, Any]) -> None:
+    try:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        pytest.fail(f"{obj['kind']}/{obj.get('metadata', {}).get('name')} at {'.'.join(map(str, error.path))}: {error.message}")
+
+
+# --- rendering and schema validation -------------------------------------------------------
+
+
+def test_helm_lint_is_clean_for_default_and_gpu_values():
+    for values in (None, gpu_values()):
+        report = helm_python.lint(CHART, values, strict=True, kube_version="v1.32.0")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not problems and not report["errors"], report
+
+
+@pytest.mark.parametrize("key", list(VALUE_SETS))
+def test_every_rendered_object_validates(rendered, key):
+    objects = rendered[key]
+    kinds = {o["kind"] for o in objects}
+    assert {"RayService", "ConfigMap"} <= kinds
+    rayservice_schema = json.loads((SCHEMAS / "rayservice-ray.io-v1.schema.json").read_text())
+    monitoring_schema = json.loads((SCHEMAS / "monitoring.coreos.com-v1.schema.json").read_text())
+    for obj in objects:
+        group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
+        if obj["kind"] == "RayService":
+            errors = sorted(jsonschema.Draft7Validator(rayservice_schema).iter_errors(obj), key=str)
+            assert not errors, [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+            for group_name, template in pod_templates(obj):
+                kube_validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group_name}, "template": template})
+            kube_validate({"apiVersion": "v1", "kind": "Service", **obj["spec"]["serveService"]})
+        elif group == "monitoring.coreos.com":
+            errors = list(jsonschema.Draft7Validator(monitoring_schema).iter_errors(obj))
+            assert not errors, [e.message for e in errors]
+        else:
+            kube_validate(obj)
+        assert obj["metadata"]["namespace"] == "serving"
+    if key == "all-features":
+        assert {"Ingress", "PodMonitor", "ServiceMonitor"} <= kinds
+
+
+def test_validation_catches_broken_objects(rendered):
+    """The validators above do reject wrong objects (so a green run means something)."""
+    rayservice = copy.deepcopy(one(rendered["default"], "RayService"))
+    rayservice_schema = json.loads((SCHEMAS / "rayservice-ray.io-v1.schema.json").read_text())
+    rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["minReplica"] = 1  # typo
+    assert list(jsonschema.Draft7Validator(rayservice_schema).iter_errors(rayservice))
+    template = copy.deepcopy(pod_templates(one(rendered["default"], "RayService"))[1][1])
+    template["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = []
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template}, KUBE_VERSION, strict=True)
+
+
+# --- serveConfigV2 -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", list(VALUE_SETS))
+def test_serve_config_is_the_serving_application(rendered, key):
+    config = serve_config(rendered[key])
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert config["proxy_location"] == "EveryNode"
+    (app,) = config["applications"]
+    assert app["name"] == "serving"
+    assert app["import_path"] == "serving.app:build_app"
+    assert app["route_prefix"] == "/"
+    parsed = parse_config(app["args"], "serveConfigV2 args")
+    names = [d["name"] for d in app["deployments"]]
+    assert names == ["router"] + [m.name for m in parsed.models]
+    timeout = parsed.router.request_timeout_s
+    assert all(d["graceful_shutdown_timeout_s"] >= timeout for d in app["deployments"])
+    configmap = one(rendered[key], "ConfigMap", "-config")
+    assert yaml.safe_load(configmap["data"]["models.yaml"]) == app["args"]
+
+
+def test_import_path_resolves_to_the_application_builder(rendered):
+    module_name, attr = serve_config(rendered["default"])["applications"][0]["import_path"].split(":")
+    module = importlib.import_module(module_name)
+    builder = getattr(module, attr)
+    assert callable(builder)
+    assert list(inspect.signature(builder).parameters) == ["args"]
+    assert builder.__module__ == "serving.app"
+
+
+@pytest.mark.parametrize("key", ["default", "gpu"])
+def test_serve_config_models_pass_serving_check(rendered, key, tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(serve_config(rendered[key])["applications"][0]["args"]))
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "check", str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_default_values_serve_the_repository_models_yaml(rendered):
+    args = serve_config(rendered["default"])["applications"][0]["args"]
+    assert args == yaml.safe_load((ROOT / "models.yaml").read_text()), (
+        "values.yaml `serving:` must equal models.yaml; update it (and run `python deploy/render.py` for k8s/)"
+    )
+
+
+def test_gpu_models_file_is_valid_and_sized():
+    config = load_config(ROOT / "deploy" / "models.gpu.yaml")
+    assert config.default_profile == "gpu"
+    assert len(config.models) >= 5
+    tasks = {m.task for m in config.models}
+    assert {"chat", "embed"} <= tasks
+    assert any(not m.replicas.fixed for m in config.models), "at least one model autoscales"
+    for spec in config.models:
+        engine = config.engine_spec(spec)
+        assert spec.source.kind == "hub" and spec.price is not None and spec.aliases
+        parallel = engine.engine_args.get("tensor_parallel_size", 1) * engine.engine_args.get("pipeline_parallel_size", 1)
+        assert engine.resources.gpus == parallel, f"{spec.name}: gpus {engine.resources.gpus} != TP x PP {parallel}"
+    assert {4, 2} <= {config.engine_spec(m).engine_args.get("tensor_parallel_size", 1) for m in config.models}
+
+
+def test_gpu_values_serve_the_gpu_models_file(rendered):
+    served = parse_config(serve_config(rendered["gpu"])["applications"][0]["args"])
+    wanted = load_config(ROOT / "deploy" / "models.gpu.yaml")
+    assert [m.name for m in served.models] == [m.name for m in wanted.models]
+    assert served.models == wanted.models
+    assert served.router == wanted.router
+    assert [served.engine_spec(m) for m in served.models] == [wanted.engine_spec(m) for m in wanted.models]
+    # the literal block in the values file is the models file
+    assert gpu_values()["serving"] == yaml.safe_load((ROOT / "deploy" / "models.gpu.yaml").read_text())
+
+
+def test_gpu_worker_groups_hold_every_model(rendered):
+    rayservice = one(rendered["gpu"], "RayService")
+    served = parse_config(serve_config(rendered["gpu"])["applications"][0]["args"])
+    groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    pod_gpus = {}
+    for g in groups:
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        pod_gpus[g["groupName"]] = int(limits.get("nvidia.com/gpu", 0))
+        if pod_gpus[g["groupName"]]:
+            assert limits["nvidia.com/gpu"] == g["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]
+            assert any(t["key"] == "nvidia.com/gpu" for t in g["template"]["spec"]["tolerations"])
+    for spec in served.models:
+        need = served.engine_spec(spec).resources.gpus
+        assert any(gpus >= need for gpus in pod_gpus.values()), f"{spec.name} needs {need} GPUs per pod"
+    # minimum GPU capacity covers every model's minimum replicas
+    need_total = sum(served.engine_spec(m).resources.gpus * m.replicas.min for m in served.models)
+    have_total = sum(pod_gpus[g["groupName"]] * g["minReplicas"] for g in groups)
+    assert have_total >= need_total
+
+
+# --- pods: readiness, termination, secrets, provisioning ------------------------------------
+
+
+@pytest.mark.parametrize("key", list(VALUE_SETS))
+def test_readiness_and_graceful_termination(rendered, key):
+    rayservice = one(rendered[key], "RayService")
+    values = helm_python.Chart.load(CHART).merge_values(values_for(key))
+    timeout = parse_config(values["serving"]).router.request_timeout_s
+    for group, template in pod_templates(rayservice):
+        container = ray_container(template)
+        if group == "head":
+            # KubeRay deploys the app only once the head is ready: the head keeps KubeRay's probes.
+            assert "readinessProbe" not in container
+        else:
+            probe = container["readinessProbe"]["httpGet"]
+            assert probe == {"path": "/health", "port": "serve"}
+            assert {"name": "serve", "containerPort": 8000} in container["ports"]
+        drain = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+        seconds = int(re.search(r'-lt (\d+)', drain).group(1))
+        assert seconds >= timeout, "pods must wait out a request that may still succeed"
+        assert template["spec"]["terminationGracePeriodSeconds"] > seconds
+        assert "/-/healthz" in drain
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts["/dev/shm"] == "dshm"
+        shm = next(v for v in template["spec"]["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_api_keys_come_from_the_secret_reference(rendered):
+    for _, template in pod_templates(one(rendered["default"], "RayService")):
+        assert all(e["name"] != "SERVING_API_KEYS" for e in ray_container(template)["env"])
+    for _, template in pod_templates(one(rendered["all-features"], "RayService")):
+        env = {e["name"]: e for e in ray_container(template)["env"]}
+        assert env["SERVING_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "serving-api-keys", "key": "api-keys"}
+    values = copy.deepcopy(ALL_FEATURES)
+    values["serving"] = {"router": {"api_keys_env": "MY_KEYS"}}
+    for _, template in pod_templates(one(render(values), "RayService")):
+        assert "MY_KEYS" in {e["name"] for e in ray_container(template)["env"]}
+
+
+def _run_cli(argv: list[str], monkeypatch) -> Any:
+    import serving.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_provision", lambda args: seen.setdefault("args", args) and 0)
+    cli.main(argv)
+    return seen["args"]
+
+
+@pytest.mark.parametrize("key", list(VALUE_SETS))
+def test_model_provisioning_runs_the_real_cli(rendered, key, monkeypatch):
+    rayservice = one(rendered[key], "RayService")
+    values = helm_python.Chart.load(CHART).merge_values(values_for(key))
+    cache = values["modelCache"]["mountPath"]
+    provisioned = 0
+    for group, template in pod_templates(rayservice):
+        container = ray_container(template)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["SERVING_CACHE_DIR"] == cache and env["HF_HUB_OFFLINE"] == "1"
+        assert {"mountPath": cache, "name": "model-cache"} in container["volumeMounts"]
+        inits = template["spec"].get("initContainers", [])
+        if not inits:
+            continue
+        provisioned += 1
+        (init,) = inits
+        assert init["image"] == container["image"]
+        assert init["command"][0] == "serving"
+        args = _run_cli(init["command"][1:], monkeypatch)
+        assert args.command == "provision" and args.file == "/etc/serving/models.yaml"
+        assert args.allow_download == values["huggingface"]["allowDownload"]
+        init_env = {e["name"]: e for e in init["env"]}
+        assert init_env["SERVING_CACHE_DIR"]["value"] == cache
+        assert init_env["HF_HUB_OFFLINE"]["value"] == ("0" if values["huggingface"]["allowDownload"] else "1")
+        if values["huggingface"]["token"]["existingSecret"]:
+            assert init_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == values["huggingface"]["token"]["existingSecret"]
+        assert {"mountPath": "/etc/serving", "name": "models-config", "readOnly": True} in init["volumeMounts"]
+        cache_volume = next(v for v in template["spec"]["volumes"] if v["name"] == "model-cache")
+        if values["modelCache"]["existingClaim"]:
+            assert cache_volume["persistentVolumeClaim"] == {"claimName": values["modelCache"]["existingClaim"]}
+        else:
+            assert "emptyDir" in cache_volume
+    assert provisioned >= 1, "some pod must provision the weights its engines load"
+
+
+def test_images_hold_no_weights_and_follow_values(rendered):
+    rayservice = one(rendered["gpu"], "RayService")
+    for _, template in pod_templates(rayservice):
+        assert ray_container(template)["image"] == "serving:0.1.0-gpu"
+
+
+def test_service_and_ingress_expose_the_router(rendered):
+    objects = rendered["all-features"]
+    rayservice = one(objects, "RayService")
+    service = rayservice["spec"]["serveService"]
+    assert service["spec"]["ports"] == [{"name": "serve", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
+    ingress = one(objects, "Ingress")
+    backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+    assert backends == [{"name": service["metadata"]["name"], "port": {"name": "serve"}}]
+    assert ingress["spec"]["tls"][0]["secretName"] == "llm-tls"
+    assert "Ingress" not in {o["kind"] for o in rendered["default"]}
+
+
+def test_monitors_are_off_by_default_and_scrape_metrics(rendered):
+    assert not {"PodMonitor", "ServiceMonitor"} & {o["kind"] for o in rendered["default"]}
+    objects = rendered["all-features"]
+    router = one(objects, "PodMonitor", "-router")
+    assert router["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
+    assert router["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "ray-head"
+    assert router["metadata"]["labels"]["release"] == "prom"
+    head = pod_templates(one(objects, "RayService"))[0][1]
+    assert router["spec"]["selector"]["matchLabels"].items() <= head["metadata"]["labels"].items()
+    monitor = one(objects, "ServiceMonitor")
+    service_labels = one(objects, "RayService")["spec"]["serveService"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
+
+
+def test_grafana_dashboard_covers_the_serving_metrics(rendered):
+    configmap = one(rendered["default"], "ConfigMap", "-grafana-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(configmap["data"]["serving.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    text = "\n".join(exprs)
+    for metric in (
+        "serving_requests_total", "serving_time_to_first_token_seconds_bucket", "serving_request_duration_seconds_bucket",
+        "serving_completion_tokens_total", "serving_prompt_tokens_total", "serving_inflight_requests",
+        "serving_engine_waiting_requests", "serving_engine_running_requests", "serving_engine_kv_cache_usage_ratio",
+    ):
+        assert metric in text, metric
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for word in ("request rate", "status", "first token", "end-to-end", "tokens per second", "in-flight", "queue", "kv-cache"):
+        assert word in titles, word
+    for expr in exprs:
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+    assert "by (status)" in text and "histogram_quantile(0.99" in text
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+# --- bad values fail to render with a clear message -----------------------------------------
+
+MODEL = {"name": "m", "source": {"hub": "org/m"}}
+
+
+def _models(*models: dict[str, Any]) -> dict[str, Any]:
+    return {"serving": {"models": list(models)}}
+
+
+BAD_VALUES = {
+    "model without source": (_models({"name": "m"}), ["/serving/models/0", "missing property 'source'"], True),
+    "negative replicas": (_models({**MODEL, "replicas": -1}), ["/serving/models/0/replicas", "minimum"], True),
+    "two source kinds": (_models({**MODEL, "source": {"hub": "a/b", "path": "/m"}}), ["/serving/models/0/source", "oneOf"], True),
+    "pypi without file": (_models({**MODEL, "source": {"pypi": "pkg==1.0"}}), ["/serving/models/0/source", "'file'"], True),
+    "unpinned pypi": (_models({**MODEL, "source": {"pypi": "pkg", "file": "x"}}), ["/serving/models/0/source/pypi"], True),
+    "bad tag": (_models({**MODEL, "tags": ["Big!"]}), ["/serving/models/0/tags/0"], True),
+    "unknown task": (_models({**MODEL, "task": "vision"}), ["/serving/models/0/task", "chat"], True),
+    "reserved engine arg": (_models({**MODEL, "engine_args": {"model": "x"}}), ["/serving/models/0/engine_args"], True),
+    "unknown model key": (_models({**MODEL, "replica": 2}), ["/serving/models/0", "replica"], True),
+    "no models": ({"serving": {"models": []}}, ["/serving/models", "minItems"], True),
+    "duplicate names": (_models(MODEL, MODEL), ["serving.models[1] (m).name", "duplicate model name"], True),
+    "alias is a name": (_models(MODEL, {**MODEL, "name": "n", "aliases": ["m"]}), ["serving.models[1] (n).aliases[0]", "collides"], True),
+    "unknown profile": (_models({**MODEL, "profile": "tpu"}), ["serving.models[0] (m).profile", "unknown profile \"tpu\""], True),
+    "replicas min over max": (_models({**MODEL, "replicas": {"min": 3, "max": 1}}), ["serving.models[0] (m).replicas", "min (3) must not exceed max (1)"], True),
+    "gpus below tensor parallel": (
+        _models({**MODEL, "profile": "gpu", "engine_args": {"tensor_parallel_size": 4}, "resources": {"gpus": 2}}),
+        ["serving.models[0] (m).resources.gpus", "tensor_parallel_size"], False),
+    "no group with enough GPUs": (_models({**MODEL, "profile": "gpu"}), ["serving.models[0] (m)", "no worker group"], False),
+    "worker group min over max": ({"workerGroups": [{"name": "cpu", "minReplicas": 3, "maxReplicas": 1}]}, ["workerGroups[0] (cpu)", "minReplicas (3)"], None),
+    "negative worker replicas": ({"workerGroups": [{"name": "cpu", "minReplicas": -1, "maxReplicas": 1}]}, ["/workerGroups/0/minReplicas", "minimum"], None),
+    "typo at top level": ({"ingres": {"enabled": True}}, ["ingres"], None),
+    "grace shorter than drain": ({"terminationGracePeriodSeconds": 30}, ["terminationGracePeriodSeconds (30) must exceed drainSeconds (600)"], None),
+    "bad pull policy": ({"image": {"repository": "x", "tag": "1", "pullPolicy": "Sometimes"}}, ["/image/pullPolicy"], None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_values_fail_to_render_with_a_clear_message(case):
+    values, expected, config_invalid = BAD_VALUES[case]
+    with pytest.raises(helm_python.HelmError) as raised:
+        render(values)
+    message = str(raised.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in: {message}"
+    if config_invalid is not None and "serving" in values:
+        # the chart agrees with the models schema (serving/config.py) on the same config
+        raw = {**yaml.safe_load((CHART / "values.yaml").read_text())["serving"], **values["serving"]}
+        if config_invalid:
+            with pytest.raises(ConfigError):
+                parse_config(raw)
+        else:
+            parse_config(raw)  # valid models config; the chart's cluster checks reject it
+
+
+GOOD_CONFIGS = {
+    "autoscaling from zero": _models({**MODEL, "replicas": {"min": 0, "max": 3, "target_ongoing_requests": 4}}),
+    "hub revision": _models({**MODEL, "source": {"hub": "org/m", "revision": "main"}, "task": "completion"}),
+    "local path": _models({**MODEL, "source": {"path": "/models/m"}, "max_queued_requests": -1, "resources": {"cpus": 2, "memory_gib": 8}}),
+    "router settings": {"serving": {"router": {"replicas": 2, "request_timeout_s": 120, "api_keys_env": "KEYS"}, "models": [MODEL]}},
+}
+
+
+@pytest.mark.parametrize("case", list(GOOD_CONFIGS))
+def test_valid_models_configs_render(case):
+    values = GOOD_CONFIGS[case]
+    objects = render(values)
+    args = serve_config(objects)["applications"][0]["args"]
+    parse_config(args)
+    assert args["models"] == values["serving"]["models"]
