@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
     g.add_argument("--ramp-up", type=float, default=0.0, help="seconds to ramp rate/concurrency up")
     g.add_argument("--num-requests", type=int, default=None)
+    g.add_argument("--min-waves", type=int, default=0,
+                   help="concurrency mode: send at least this many x concurrency requests per point, "
+                        "so high-concurrency points are not a single burst")
     g.add_argument("--duration", type=float, default=None, help="stop issuing after this many seconds")
     g.add_argument("--drain-timeout", type=float, default=60.0,
                    help="with --duration: wait this long for in-flight requests, then cancel")
@@ -174,12 +177,15 @@ def cmd_run(args) -> int:
     server = asyncio.run(_server_info(args.base_url, args.api_key))
     rows: list[dict[str, Any]] = []
     for load in loads:
+        n_req = args.num_requests
+        if n_req is not None and kind == "concurrency" and args.min_waves:
+            n_req = max(n_req, args.min_waves * int(load))
         shape = LoadShape(
             concurrency=int(load) if kind == "concurrency" else None,
             rate=load if kind == "rate" else None, max_concurrency=args.max_concurrency,
-            burstiness=args.burstiness, ramp_up_s=args.ramp_up, num_requests=args.num_requests,
+            burstiness=args.burstiness, ramp_up_s=args.ramp_up, num_requests=n_req,
             duration_s=args.duration, warmup=args.warmup, drain_timeout_s=args.drain_timeout, seed=args.seed)
-        prog = Progress(args.num_requests, f"{name} {shape.label()}", args.duration,
+        prog = Progress(n_req, f"{name} {shape.label()}", args.duration,
                         enabled=not args.no_progress)
 
         async def go():
@@ -306,6 +312,9 @@ def cmd_plot(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Per-point tables should show up in logs as each point finishes.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     return {"run": cmd_run, "ab": cmd_ab, "size": cmd_size, "compare": cmd_compare,
             "plot": cmd_plot}[args.cmd](args)
 

@@ -14,11 +14,17 @@ env VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_ENABLE_V1_MULTIP
     --model "$MODEL_DIR" --served-model-name smollm2-135m --dtype float32 --enforce-eager \
     --max-model-len 2048 --max-num-seqs 32 --host 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 &
 VPID=$!
+# /v1/models can answer before the model replica is up: wait for a real completion.
+ready() {
+    curl -sf -m 120 -H 'Content-Type: application/json' \
+        -d '{"model":"smollm2-135m","messages":[{"role":"user","content":"hi"}],"max_tokens":1}' \
+        "http://127.0.0.1:$PORT/v1/chat/completions" >/dev/null
+}
 trap 'kill $VPID 2>/dev/null; wait $VPID 2>/dev/null || true' EXIT
 for _ in $(seq 1 180); do
-    if curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null; then break; fi
+    if ready; then break; fi
     kill -0 $VPID 2>/dev/null || { echo "vLLM exited; see $LOG" >&2; tail -20 "$LOG" >&2; exit 1; }
     sleep 1
 done
-curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null || { echo "vLLM not ready; see $LOG" >&2; exit 1; }
+ready || { echo "vLLM not ready; see $LOG" >&2; exit 1; }
 "$@"
