@@ -288,7 +288,9 @@ def test_model_provisioning_runs_the_real_cli(rendered, key, monkeypatch):
     for group, template in pod_templates(rayservice):
         container = ray_container(template)
         env = {e["name"]: e.get("value") for e in container["env"]}
-        assert env["SERVING_CACHE_DIR"] == cache and env["HF_HUB_OFFLINE"] == "1"
+        allow = values["huggingface"]["allowDownload"]
+        assert env["SERVING_CACHE_DIR"] == cache and env["HF_HUB_OFFLINE"] == ("0" if allow else "1")
+        assert (env.get("SERVING_ALLOW_DOWNLOAD") == "1") == allow  # engines provision models added later
         assert {"mountPath": cache, "name": "model-cache"} in container["volumeMounts"]
         inits = template["spec"].get("initContainers", [])
         if not inits:
@@ -437,3 +439,12 @@ def test_valid_models_configs_render(case):
     args = serve_config(objects)["applications"][0]["args"]
     parse_config(args)
     assert args["models"] == values["serving"]["models"]
+
+
+def test_models_changes_leave_the_cluster_spec_alone():
+    """A models change must be a serveConfigV2 change (applied in place), not a new RayCluster."""
+    base = one(render(), "RayService")
+    values = {"serving": {"models": yaml.safe_load((CHART / "values.yaml").read_text())["serving"]["models"] + [MODEL]}}
+    changed = one(render(values), "RayService")
+    assert changed["spec"]["serveConfigV2"] != base["spec"]["serveConfigV2"]
+    assert changed["spec"]["rayClusterConfig"] == base["spec"]["rayClusterConfig"]

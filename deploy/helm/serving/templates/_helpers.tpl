@@ -165,11 +165,12 @@ metadata:
     {{- with $g.labels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+  {{- /* No checksum of the models config here: a models change must stay a serveConfigV2 change,
+  applied in place by Ray Serve, not a new cluster. Engines provision models added later themselves. */}}
+  {{- with $g.annotations }}
   annotations:
-    checksum/models-config: {{ include "serving.configYaml" $root | sha256sum }}
-    {{- with $g.annotations }}
     {{- toYaml . | nindent 4 }}
-    {{- end }}
+  {{- end }}
 spec:
   {{- with $v.imagePullSecrets }}
   imagePullSecrets:
@@ -247,8 +248,21 @@ spec:
           value: {{ $cache | quote }}
         - name: HF_HOME
           value: {{ printf "%s/hf" $cache | quote }}
+        # Engines provision their model on their own node too (a no-op when the initContainer
+        # already did), e.g. for a model added by a later `helm upgrade`.
         - name: HF_HUB_OFFLINE
+          value: {{ ternary "0" "1" (and $v.huggingface.allowDownload true) | quote }}
+        {{- if $v.huggingface.allowDownload }}
+        - name: SERVING_ALLOW_DOWNLOAD
           value: "1"
+        {{- end }}
+        {{- if $v.huggingface.token.existingSecret }}
+        - name: HF_TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ $v.huggingface.token.existingSecret }}
+              key: {{ $v.huggingface.token.key }}
+        {{- end }}
         {{- if $v.apiKeys.existingSecret }}
         - name: {{ $router.api_keys_env | default "SERVING_API_KEYS" }}
           valueFrom:
