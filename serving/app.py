@@ -47,6 +47,8 @@ def engine_options(config: ServingConfig, name: str) -> dict[str, Any]:
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 60,
         "ray_actor_options": actor,
+        # The router polls `load` every second on every replica: keep that out of the access log.
+        "logging_config": {"enable_access_log": False},
     }
     parallel = int(engine.engine_args.get("tensor_parallel_size", 1)) * int(engine.engine_args.get("pipeline_parallel_size", 1))
     if res.gpus and parallel > 1:

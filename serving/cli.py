@@ -83,7 +83,10 @@ def _get_json(url: str, timeout: float = 5) -> tuple[int, dict]:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        try:
+            return error.code, json.loads(error.read() or b"{}")
+        except ValueError:  # Ray Serve's proxy answers in plain text while the app starts
+            return error.code, {}
 
 
 def _print_models(base: str) -> dict:
@@ -130,9 +133,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"serving {len(config.models)} models at http://{host}:{port}/v1 (ready in {time.monotonic() - started:.0f}s)")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        status, body = _get_json(f"{base}/v1/status")
-        if status == 200 and all(m["state"] == "ready" for m in body["models"].values()):
-            break
+        try:
+            status, body = _get_json(f"{base}/v1/status")
+            if status == 200 and all(m["state"] == "ready" for m in body["models"].values()):
+                break
+        except OSError:
+            pass
         time.sleep(1)
     _print_models(base)
     print("READY (Ctrl-C to stop)", flush=True)

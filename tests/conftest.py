@@ -52,7 +52,10 @@ def get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        try:
+            return error.code, json.loads(error.read() or b"{}")
+        except ValueError:  # Ray Serve's proxy answers in plain text while the app starts
+            return error.code, {}
 
 
 class Stack:

