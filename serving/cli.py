@@ -146,6 +146,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         time.sleep(3600)
 
 
+def _plain(value) -> str:
+    return str(getattr(value, "value", value))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     try:
@@ -160,10 +164,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
         for app_name, app in serve.status().applications.items():
-            print(f"application {app_name}: {app.status}")
+            print(f"application {app_name}: {_plain(app.status)}")
             for name, dep in app.deployments.items():
-                replicas = ", ".join(f"{state}={n}" for state, n in dep.replica_states.items())
-                print(f"  {name:<28} {dep.status:<10} {replicas}")
+                replicas = ", ".join(f"{_plain(state)}={n}" for state, n in dep.replica_states.items())
+                print(f"  {name:<28} {_plain(dep.status):<10} {replicas}")
     except Exception as error:  # Ray not reachable from here: the router's view is still useful
         print(f"(Ray cluster not reachable from here: {type(error).__name__})")
     return 0 if body.get("status") == "ok" else 1

@@ -84,11 +84,7 @@ class Router:
     # --- requests -----------------------------------------------------------------------
 
     def authenticate(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(token, key) for key in self.api_keys):
+        if not bearer_token_valid(request.headers.get("authorization", ""), self.api_keys):
             raise errors.unauthorized()
 
     async def forward(self, request: Request, path: str) -> Response:
@@ -104,7 +100,12 @@ class Router:
                 raise errors.invalid_request("`model` is required: a model name, an alias, or 'tag:<tag>'", "model")
             decision = self._decide(model, endpoint)
             return await self._dispatch(decision, endpoint, body, request_id, path, started)
-        except errors.ServingError as error:
+        except Exception as unexpected:  # a bug here must still answer in the API's shape
+            if isinstance(unexpected, errors.ServingError):
+                error = unexpected
+            else:
+                logger.exception("request %s failed", request_id)
+                error = errors.internal(f"internal error in the router ({type(unexpected).__name__}); request id {request_id}")
             served = decision.candidates[0] if decision else "none"
             self._count(served, path, decision.rule if decision else "none", error.status, started)
             headers = {"x-request-id": request_id, **error.headers}
@@ -137,6 +138,10 @@ class Router:
             stream = self.engines[name].options(stream=True).handle.remote(endpoint, body, request_id)
             try:
                 meta = await asyncio.wait_for(stream.__anext__(), timeout=timeout)
+            except asyncio.CancelledError:  # client went away before the answer: stop the engine's work
+                stream.cancel()
+                self._release(name)
+                raise
             except BackPressureError:
                 self._release(name)
                 last_error = errors.overloaded(name)
@@ -154,6 +159,7 @@ class Router:
                 continue
             headers = {"x-request-id": request_id, **_route_headers(decision, name, meta.get("replica"))}
             if not meta.get("stream"):
+                await _drain(stream)  # let Ray Serve see the call finish, so its replica slot frees up
                 self._release(name)
                 status = int(meta["status"])
                 self._count(name, path, decision.rule, status, started, meta.get("usage"))
@@ -233,6 +239,14 @@ class Router:
         return {"status": "ok" if ok else "unavailable", "models": models}
 
 
+def bearer_token_valid(authorization: str, keys: list[str]) -> bool:
+    """No keys configured means an open API; otherwise `Bearer <one of the keys>`."""
+    if not keys:
+        return True
+    token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+    return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
@@ -242,6 +256,11 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise errors.invalid_request("The request body must be a JSON object.", None, "invalid_json")
     return body
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
 
 
 def _route_headers(decision: Decision, served: str, replica: str | None) -> dict[str, str]:

@@ -1,0 +1,47 @@
+"""The CLI against the running stack, then Ctrl-C: everything it started must be gone.
+
+Named to run last: it stops the session's shared stack.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+
+from tests.conftest import CHAT_MODEL, EMBED_MODEL, SECOND_CHAT_MODEL
+
+
+def test_status_command_shows_models_and_deployments(stack):
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "status", "--url", stack.url],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in (CHAT_MODEL, SECOND_CHAT_MODEL, EMBED_MODEL):
+        assert any(line.split()[:2] == [name, "ready"] for line in result.stdout.splitlines()), result.stdout
+    assert "application serving: RUNNING" in result.stdout
+    assert any(line.split()[:2] == ["router", "HEALTHY"] for line in result.stdout.splitlines()), result.stdout
+
+
+def test_up_printed_url_and_model_states(stack):
+    log = stack.log.read_text()
+    assert f"at http://0.0.0.0:{stack.url.rsplit(':', 1)[1]}/v1" in log
+    assert "READY (Ctrl-C to stop)" in log
+    for name in (CHAT_MODEL, SECOND_CHAT_MODEL, EMBED_MODEL):
+        assert any(line.split()[:2] == [name, "ready"] for line in log.splitlines())
+
+
+def test_ctrl_c_stops_cleanly_leaving_no_processes(stack):
+    tree = psutil.Process(stack.process.pid).children(recursive=True)
+    names = " ".join(p.name() for p in tree)
+    assert "raylet" in names or "gcs_server" in names, names  # we are looking at the real tree
+    assert stack.stop() == 0, stack.log.read_text()[-3000:]
+    deadline = time.monotonic() + 30
+    while True:
+        alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+    assert "stopped" in stack.log.read_text()
