@@ -78,7 +78,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _get_json(url: str, timeout: float = 5) -> tuple[int, dict]:
+def get_json(url: str, timeout: float = 5) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -90,7 +90,7 @@ def _get_json(url: str, timeout: float = 5) -> tuple[int, dict]:
 
 
 def _print_models(base: str) -> dict:
-    status, body = _get_json(f"{base}/v1/status")
+    status, body = get_json(f"{base}/v1/status")
     for name, info in body.get("models", {}).items():
         print(f"  {name:<28} {info['state']:<12} replicas={info['replicas']} running={info['running']} "
               f"waiting={info['waiting']} kv={info['kv_cache_usage']:.0%} inflight={info['inflight']}")
@@ -134,7 +134,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            status, body = _get_json(f"{base}/v1/status")
+            status, body = get_json(f"{base}/v1/status")
             if status == 200 and all(m["state"] == "ready" for m in body["models"].values()):
                 break
         except OSError:

@@ -32,6 +32,8 @@ class RouterMetrics:
             ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("serving_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.completion_tokens = Counter("serving_completion_tokens", "Completion tokens generated.", ["model"], registry=r)
+        self.cost = Counter("serving_estimated_cost", "Token usage priced with models.yaml `price` (currency units).",
+                            ["model"], registry=r)
         self.inflight = Gauge("serving_inflight_requests", "Requests in flight from this router, per deployment.",
                               ["model"], registry=r)
         self.route_failovers = Counter(

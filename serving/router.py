@@ -40,6 +40,7 @@ class Router:
     def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
         self.config: ServingConfig = parse_config(config)
         self.catalog = catalog_from_config(self.config)
+        self.prices = {spec.name: spec.price for spec in self.config.models if spec.price}
         self.engines = engines  # name -> DeploymentHandle
         self.metrics = RouterMetrics()
         self.inflight: dict[str, int] = {name: 0 for name in self.catalog}
@@ -209,8 +210,12 @@ class Router:
         m.requests.labels(model, path, rule, str(status)).inc()
         m.duration.labels(model, path).observe(time.perf_counter() - started)
         if usage:
-            m.prompt_tokens.labels(model).inc(usage.get("prompt_tokens") or 0)
-            m.completion_tokens.labels(model).inc(usage.get("completion_tokens") or 0)
+            prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+            m.prompt_tokens.labels(model).inc(prompt)
+            m.completion_tokens.labels(model).inc(completion)
+            price = self.prices.get(model)
+            if price:
+                m.cost.labels(model).inc((prompt * price.input_per_million + completion * price.output_per_million) / 1e6)
 
     # --- catalog and health ---------------------------------------------------------------
 

@@ -7,17 +7,17 @@ between two deployments sharing a tag can be tested). It is stopped with SIGINT 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from serving.cli import get_json
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = int(os.environ.get("SERVING_TEST_PORT", "18000"))
@@ -45,17 +45,6 @@ def e2e_config(tmp: Path) -> Path:
     path = tmp / "models.e2e.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        try:
-            return error.code, json.loads(error.read() or b"{}")
-        except ValueError:  # Ray Serve's proxy answers in plain text while the app starts
-            return error.code, {}
 
 
 class Stack:

@@ -18,8 +18,10 @@ from serving.router import Router, bearer_token_valid
 
 CONFIG = {
     "models": [
-        {"name": "a", "source": {"path": "/m/a"}, "task": "chat", "tags": ["chat", "small"]},
-        {"name": "b", "source": {"path": "/m/b"}, "task": "chat", "tags": ["chat", "small"]},
+        {"name": "a", "source": {"path": "/m/a"}, "task": "chat", "tags": ["chat", "small"],
+         "price": {"input_per_million": 1.0, "output_per_million": 2.0}},
+        {"name": "b", "source": {"path": "/m/b"}, "task": "chat", "tags": ["chat", "small"],
+         "price": {"input_per_million": 1.0, "output_per_million": 2.0}},
     ]
 }
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -88,7 +90,7 @@ def make_client(monkeypatch):
         monkeypatch.setenv("SERVING_API_KEYS", api_keys)
         router = Router(CONFIG, engines)
         router._poller.cancel()
-        # Both engines reported healthy and idle; `b` is cheaper-by-name-order loser, so `a` is first choice.
+        # Both engines reported healthy and idle at the same price: `a` wins the tie by name.
         router.reports = {name: [{"replica": f"{name}-1", "healthy": True}] for name in engines}
         router_module.activate(router)
         return router, TestClient(router_module.app)
@@ -133,6 +135,7 @@ def test_stream_relayed_with_usage_counted_and_meta_hidden(make_client):
     metrics = client.get("/metrics").text
     assert 'serving_completion_tokens_total{model="a"} 3.0' in metrics
     assert 'serving_time_to_first_token_seconds_count{model="a"} 1.0' in metrics
+    assert 'serving_estimated_cost_total{model="a"} 8e-06' in metrics  # (2 x 1.0 + 3 x 2.0) / 1e6
     assert router.inflight["a"] == 0
 
 
