@@ -124,7 +124,7 @@ class EngineDeployment:
 
     # --- load, health, metrics ------------------------------------------------------------
 
-    async def load(self) -> dict[str, Any]:
+    async def load(self, with_metrics: bool = True) -> dict[str, Any]:
         """This replica's load and health; polled by the router about once a second."""
         healthy = True
         try:
@@ -141,7 +141,7 @@ class EngineDeployment:
             "kv_cache_usage": stats.get("kv_cache_usage", 0.0),
             "stats_age_s": time.time() - stats["at"] if "at" in stats else None,
             "uptime_s": time.time() - self.started,
-            "metrics_text": engine_metrics_text(),
+            **({"metrics_text": engine_metrics_text()} if with_metrics else {}),
         }
 
     async def check_health(self) -> None:

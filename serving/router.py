@@ -29,7 +29,7 @@ logger = logging.getLogger("serving.router")
 
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embed"}
 DOWN_FOR_S = 5.0  # how long a deployment that failed a forward is skipped
-STALE_AFTER_POLLS = 5  # replicas silent for this many polls no longer count
+METRICS_EVERY_POLLS = 5  # vLLM's metric families are bulky: fetch them every 5th load poll
 
 app = FastAPI(title="serving router", docs_url=None, redoc_url=None)
 
@@ -45,7 +45,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.inflight: dict[str, int] = {name: 0 for name in self.catalog}
         self.reports: dict[str, list[dict]] = {}
-        self.report_at: dict[str, float] = {}
+        self.saturated: dict[str, bool] = {}
         self.down_until: dict[str, float] = {}
         keys = os.environ.get(self.config.router.api_keys_env, "")
         self.api_keys = [k.strip() for k in keys.split(",") if k.strip()]
@@ -55,30 +55,45 @@ class Router:
     # --- live load --------------------------------------------------------------------------
 
     async def _poll_loads(self) -> None:
+        polls = 0
         while True:
-            await asyncio.gather(*(self._poll_one(name) for name in self.engines), return_exceptions=True)
+            with_metrics = polls % METRICS_EVERY_POLLS == 0
+            await asyncio.gather(*(self._poll_one(name, with_metrics) for name in self.engines), return_exceptions=True)
             self.metrics.engines.update(self.reports)
+            polls += 1
             await asyncio.sleep(self.poll_interval)
 
-    async def _poll_one(self, name: str) -> None:
+    async def _poll_one(self, name: str, with_metrics: bool) -> None:
+        """Ask every replica of one deployment for its load.
+
+        A replica answers `load` through the same max_ongoing_requests slots as requests, so a
+        poll that times out means every slot is taken: the deployment is saturated, not dead.
+        Its last reports are kept and it sorts after deployments with room.
+        """
         try:
-            results = await self.engines[name].broadcast("load").results_async(
-                timeout_s=max(2.0, 3 * self.poll_interval), return_exceptions=True)
-        except Exception as error:  # the deployment has no replicas yet, or is gone
+            results = await self.engines[name].broadcast("load", with_metrics).results_async(
+                timeout_s=max(2.0, 2 * self.poll_interval), return_exceptions=True)
+        except TimeoutError:
+            self.saturated[name] = True
+            return
+        except Exception as error:  # no replica running (starting, or all gone): nothing known
             logger.debug("load poll of %s failed: %r", name, error)
-            results = []
+            self.reports[name], self.saturated[name] = [], False
+            return
+        self.saturated[name] = False
         reports = [r for r in results if isinstance(r, dict)]
-        now = time.monotonic()
-        if reports:
-            self.reports[name] = reports
-            self.report_at[name] = now
-        elif now - self.report_at.get(name, now) > STALE_AFTER_POLLS * self.poll_interval:
-            self.reports[name] = [{"replica": "?", "healthy": False}]
+        if with_metrics is False:  # keep the last engine metrics text between metric polls
+            previous = {r.get("replica"): r.get("metrics_text", "") for r in self.reports.get(name, [])}
+            for report in reports:
+                report.setdefault("metrics_text", previous.get(report.get("replica"), ""))
+        # Replicas that raised (actor died, engine dead) count as unhealthy ones.
+        self.reports[name] = reports + [{"replica": "?", "healthy": False} for r in results if not isinstance(r, dict)]
 
     def loads(self) -> dict[str, Load]:
         now = time.monotonic()
         return {
-            name: aggregate(self.reports.get(name, []), self.inflight[name], down=self.down_until.get(name, 0) > now)
+            name: aggregate(self.reports.get(name, []), self.inflight[name], down=self.down_until.get(name, 0) > now,
+                            saturated=self.saturated.get(name, False))
             for name in self.catalog
         }
 

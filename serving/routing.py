@@ -29,6 +29,8 @@ ENDPOINT_TASKS = {
 WAITING_WEIGHT = 2.0
 # KV-cache use near 1.0 predicts preemption; weigh it like a few queued requests.
 KV_WEIGHT = 4.0
+# A saturated deployment queues every new request: rank it after any deployment with room.
+SATURATED_PENALTY = 1000.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Load:
     kv_cache_usage: float = 0.0  # max over replicas, 0..1
     replicas: int = 0  # replicas that reported recently
     healthy: bool | None = None  # None: no report yet (starting up)
+    saturated: bool = False  # every replica slot busy: the last load poll could not get in
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ def score(load: Load) -> float:
     """
     replicas = max(load.replicas, 1)
     queue = max(load.inflight, load.running + load.waiting)
-    return (queue + WAITING_WEIGHT * load.waiting) / replicas + KV_WEIGHT * load.kv_cache_usage
+    penalty = SATURATED_PENALTY if load.saturated else 0.0
+    return (queue + WAITING_WEIGHT * load.waiting) / replicas + KV_WEIGHT * load.kv_cache_usage + penalty
 
 
 def route(model: str, endpoint: str, catalog: Mapping[str, Target], loads: Mapping[str, Load]) -> Decision:
@@ -148,13 +152,13 @@ def _fmt_scores(targets: Iterable[Target], scores: Mapping[str, float]) -> str:
     return ", ".join(f"{t.name}={scores[t.name]:.2f}" for t in targets)
 
 
-def aggregate(reports: Iterable[Mapping], inflight: int, down: bool = False) -> Load:
+def aggregate(reports: Iterable[Mapping], inflight: int, down: bool = False, saturated: bool = False) -> Load:
     """Fold the latest per-replica engine reports of one deployment into a `Load`."""
     reports = list(reports)
     if down:
         return Load(inflight=inflight, healthy=False)
     if not reports:
-        return Load(inflight=inflight, healthy=None)
+        return Load(inflight=inflight, healthy=None, saturated=saturated)
     alive = [r for r in reports if r.get("healthy")]
     return Load(
         inflight=inflight,
@@ -163,4 +167,5 @@ def aggregate(reports: Iterable[Mapping], inflight: int, down: bool = False) -> 
         kv_cache_usage=max((float(r.get("kv_cache_usage", 0.0)) for r in alive), default=0.0),
         replicas=len(alive),
         healthy=bool(alive),
+        saturated=saturated,
     )

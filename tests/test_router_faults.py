@@ -52,9 +52,19 @@ class FakeHandle:
 
     def __init__(self, name, make_stream):
         self.name, self.make_stream, self.calls = name, make_stream, 0
+        self.poll_answer: list | BaseException = [{"replica": f"{name}-1", "healthy": True, "running": 0}]
 
     def options(self, **_):
         return self
+
+    def broadcast(self, method, *args):
+        assert method == "load"
+        return self
+
+    async def results_async(self, timeout_s=None, return_exceptions=False):
+        if isinstance(self.poll_answer, BaseException):
+            raise self.poll_answer
+        return self.poll_answer
 
     @property
     def handle(self):
@@ -181,3 +191,24 @@ def test_health_is_503_when_no_engine_is_ready(make_client):
                                                "kv_cache_usage": 0.0, "inflight": 0}, "b": response.json()["models"]["b"]}
     blocked = client.post("/v1/chat/completions", json={"model": "a", **CHAT})
     assert blocked.status_code == 503
+
+
+def test_load_poll_timeout_means_saturated_not_dead(make_client):
+    import asyncio
+
+    a, b = FakeHandle("a", ok_stream("a")), FakeHandle("b", ok_stream("b"))
+    router, client = make_client({"a": a, "b": b})
+    a.poll_answer = [{"replica": "a-1", "healthy": True, "running": 32, "metrics_text": "vllm:x 1\n"}]
+    asyncio.run(router._poll_one("a", True))
+    a.poll_answer = TimeoutError()  # every slot of `a` busy: the poll cannot get in
+    asyncio.run(router._poll_one("a", False))
+    load = router.loads()["a"]
+    assert load.healthy is True and load.saturated and load.running == 32
+    response = client.post("/v1/chat/completions", json={"model": "tag:small", **CHAT})
+    assert response.headers["x-served-model"] == "b"
+    a.poll_answer = [RuntimeError("actor died")]  # a replica that raises counts as unhealthy
+    asyncio.run(router._poll_one("a", False))
+    assert router.loads()["a"].healthy is False
+    a.poll_answer = [{"replica": "a-1", "healthy": True}]
+    asyncio.run(router._poll_one("a", False))
+    assert router.loads()["a"].healthy is True and not router.loads()["a"].saturated

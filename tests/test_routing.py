@@ -135,3 +135,16 @@ def test_catalog_from_config():
     config = parse_config({"models": [{"name": "m", "source": {"path": "/m"}, "tags": ["x"], "aliases": ["y"],
                                        "price": {"input_per_million": 1, "output_per_million": 2}}]})
     assert catalog_from_config(config) == {"m": Target("m", "chat", frozenset({"x"}), ("y",), 3.0)}
+
+
+def test_saturated_deployment_ranks_after_one_with_room():
+    loads = all_ready(small_b=Load(replicas=1, healthy=True, saturated=True),
+                      small_a=Load(running=20, waiting=10, replicas=1, healthy=True))
+    decision = route("tag:chat,small", "chat", CATALOG, loads)
+    assert decision.candidates == ("small-a", "small-b")
+
+
+def test_saturated_is_not_unhealthy():
+    load = aggregate([{"healthy": True, "running": 32}], inflight=40, saturated=True)
+    assert load.healthy is True and load.saturated
+    assert route("small-a", "chat", CATALOG, all_ready(small_a=load)).candidates == ("small-a",)
