@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Reproduce the committed results in bench/results/ (see README.md here).
-#   bench/results/reproduce.sh            # measure (~10 min) + offline analysis
+#   bench/results/reproduce.sh            # measure (~12 min) + offline analysis
 #   bench/results/reproduce.sh measure    # only the measurements
 #   bench/results/reproduce.sh offline    # only sizing / compare / overlay plots from the JSON+CSV
-# `measure` takes the machine-wide heavy-job lock once, starts the stack
-# (`serving up`, unless something already serves on :8000) and a bare vLLM on
-# :8100 with the stack's engine settings, runs everything, and stops both.
+# `measure` takes the machine-wide heavy-job lock once; runs the bare-vLLM
+# sweep (vLLM on :8100 with the stack's engine settings, alone), then starts
+# the stack (`serving up` on :8000, unless something already serves there) for
+# its sweeps, then starts vLLM again next to it for the interleaved A/B; stops
+# whatever it started.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PY=${PYTHON:-$PWD/.venv/bin/python}
@@ -13,6 +15,8 @@ export OUT=${OUT:-bench/results}
 export TOK=${TOK:-${SERVING_CACHE_DIR:-$HOME/.cache/serving}/models/smollm2-135m}
 export STACK=http://127.0.0.1:8000 VLLM=http://127.0.0.1:8100
 export SLO=ttft:1s,tpot:100ms
+# Concurrency sweep; --min-waves 3 so c16/c32 are steady state, not one burst.
+SWEEP=(--concurrency 1,2,4,8,16,32 --num-requests 24 --min-waves 3 --warmup 2)
 
 # Same workload everywhere: 128 random prompt tokens, exactly 32 output tokens.
 wl() {
@@ -20,21 +24,37 @@ wl() {
         --ignore-eos --seed 0 --no-progress --slo "$SLO" --out "$OUT"
 }
 
-inner() {  # runs with both servers up
-    local sweep=(--concurrency 1,2,4,8,16,32 --num-requests 24 --min-waves 3 --warmup 2)
-    "$PY" -m bench run --base-url "$VLLM" $(wl) "${sweep[@]}" --name vllm-random
-    "$PY" -m bench run --base-url "$STACK" $(wl) "${sweep[@]}" --name stack-random
+settle() {  # wait for an idle machine; log how idle it got (stack/engine idle cost)
+    echo "[$(date -u +%FT%TZ)] before $1:" >>"$OUT/settle.log"
+    bench/scripts/settle.sh 80 300 2>&1 | tail -1 >>"$OUT/settle.log"
+}
+
+vllm_alone() {  # bare vLLM sweep, nothing else serving
+    settle vllm-sweep
+    "$PY" -m bench run --base-url "$VLLM" $(wl) "${SWEEP[@]}" --name vllm-random
+}
+
+stack_then_ab() {  # stack sweeps with the stack alone, then start vLLM for the A/B
+    settle stack-sweep
+    "$PY" -m bench run --base-url "$STACK" $(wl) "${SWEEP[@]}" --name stack-random
+    "$PY" -m bench run --base-url "$STACK" $(wl) --rate 1,1.5,2,3 --burstiness 1 --num-requests 32 \
+        --warmup 2 --name stack-rate
+    bench/scripts/bare_vllm.sh 8100 -- "$0" ab_both
+}
+
+ab_both() {  # both up; blocks alternate ABBA
+    settle ab
     "$PY" -m bench ab --url-a "$STACK" --label-a stack --url-b "$VLLM" --label-b vllm $(wl) \
         --concurrency 1 --num-requests 24 --block 4 --warmup 2 --name ab-c1
     "$PY" -m bench ab --url-a "$STACK" --label-a stack --url-b "$VLLM" --label-b vllm $(wl) \
         --concurrency 8 --num-requests 48 --block 16 --warmup 2 --name ab-c8
-    "$PY" -m bench run --base-url "$STACK" $(wl) --rate 1,2,4,6,8 --burstiness 1 --num-requests 32 \
-        --warmup 2 --name stack-rate
 }
 
-measure() {
-    flock /tmp/serving-heavy.lock bench/scripts/with_stack.sh 8000 -- \
-        bench/scripts/bare_vllm.sh 8100 -- "$0" inner
+measure() {  # one lock for the whole measurement; each server runs alone for its sweep
+    : >"$OUT/settle.log"
+    flock /tmp/serving-heavy.lock bash -c '
+        bench/scripts/bare_vllm.sh 8100 -- "$0" vllm_alone &&
+        bench/scripts/with_stack.sh 8000 -- "$0" stack_then_ab' "$0"
 }
 
 offline() {
