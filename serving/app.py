@@ -24,8 +24,9 @@ ROUTER_DEPLOYMENT = "router"
 @serve.deployment(name=ROUTER_DEPLOYMENT)
 @serve.ingress(router_module.app)
 class RouterIngress(Router):
-    def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
+    async def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
         super().__init__(config, engines)
+        self.start_polling()
         router_module.activate(self)
 
 

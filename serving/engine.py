@@ -85,7 +85,9 @@ class EngineDeployment:
             result = await self._handlers[endpoint](request)
         except Exception as error:  # vLLM raises for bad input as well as for engine faults
             error_response = _error_from_exception(error, create_error_response)
-            yield {**meta, "status": error_response.error.code, "body": error_response.model_dump()}
+            # A dead engine did no work on this request: the router may send it elsewhere.
+            yield {**meta, "status": error_response.error.code, "body": error_response.model_dump(),
+                   "retryable": self.engine.errored}
             return
         if isinstance(result, ErrorResponse):
             yield {**meta, "status": result.error.code, "body": result.model_dump()}

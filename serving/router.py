@@ -50,7 +50,11 @@ class Router:
         keys = os.environ.get(self.config.router.api_keys_env, "")
         self.api_keys = [k.strip() for k in keys.split(",") if k.strip()]
         self.poll_interval = self.config.router.load_poll_interval_s
-        self._poller = asyncio.get_event_loop().create_task(self._poll_loads())
+        self._poller: asyncio.Task | None = None
+
+    def start_polling(self) -> None:
+        """Start the background load poll; call from within the serving event loop."""
+        self._poller = asyncio.get_running_loop().create_task(self._poll_loads())
 
     # --- live load --------------------------------------------------------------------------
 
@@ -172,6 +176,13 @@ class Router:
                 self.down_until[name] = time.monotonic() + DOWN_FOR_S
                 self.metrics.route_failovers.labels(name).inc()
                 last_error = errors.unavailable(f"engine {name!r} failed: {type(error).__name__}")
+                continue
+            if meta.get("retryable"):  # the engine is dead but Ray has not replaced the replica yet
+                await _drain(stream)
+                self._release(name)
+                self.down_until[name] = time.monotonic() + DOWN_FOR_S
+                self.metrics.route_failovers.labels(name).inc()
+                last_error = errors.unavailable(f"engine {name!r} is dead; its replica is being replaced")
                 continue
             headers = {"x-request-id": request_id, **_route_headers(decision, name, meta.get("replica"))}
             if not meta.get("stream"):

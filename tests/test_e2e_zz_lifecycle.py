@@ -32,6 +32,41 @@ def test_up_printed_url_and_model_states(stack):
         assert any(line.split()[:2] == [name, "ready"] for line in log.splitlines())
 
 
+def engine_core_of(model: str) -> psutil.Process:
+    for process in psutil.process_iter(["cmdline"]):
+        if any(f"ServeReplica:serving:{model}" in part for part in (process.info["cmdline"] or [])) \
+                and not any(f"ServeReplica:serving:{model}-" in part for part in process.info["cmdline"]):
+            cores = [c for c in process.children() if "EngineCore" in c.name()]
+            if cores:
+                return cores[0]
+    raise AssertionError(f"no vLLM EngineCore process found for {model}")
+
+
+def test_dead_engine_is_routed_around_then_replaced(stack):
+    """Kill one engine's vLLM core: traffic for its tag goes to the other model; Ray Serve replaces it."""
+    import httpx
+
+    engine_core_of(SECOND_CHAT_MODEL).kill()
+    with httpx.Client(base_url=stack.url, timeout=120) as http:
+        served = []
+        for _ in range(4):
+            response = http.post("/v1/completions", json={"model": "tag:chat,small", "prompt": "Hi", "max_tokens": 2})
+            assert response.status_code == 200, response.text
+            served.append(response.headers["x-served-model"])
+        assert served == [CHAT_MODEL] * 4
+        by_name = http.post("/v1/completions", json={"model": SECOND_CHAT_MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert by_name.status_code in (200, 503), by_name.text  # 503 until replaced, OpenAI-shaped
+        if by_name.status_code == 503:
+            assert by_name.json()["error"]["code"] == "model_unavailable"
+        deadline = time.monotonic() + 300
+        while http.get("/v1/status").json()["models"][SECOND_CHAT_MODEL]["state"] != "ready":
+            assert time.monotonic() < deadline, "the dead engine's replica was never replaced"
+            time.sleep(2)
+        again = http.post("/v1/completions", json={"model": SECOND_CHAT_MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert again.status_code == 200
+        assert again.headers["x-served-replica"] != by_name.headers.get("x-served-replica")
+
+
 def test_ctrl_c_stops_cleanly_leaving_no_processes(stack):
     tree = psutil.Process(stack.process.pid).children(recursive=True)
     names = " ".join(p.name() for p in tree)

@@ -98,8 +98,7 @@ def full(endpoint, body, request_id):
 def make_client(monkeypatch):
     def make(engines, api_keys=""):
         monkeypatch.setenv("SERVING_API_KEYS", api_keys)
-        router = Router(CONFIG, engines)
-        router._poller.cancel()
+        router = Router(CONFIG, engines)  # no start_polling(): tests set the reports themselves
         # Both engines reported healthy and idle at the same price: `a` wins the tie by name.
         router.reports = {name: [{"replica": f"{name}-1", "healthy": True}] for name in engines}
         router_module.activate(router)
@@ -212,3 +211,13 @@ def test_load_poll_timeout_means_saturated_not_dead(make_client):
     a.poll_answer = [{"replica": "a-1", "healthy": True}]
     asyncio.run(router._poll_one("a", False))
     assert router.loads()["a"].healthy is True and not router.loads()["a"].saturated
+
+
+def test_dead_engine_answer_is_retried_elsewhere(make_client):
+    def engine_dead(endpoint, body, request_id):
+        return FakeStream([{"status": 503, "retryable": True, "body": {"error": {"message": "engine is dead"}}}])
+    a, b = FakeHandle("a", engine_dead), FakeHandle("b", ok_stream("b"))
+    router, client = make_client({"a": a, "b": b})
+    response = client.post("/v1/chat/completions", json={"model": "tag:small", **CHAT})
+    assert response.status_code == 200 and response.headers["x-served-model"] == "b"
+    assert router.loads()["a"].healthy is False and router.inflight == {"a": 0, "b": 0}
