@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sz.add_argument("--goodput-fraction", type=float, default=0.9)
     sz.add_argument("--target-rate", type=float, default=None, help="req/s to serve")
     sz.add_argument("--headroom", type=float, default=0.2)
-    sz.add_argument("--gpus-per-replica", type=int, default=1)
+    sz.add_argument("--gpus-per-replica", type=int, default=1, help="0 for CPU replicas")
     sz.add_argument("--out", default=None, help="write sizing JSON here")
 
     cp = sub.add_parser("compare", help="run JSON files side by side, ratios to the first")

@@ -45,7 +45,7 @@ def size(points: Sequence[dict[str, Any]], slos_s: dict[str, float], min_goodput
         "first_failing_point": m["first_failing_point"],
         "target_rate": target_rate, "headroom": headroom,
         "replicas": n, "gpus_per_replica": gpus_per_replica,
-        "gpus": n * gpus_per_replica if n else None,
+        "gpus": n * gpus_per_replica if n and gpus_per_replica else None,
         "points": list(points),
     }
 
@@ -65,6 +65,7 @@ def format_sizing(s: dict) -> str:
     if s["first_failing_point"] is not None:
         lines.append(f"  (first failing load: {s['first_failing_point']['load']:g}; the limit lies between)")
     if s["target_rate"]:
+        gpus = f", {s['gpus']} GPU(s) at {s['gpus_per_replica']}/replica" if s["gpus"] else ""
         lines.append(f"Target {s['target_rate']:g} req/s with {s['headroom']:.0%} headroom -> "
-                     f"{s['replicas']} replica(s), {s['gpus']} GPU(s) at {s['gpus_per_replica']}/replica")
+                     f"{s['replicas']} replica(s){gpus}")
     return "\n".join(lines)

@@ -59,9 +59,9 @@ measure() {  # one lock for the whole measurement; each server runs alone for it
 
 offline() {
     "$PY" -m bench size "$OUT/stack-rate-sweep.csv" --slo "$SLO" --goodput-fraction 0.9 \
-        --target-rate 20 --headroom 0.3 --out "$OUT/sizing-stack-rate.json" | tee "$OUT/sizing-stack-rate.txt"
+        --target-rate 20 --headroom 0.3 --gpus-per-replica 0 --out "$OUT/sizing-stack-rate.json" | tee "$OUT/sizing-stack-rate.txt"
     "$PY" -m bench size "$OUT/stack-random-sweep.csv" --slo "$SLO" --goodput-fraction 0.9 \
-        --target-rate 20 --headroom 0.3 --out "$OUT/sizing-stack-concurrency.json" \
+        --target-rate 20 --headroom 0.3 --gpus-per-replica 0 --out "$OUT/sizing-stack-concurrency.json" \
         | tee "$OUT/sizing-stack-concurrency.txt"
     for c in 1 8 32; do
         echo "== concurrency $c =="
