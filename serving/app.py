@@ -26,6 +26,7 @@ ROUTER_DEPLOYMENT = "router"
 class RouterIngress(Router):
     async def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
         super().__init__(config, engines)
+        self.echo_request_id = False
         self.start_polling()
         router_module.activate(self)
 

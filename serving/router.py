@@ -51,6 +51,8 @@ class Router:
         self.api_keys = [k.strip() for k in keys.split(",") if k.strip()]
         self.poll_interval = self.config.router.load_poll_interval_s
         self._poller: asyncio.Task | None = None
+        # Behind Ray Serve's proxy, its middleware fills in x-request-id and echoes it on every response.
+        self.echo_request_id = True
 
     def start_polling(self) -> None:
         """Start the background load poll; call from within the serving event loop."""
@@ -128,10 +130,13 @@ class Router:
                 error = errors.internal(f"internal error in the router ({type(unexpected).__name__}); request id {request_id}")
             served = decision.candidates[0] if decision else "none"
             self._count(served, path, decision.rule if decision else "none", error.status, started)
-            headers = {"x-request-id": request_id, **error.headers}
+            headers = {**self._id_header(request_id), **error.headers}
             if decision:
                 headers.update(_route_headers(decision, served, None))
             return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    def _id_header(self, request_id: str) -> dict[str, str]:
+        return {"x-request-id": request_id} if self.echo_request_id else {}
 
     def _decide(self, model: str, endpoint: str) -> Decision:
         try:
@@ -184,7 +189,7 @@ class Router:
                 self.metrics.route_failovers.labels(name).inc()
                 last_error = errors.unavailable(f"engine {name!r} is dead; its replica is being replaced")
                 continue
-            headers = {"x-request-id": request_id, **_route_headers(decision, name, meta.get("replica"))}
+            headers = {**self._id_header(request_id), **_route_headers(decision, name, meta.get("replica"))}
             if not meta.get("stream"):
                 await _drain(stream)  # let Ray Serve see the call finish, so its replica slot frees up
                 self._release(name)

@@ -119,5 +119,7 @@ def test_response_headers(http):
     assert sent.headers["x-served-replica"]
     assert sent.json()["id"].endswith("trace-abc-123")  # the engine used the same id
     generated = http.post("/v1/completions", json={"model": CHAT_MODEL, "prompt": "Hi", "max_tokens": 2})
-    assert generated.headers["x-request-id"].startswith("req-")
+    generated_id = generated.headers["x-request-id"]
+    assert generated_id and "," not in generated_id
+    assert generated.json()["id"].endswith(generated_id)
     assert generated.headers["x-route-reason"] == f"name {CHAT_MODEL}"
