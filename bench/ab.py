@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bench import metrics
-from bench.loadgen import LoadShape, run_load
+from bench.loadgen import WARMUP_OFFSET, LoadShape, run_load
 from bench.records import RequestRecord
 
 
@@ -32,7 +32,7 @@ async def run_ab(workload, send_a, send_b, concurrency: int, num_requests: int, 
     if warmup:
         for side in ("a", "b"):
             r = await run_load(workload, sends[side], LoadShape(concurrency=min(concurrency, warmup),
-                                                                 num_requests=warmup), first_index=10_000_000)
+                                                                 num_requests=warmup), first_index=WARMUP_OFFSET)
             warm[side] = r.records
     n_blocks = (num_requests + block - 1) // block
     for b, side in block_order(n_blocks):

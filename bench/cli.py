@@ -20,6 +20,9 @@ from bench.tokens import load_tokenizer
 from bench.workloads import JsonlWorkload, MixedWorkload, RandomWorkload, SharedPrefixWorkload
 
 
+POINT_STRIDE = 1_000_000  # request-index offset between sweep points
+
+
 def _floats(text: str) -> list[float]:
     return [math.inf if x.strip() == "inf" else float(x) for x in text.split(",") if x.strip()]
 
@@ -92,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drain-timeout", type=float, default=60.0,
                    help="with --duration: wait this long for in-flight requests, then cancel")
     g.add_argument("--warmup", type=int, default=0, help="warm-up requests per point, excluded")
+    g.add_argument("--same-prompts", action="store_true",
+                   help="reuse the same prompts at every sweep point (default: fresh ones per point, "
+                        "so a prefix cache cannot serve later points from earlier ones)")
     _add_stats(run)
 
     abp = sub.add_parser("ab", help="router-overhead A/B: same requests to two URLs, interleaved")
@@ -176,7 +182,7 @@ def cmd_run(args) -> int:
     env = envinfo.collect()
     server = asyncio.run(_server_info(args.base_url, args.api_key))
     rows: list[dict[str, Any]] = []
-    for load in loads:
+    for point, load in enumerate(loads):
         n_req = args.num_requests
         if n_req is not None and kind == "concurrency" and args.min_waves:
             n_req = max(n_req, args.min_waves * int(load))
@@ -191,7 +197,10 @@ def cmd_run(args) -> int:
         async def go():
             conn = shape.concurrency or shape.max_concurrency or 256
             async with make_client(conn, args.timeout) as client:
-                return await run_load(workload, _sender(ep, client, counter), shape, prog)
+                # Fresh prompts per point: with prefix caching on, re-sending the
+                # previous point's prompts would turn prefills into cache hits.
+                first = 0 if args.same_prompts else point * POINT_STRIDE
+                return await run_load(workload, _sender(ep, client, counter), shape, prog, first_index=first)
         res = asyncio.run(go())
         prog.close()
         summary = metrics.summarize(res.records, res.duration_s, pcts, slos)

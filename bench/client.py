@@ -141,7 +141,7 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, req: Request, rec: Reque
                 rec.done = time.perf_counter() - st
                 return rec
             parser = SSEParser()
-            async for raw in resp.aiter_raw():
+            async for raw in resp.aiter_bytes():
                 now = time.perf_counter() - st
                 for payload in parser.feed(raw):
                     if payload.strip() == "[DONE]":

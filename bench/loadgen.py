@@ -18,6 +18,7 @@ import numpy as np
 from bench.records import INCOMPLETE, OK, RequestRecord
 from bench.workloads import Request, Workload
 
+WARMUP_OFFSET = 900_000  # warm-up request i uses index first_index + WARMUP_OFFSET + i
 SendFn = Callable[[Request, RequestRecord, float], Awaitable[RequestRecord]]
 
 
@@ -170,8 +171,8 @@ async def run_load(workload: Workload, send: SendFn, shape: LoadShape,
         wshape = LoadShape(concurrency=min(wconc, shape.warmup), num_requests=shape.warmup)
         # Warm-up indices are far from measured ones so they don't reuse
         # the measured prompts (which would warm the prefix cache for them).
-        await _run_closed(workload, send, wshape, time.perf_counter(), None, 10_000_000, warm,
-                          lambda r: None)
+        await _run_closed(workload, send, wshape, time.perf_counter(), None, first_index + WARMUP_OFFSET,
+                          warm, lambda r: None)
         for r in warm:
             r.tags["warmup"] = True
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.loadgen import LoadShape, arrival_times, ramp_time, run_load, worker_start_times
+from bench.loadgen import WARMUP_OFFSET, LoadShape, arrival_times, ramp_time, run_load, worker_start_times
 from bench.records import INCOMPLETE, OK
 from bench.tokens import TokenCounter
 from bench.workloads import RandomWorkload
@@ -98,7 +98,8 @@ def test_closed_loop_respects_concurrency_and_count_and_excludes_warmup():
     assert all(r.outcome == OK for r in res.records)
     assert srv.max_inflight == 3
     assert len(res.warmup_records) == 2 and all(r.tags["warmup"] for r in res.warmup_records)
-    assert all(r.index >= 10_000_000 for r in res.warmup_records)
+    assert all(r.index >= WARMUP_OFFSET for r in res.warmup_records)
+    assert not set(srv.seen[:2]) & set(range(10))  # warm-up never reuses measured prompts
     assert res.duration_s > 0
 
 

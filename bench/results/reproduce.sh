@@ -19,6 +19,9 @@ export SLO=ttft:1s,tpot:100ms
 SWEEP=(--concurrency 1,2,4,8,16,32 --num-requests 24 --min-waves 3 --warmup 2)
 
 # Same workload everywhere: 128 random prompt tokens, exactly 32 output tokens.
+# Prefix caching is on in both engines, so every measurement must use prompts
+# neither server has seen: sweeps get fresh prompts per point automatically,
+# the rate sweep and the A/B use their own seeds (a later --seed wins).
 wl() {
     echo --model smollm2-135m --tokenizer "$TOK" --workload random --input-len 128 --output-len 32 \
         --ignore-eos --seed 0 --no-progress --slo "$SLO" --out "$OUT"
@@ -37,17 +40,17 @@ vllm_alone() {  # bare vLLM sweep, nothing else serving
 stack_then_ab() {  # stack sweeps with the stack alone, then start vLLM for the A/B
     settle stack-sweep
     "$PY" -m bench run --base-url "$STACK" $(wl) "${SWEEP[@]}" --name stack-random
-    "$PY" -m bench run --base-url "$STACK" $(wl) --rate 1,1.5,2,3 --burstiness 1 --num-requests 32 \
-        --warmup 2 --name stack-rate
+    "$PY" -m bench run --base-url "$STACK" $(wl) --seed 2 --rate 1,1.5,2,3 --burstiness 1 \
+        --num-requests 32 --warmup 2 --name stack-rate
     bench/scripts/bare_vllm.sh 8100 -- "$0" ab_both
 }
 
 ab_both() {  # both up; blocks alternate ABBA
     settle ab
     "$PY" -m bench ab --url-a "$STACK" --label-a stack --url-b "$VLLM" --label-b vllm $(wl) \
-        --concurrency 1 --num-requests 24 --block 4 --warmup 2 --name ab-c1
+        --seed 1 --concurrency 1 --num-requests 24 --block 4 --warmup 2 --name ab-c1
     "$PY" -m bench ab --url-a "$STACK" --label-a stack --url-b "$VLLM" --label-b vllm $(wl) \
-        --concurrency 8 --num-requests 48 --block 16 --warmup 2 --name ab-c8
+        --seed 3 --concurrency 8 --num-requests 48 --block 16 --warmup 2 --name ab-c8
 }
 
 measure() {  # one lock for the whole measurement; each server runs alone for its sweep
