@@ -128,11 +128,11 @@ class Router:
             else:
                 logger.exception("request %s failed", request_id)
                 error = errors.internal(f"internal error in the router ({type(unexpected).__name__}); request id {request_id}")
-            served = decision.candidates[0] if decision else "none"
-            self._count(served, path, decision.rule if decision else "none", error.status, started)
+            target = decision.candidates[0] if decision else "none"
+            self._count(target, path, decision.rule if decision else "none", error.status, started)
             headers = {**self._id_header(request_id), **error.headers}
             if decision:
-                headers.update(_route_headers(decision, served, None))
+                headers.update(_route_headers(decision, None, None))
             return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     def _id_header(self, request_id: str) -> dict[str, str]:
@@ -175,19 +175,13 @@ class Router:
                 stream.cancel()
                 self._release(name)
                 raise errors.timed_out(timeout) from None
-            except Exception as error:  # replica died or deployment gone: skip it for a while
+            except Exception as error:  # replica died or deployment gone
                 logger.warning("forward to %s failed, trying next candidate: %r", name, error)
-                self._release(name)
-                self.down_until[name] = time.monotonic() + DOWN_FOR_S
-                self.metrics.route_failovers.labels(name).inc()
-                last_error = errors.unavailable(f"engine {name!r} failed: {type(error).__name__}")
+                last_error = self._skip_failed(name, f"engine {name!r} failed: {type(error).__name__}")
                 continue
             if meta.get("retryable"):  # the engine is dead but Ray has not replaced the replica yet
                 await _drain(stream)
-                self._release(name)
-                self.down_until[name] = time.monotonic() + DOWN_FOR_S
-                self.metrics.route_failovers.labels(name).inc()
-                last_error = errors.unavailable(f"engine {name!r} is dead; its replica is being replaced")
+                last_error = self._skip_failed(name, f"engine {name!r} is dead; its replica is being replaced")
                 continue
             headers = {**self._id_header(request_id), **_route_headers(decision, name, meta.get("replica"))}
             if not meta.get("stream"):
@@ -231,6 +225,13 @@ class Router:
         finally:
             self._release(name)
             self._count(name, path, rule, status, started, usage)
+
+    def _skip_failed(self, name: str, message: str) -> errors.ServingError:
+        """Stop sending to a failed deployment for a while; the request moves to the next candidate."""
+        self._release(name)
+        self.down_until[name] = time.monotonic() + DOWN_FOR_S
+        self.metrics.route_failovers.labels(name).inc()
+        return errors.unavailable(message)
 
     def _release(self, name: str) -> None:
         self.inflight[name] -= 1
@@ -299,8 +300,10 @@ async def _drain(stream) -> None:
         pass
 
 
-def _route_headers(decision: Decision, served: str, replica: str | None) -> dict[str, str]:
-    headers = {"x-served-model": served, "x-route-rule": decision.rule, "x-route-reason": decision.reason}
+def _route_headers(decision: Decision, served: str | None, replica: str | None) -> dict[str, str]:
+    headers = {"x-route-rule": decision.rule, "x-route-reason": decision.reason}
+    if served:
+        headers["x-served-model"] = served
     if replica:
         headers["x-served-replica"] = replica
     return headers
