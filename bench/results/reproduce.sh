@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the committed results in bench/results/ (see README.md here).
 #   bench/results/reproduce.sh            # measure (~12 min) + offline analysis
-#   bench/results/reproduce.sh measure    # only the measurements
+#   bench/results/reproduce.sh measure    # sweeps of each server alone + A/B with both up
+#   bench/results/reproduce.sh extra      # low-rate points + A/B against a 1-thread bare engine
 #   bench/results/reproduce.sh offline    # only sizing / compare / overlay plots from the JSON+CSV
 # `measure` takes the machine-wide heavy-job lock once; runs the bare-vLLM
 # sweep (vLLM on :8100 with the stack's engine settings, alone), then starts
@@ -53,15 +54,35 @@ ab_both() {  # both up; blocks alternate ABBA
         --seed 3 --concurrency 8 --num-requests 48 --block 16 --warmup 2 --name ab-c8
 }
 
+extra() {  # second session: low-rate points for sizing + router-only A/B (engine threads matched)
+    flock /tmp/serving-heavy.lock bench/scripts/with_stack.sh 8000 -- "$0" extra_inner
+}
+
+extra_inner() {
+    settle stack-rate-low
+    "$PY" -m bench run --base-url "$STACK" $(wl) --seed 6 --rate 0.5,0.75,1 --burstiness 1 \
+        --num-requests 20 --warmup 2 --name stack-rate-low
+    # Ray starts the stack's engine with OMP_NUM_THREADS=1 (its replica has cpus: 1), so it
+    # computes on one thread; give the bare engine the same to isolate the router's cost.
+    OMP_NUM_THREADS=1 bench/scripts/bare_vllm.sh 8100 -- "$0" ab_matched
+}
+
+ab_matched() {
+    settle ab-matched
+    "$PY" -m bench ab --url-a "$STACK" --label-a stack --url-b "$VLLM" --label-b vllm-1thread $(wl) \
+        --seed 4 --concurrency 1 --num-requests 24 --block 4 --warmup 2 --name ab-matched-c1
+    "$PY" -m bench ab --url-a "$STACK" --label-a stack --url-b "$VLLM" --label-b vllm-1thread $(wl) \
+        --seed 5 --concurrency 8 --num-requests 48 --block 16 --warmup 2 --name ab-matched-c8
+}
+
 measure() {  # one lock for the whole measurement; each server runs alone for its sweep
-    : >"$OUT/settle.log"
     flock /tmp/serving-heavy.lock bash -c '
         bench/scripts/bare_vllm.sh 8100 -- "$0" vllm_alone &&
         bench/scripts/with_stack.sh 8000 -- "$0" stack_then_ab' "$0"
 }
 
 offline() {
-    "$PY" -m bench size "$OUT/stack-rate-sweep.csv" --slo "$SLO" --goodput-fraction 0.9 \
+    "$PY" -m bench size "$OUT/stack-rate-low-sweep.csv" "$OUT/stack-rate-sweep.csv" --slo "$SLO" --goodput-fraction 0.9 \
         --target-rate 20 --headroom 0.3 --gpus-per-replica 0 --out "$OUT/sizing-stack-rate.json" | tee "$OUT/sizing-stack-rate.txt"
     "$PY" -m bench size "$OUT/stack-random-sweep.csv" --slo "$SLO" --goodput-fraction 0.9 \
         --target-rate 20 --headroom 0.3 --gpus-per-replica 0 --out "$OUT/sizing-stack-concurrency.json" \
@@ -74,5 +95,5 @@ offline() {
         --out "$OUT/stack-vs-vllm"
 }
 
-if [[ $# -eq 0 ]]; then set -- measure offline; fi
+if [[ $# -eq 0 ]]; then set -- measure extra offline; fi
 for step in "$@"; do "$step"; done
