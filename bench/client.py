@@ -124,6 +124,7 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, req: Request, rec: Reque
     """Send one streaming request, filling `rec` in place as chunks arrive
     (so a cancelled request still leaves its partial timeline behind)."""
     rec.max_tokens = req.max_tokens
+    rec.tags.update(req.tags)  # workload labels (prefix group, short/long) for per-class analysis
     rec.prompt_tokens, rec.prompt_tokens_source = req.prompt_tokens, req.prompt_tokens_source
     text_parts: list[str] = []
     n_text_chunks = 0

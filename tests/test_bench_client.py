@@ -79,7 +79,7 @@ def server():
 def run(server, script, count=None, api="chat", key=None):
     ep = Endpoint(f"http://127.0.0.1:{server.server_port}", "m", api=api, api_key=key)
     req = Request(0, messages=[{"role": "user", "content": script}], max_tokens=3, prompt_tokens=99,
-                  prompt_tokens_source="approx")
+                  prompt_tokens_source="approx", tags={"class": "short"})
 
     async def go():
         async with make_client(1) as c:
@@ -97,6 +97,7 @@ def test_stream_timeline_and_usage(server):
     assert r.done >= r.e2el
     assert (r.output_tokens, r.output_tokens_source) == (3, "usage")
     assert (r.prompt_tokens, r.prompt_tokens_source) == (7, "usage")
+    assert r.tags == {"class": "short"}  # workload labels reach the record
     path, headers, body = server.bodies[-1]
     assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sekret"
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
