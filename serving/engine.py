@@ -28,15 +28,29 @@ USAGE_CHUNK_MARK = '"choices":[]'  # vLLM's final stream chunk that carries only
 
 
 def expand_thread_binding(env: dict[str, str]) -> dict[str, str]:
-    """`VLLM_CPU_OMP_THREADS_BIND: all` -> every core this process may run on (e.g. '0-1').
+    """Resolve vLLM's CPU thread binding for this replica's process.
 
-    vLLM's own 'auto' leaves a core idle for the frontend, which costs ~4x at 8 streams on a
-    2-core machine; 'all' keeps models.yaml portable across machine sizes.
+    `VLLM_CPU_OMP_THREADS_BIND: all` becomes every core this process may run on (vLLM's own
+    'auto' leaves a core idle for the frontend: ~4x less at 8 streams on 2 cores). And since
+    Ray starts a replica with OMP_NUM_THREADS set to its logical CPU reservation (often 1),
+    OpenMP is told to use as many threads as cores are bound, unless the env sets it.
     """
-    if env.get("VLLM_CPU_OMP_THREADS_BIND") != "all":
+    bind = env.get("VLLM_CPU_OMP_THREADS_BIND")
+    if not bind or bind in ("auto", "nobind"):
         return env
-    cores = sorted(os.sched_getaffinity(0))
-    return {**env, "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores)}
+    if bind == "all":
+        bind = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    cores = _count_cores(bind.split("|")[0])  # one list per rank; each engine process takes one
+    return {"OMP_NUM_THREADS": str(cores), **env, "VLLM_CPU_OMP_THREADS_BIND": bind}
+
+
+def _count_cores(id_list: str) -> int:
+    """'0-3,6' -> 5."""
+    count = 0
+    for part in id_list.split(","):
+        low, _, high = part.strip().partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
 
 
 class EngineDeployment:
