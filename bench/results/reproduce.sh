@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the committed results in bench/results/ (see README.md here).
-#   bench/results/reproduce.sh            # measure (~12 min) + offline analysis
+#   bench/results/reproduce.sh            # measure + extra + offline (~20 min)
 #   bench/results/reproduce.sh measure    # sweeps of each server alone + A/B with both up
-#   bench/results/reproduce.sh extra      # low-rate points + A/B against a 1-thread bare engine
+#   bench/results/reproduce.sh extra      # low-rate points for sizing (stack alone)
 #   bench/results/reproduce.sh offline    # only sizing / compare / overlay plots from the JSON+CSV
 # `measure` takes the machine-wide heavy-job lock once; runs the bare-vLLM
 # sweep (vLLM on :8100 with the stack's engine settings, alone), then starts
@@ -54,7 +54,7 @@ ab_both() {  # both up; blocks alternate ABBA
         --seed 3 --concurrency 8 --num-requests 48 --block 16 --warmup 2 --name ab-c8
 }
 
-extra() {  # second session: low-rate points for sizing + router-only A/B (engine threads matched)
+extra() {  # second session: low-rate points for sizing (stack alone)
     flock /tmp/serving-heavy.lock bench/scripts/with_stack.sh 8000 -- "$0" extra_inner
 }
 
@@ -62,18 +62,11 @@ extra_inner() {
     settle stack-rate-low
     "$PY" -m bench run --base-url "$STACK" $(wl) --seed 6 --rate 0.5,0.75,1 --burstiness 1 \
         --num-requests 20 --warmup 2 --name stack-rate-low
-    # Ray starts the stack's engine with OMP_NUM_THREADS=1 (its replica has cpus: 1), so it
-    # computes on one thread; give the bare engine the same to isolate the router's cost.
-    OMP_NUM_THREADS=1 bench/scripts/bare_vllm.sh 8100 -- "$0" ab_matched
 }
-
-ab_matched() {
-    settle ab-matched
-    "$PY" -m bench ab --url-a "$STACK" --label-a stack --url-b "$VLLM" --label-b vllm-1thread $(wl) \
-        --seed 4 --concurrency 1 --num-requests 24 --block 4 --warmup 2 --name ab-matched-c1
-    "$PY" -m bench ab --url-a "$STACK" --label-a stack --url-b "$VLLM" --label-b vllm-1thread $(wl) \
-        --seed 5 --concurrency 8 --num-requests 48 --block 16 --warmup 2 --name ab-matched-c8
-}
+# (The first results also ran an A/B against a bare engine with OMP_NUM_THREADS=1,
+# "ab-matched-*", to match the stack's 1-thread engine. Since serving commit
+# "Engine: OMP_NUM_THREADS follows the bound cores" both engines use 2 threads and
+# ab-c1/ab-c8 above are the router comparison, so that step was dropped.)
 
 measure() {  # one lock for the whole measurement; each server runs alone for its sweep
     flock /tmp/serving-heavy.lock bash -c '
