@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving import router as router_module
-from serving.config import ServingConfig, config_to_dict, load_config, parse_config
+from serving.config import EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
 from serving.engine import EngineDeployment
 from serving.router import Router
 
@@ -31,10 +31,17 @@ class RouterIngress(Router):
         router_module.activate(self)
 
 
-def engine_options(config: ServingConfig, name: str) -> dict[str, Any]:
+def _gpu_workers(engine: EngineSpec) -> int:
+    """GPUs vLLM spreads one replica over (tensor x pipeline parallel); 0 on CPU."""
+    if not engine.resources.gpus:
+        return 0
+    args = engine.engine_args
+    return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
+
+
+def engine_options(engine: EngineSpec) -> dict[str, Any]:
     """Ray Serve deployment options for one model: replicas, resources, queue limits."""
-    spec = config.model(name)
-    engine = config.engine_spec(spec)
+    spec = engine.model
     res = engine.resources
     actor: dict[str, Any] = {"num_cpus": res.cpus, "runtime_env": {"env_vars": dict(engine.env)}}
     if res.memory_gib:
@@ -52,8 +59,8 @@ def engine_options(config: ServingConfig, name: str) -> dict[str, Any]:
         # The router polls `load` every second on every replica: keep that out of the access log.
         "logging_config": {"enable_access_log": False},
     }
-    parallel = int(engine.engine_args.get("tensor_parallel_size", 1)) * int(engine.engine_args.get("pipeline_parallel_size", 1))
-    if res.gpus and parallel > 1:
+    parallel = _gpu_workers(engine)
+    if parallel > 1:
         # vLLM places its own GPU workers: reserve them as one placement group beside the replica.
         options["placement_group_bundles"] = [{"CPU": res.cpus}] + [{"GPU": 1}] * parallel
         options["placement_group_strategy"] = "STRICT_PACK"
@@ -71,21 +78,19 @@ def engine_options(config: ServingConfig, name: str) -> dict[str, Any]:
     return options
 
 
-def engine_init_args(config: ServingConfig, name: str) -> dict[str, Any]:
-    spec = config.model(name)
-    engine = config.engine_spec(spec)
+def engine_init_args(engine: EngineSpec) -> dict[str, Any]:
     args = dict(engine.engine_args)
-    if engine.resources.gpus and "tensor_parallel_size" in args and int(args["tensor_parallel_size"]) > 1:
+    if _gpu_workers(engine) > 1:  # workers live in the replica's placement group, placed by Ray
         args.setdefault("distributed_executor_backend", "ray")
-    return {"model": spec.model_dump(mode="json"), "engine_args": args, "env": dict(engine.env)}
+    return {"model": engine.model.model_dump(mode="json"), "engine_args": args, "env": dict(engine.env)}
 
 
 def build(config: ServingConfig) -> Application:
-    engines = {
-        spec.name: serve.deployment(EngineDeployment).options(**engine_options(config, spec.name)).bind(
-            **engine_init_args(config, spec.name))
-        for spec in config.models
-    }
+    engines = {}
+    for spec in config.models:
+        engine = config.engine_spec(spec)
+        engines[spec.name] = serve.deployment(EngineDeployment).options(**engine_options(engine)).bind(
+            **engine_init_args(engine))
     router = config.router
     return RouterIngress.options(
         num_replicas=router.replicas,

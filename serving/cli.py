@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from serving.config import ConfigError, ServingConfig, load_config
 
@@ -89,6 +88,16 @@ def get_json(url: str, timeout: float = 5) -> tuple[int, dict]:
             return error.code, {}
 
 
+def all_models_ready(base: str) -> bool:
+    """True once the router answers and reports every model ready (False while anything starts)."""
+    try:
+        status, body = get_json(f"{base}/v1/status")
+    except OSError:  # nothing listening yet
+        return False
+    models = body.get("models") or {}
+    return status == 200 and bool(models) and all(m["state"] == "ready" for m in models.values())
+
+
 def _print_models(base: str) -> dict:
     status, body = get_json(f"{base}/v1/status")
     for name, info in body.get("models", {}).items():
@@ -132,13 +141,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     base = f"http://127.0.0.1:{port}"
     print(f"serving {len(config.models)} models at http://{host}:{port}/v1 (ready in {time.monotonic() - started:.0f}s)")
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            status, body = get_json(f"{base}/v1/status")
-            if status == 200 and all(m["state"] == "ready" for m in body["models"].values()):
-                break
-        except OSError:
-            pass
+    while time.monotonic() < deadline and not all_models_ready(base):
         time.sleep(1)
     _print_models(base)
     print("READY (Ctrl-C to stop)", flush=True)

@@ -144,7 +144,7 @@ class EngineDeployment:
         """This replica's load and health; polled by the router about once a second."""
         healthy = True
         try:
-            await asyncio.wait_for(self.engine.check_health(), timeout=5)
+            await asyncio.wait_for(self.check_health(), timeout=5)
         except Exception:
             healthy = False
         stats = self._stats.latest

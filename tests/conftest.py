@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.cli import get_json
+from serving.cli import all_models_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = int(os.environ.get("SERVING_TEST_PORT", "18000"))
@@ -87,12 +87,8 @@ def stack(tmp_path_factory) -> Stack:
         while True:
             if process.poll() is not None:
                 pytest.fail(f"`serving up` exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                status, body = get_json(f"{url}/v1/status")
-                if status == 200 and all(m["state"] == "ready" for m in body["models"].values()):
-                    break
-            except OSError:
-                pass
+            if all_models_ready(url):
+                break
             if time.monotonic() > deadline:
                 pytest.fail(f"stack not ready after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
             time.sleep(2)
