@@ -1,0 +1,86 @@
+"""Typed messages between the router and the engine deployments (and the load they publish).
+
+One request crosses the handle as an `EngineRequest` carrying the client's raw JSON bytes.
+The engine answers with a stream of items:
+
+    ReplyHead                      always first: status, replica; for a non-streaming answer
+                                   or an error, `body` holds the whole JSON reply as bytes
+    bytes, bytes, ...              streams only: SSE text, several chunks coalesced per item
+    ReplyTail                      streams only, last: usage and the engine's own timings
+
+The router relays the bytes untouched and reads only the head and the tail. Engines publish
+`RoutingStats` through Ray Serve's `record_routing_stats` (outside request slots); the replica
+router and the router's load view read the same dict.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ENDPOINTS = ("chat", "completion", "embed")
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "Usage | None":
+        if not raw:
+            return None
+        return cls(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0))
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    endpoint: str  # one of ENDPOINTS
+    body: bytes  # the client's JSON body exactly as received; the engine validates it with vLLM's models
+    request_id: str
+    deadline: float  # time.time() after which the engine gives up on the request
+    prefix_key: str | None = None  # hash of the prompt's head: prefix-cache affinity
+    session_key: str | None = None  # x-session-id header or the body's `user`: session affinity
+
+
+@dataclass(slots=True)
+class ReplyHead:
+    status: int
+    replica: str
+    model: str
+    stream: bool = False
+    body: bytes = b""  # whole JSON answer (non-streaming or error), or the first SSE chunk of a stream
+    usage: Usage | None = None  # non-streaming answers
+    retryable: bool = False  # the engine did no work (it is dead): the router may try elsewhere
+    engine_s: float = 0.0  # non-streaming: seconds from arrival at the engine to the answer
+
+
+@dataclass(slots=True)
+class ReplyTail:
+    usage: Usage | None = None
+    engine_s: float = 0.0  # seconds from arrival at the engine to the last chunk
+    error: str | None = None  # set when the engine's stream broke after the head
+
+
+@dataclass(slots=True)
+class RoutingStats:
+    """What one engine replica reports about itself (Ray Serve `record_routing_stats`)."""
+
+    replica: str
+    model: str
+    healthy: bool
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    at: float = field(default_factory=time.time)  # when the replica produced this report
+    error: str | None = None  # why it is unhealthy
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "RoutingStats | None":
+        if not raw or "replica" not in raw:
+            return None
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
