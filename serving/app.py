@@ -12,23 +12,22 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving import router as router_module
 from serving.config import EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
 from serving.engine import EngineDeployment
-from serving.router import Router
+from serving.router import Router, activate
+from serving.router.http import app as router_http_app
 
 APP_NAME = "serving"
 ROUTER_DEPLOYMENT = "router"
 
 
 @serve.deployment(name=ROUTER_DEPLOYMENT)
-@serve.ingress(router_module.app)
+@serve.ingress(router_http_app)
 class RouterIngress(Router):
     async def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
         super().__init__(config, engines)
         self.echo_request_id = False
-        self.start_polling()
-        router_module.activate(self)
+        activate(self)
 
 
 def _gpu_workers(engine: EngineSpec) -> int:
@@ -39,8 +38,10 @@ def _gpu_workers(engine: EngineSpec) -> int:
     return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
 
 
-def engine_options(engine: EngineSpec) -> dict[str, Any]:
-    """Ray Serve deployment options for one model: replicas, resources, queue limits."""
+def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
+    """Ray Serve deployment options for one model: replicas, resources, queue limits, replica choice."""
+    from ray.serve.config import RequestRouterConfig
+
     spec = engine.model
     res = engine.resources
     actor: dict[str, Any] = {"num_cpus": res.cpus, "runtime_env": {"env_vars": dict(engine.env)}}
@@ -56,8 +57,16 @@ def engine_options(engine: EngineSpec) -> dict[str, Any]:
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 60,
         "ray_actor_options": actor,
-        # The router polls `load` every second on every replica: keep that out of the access log.
+        # Per-token work happens inside one call per request; the access log adds nothing here.
         "logging_config": {"enable_access_log": False},
+        # Replicas publish load through record_routing_stats (polled by Ray's controller outside
+        # request slots); our RequestRouter ranks them from it.
+        "request_router_config": RequestRouterConfig(
+            request_router_class="serving.replica_router:EngineRequestRouter",
+            request_router_kwargs={"stale_after_s": config.router.report_stale_after_s},
+            request_routing_stats_period_s=config.router.load_report_interval_s,
+            request_routing_stats_timeout_s=max(2.0, config.router.load_report_interval_s * 2),
+        ),
     }
     parallel = _gpu_workers(engine)
     if parallel > 1:
@@ -78,19 +87,21 @@ def engine_options(engine: EngineSpec) -> dict[str, Any]:
     return options
 
 
-def engine_init_args(engine: EngineSpec) -> dict[str, Any]:
+def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
     args = dict(engine.engine_args)
     if _gpu_workers(engine) > 1:  # workers live in the replica's placement group, placed by Ray
         args.setdefault("distributed_executor_backend", "ray")
-    return {"model": engine.model.model_dump(mode="json"), "engine_args": args, "env": dict(engine.env)}
+    return {"model": engine.model.model_dump(mode="json"), "engine_args": args, "env": dict(engine.env),
+            "stream_flush_ms": config.router.stream_flush_ms}
 
 
-def build(config: ServingConfig) -> Application:
+def build(config: ServingConfig, engine_cls: type = EngineDeployment) -> Application:
+    """The application graph. `engine_cls` is replaceable only for bench's null engine."""
     engines = {}
     for spec in config.models:
         engine = config.engine_spec(spec)
-        engines[spec.name] = serve.deployment(EngineDeployment).options(**engine_options(engine)).bind(
-            **engine_init_args(engine))
+        engines[spec.name] = serve.deployment(engine_cls).options(**engine_options(engine, config)).bind(
+            **engine_init_args(engine, config))
     router = config.router
     return RouterIngress.options(
         num_replicas=router.replicas,

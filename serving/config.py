@@ -175,7 +175,16 @@ class RouterSpec(_Strict):
     max_ongoing_requests: int = Field(1024, ge=1)
     request_timeout_s: float = Field(600, gt=0, description="end-to-end limit for one request")
     api_keys_env: str = Field("SERVING_API_KEYS", description="env var holding comma-separated API keys; unset or empty: no auth")
-    load_poll_interval_s: float = Field(1.0, gt=0, description="how often engines report their load")
+    load_report_interval_s: float = Field(
+        1.0, gt=0, description="how often each engine replica reports load and health (Ray Serve routing stats)")
+    report_stale_after_s: float = Field(
+        5.0, gt=0, description="a replica whose last report is older than this gets no traffic while others report")
+    stream_flush_ms: float = Field(
+        0.0, ge=0, description="engines send the first stream chunk at once, then what is ready at most once per "
+                               "this interval (0: every chunk as it comes); measured in bench/results")
+    open_paths: list[str] = Field(
+        default_factory=lambda: ["/health", "/metrics"],
+        description="paths answered without an API key when keys are set (probes and Prometheus scrapes)")
 
 
 class ServingConfig(_Strict):

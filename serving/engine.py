@@ -1,11 +1,19 @@
 """The engine deployment: one vLLM `AsyncLLM` in-process, behind vLLM's own OpenAI handlers.
 
 Request handling, validation and error messages are vLLM's (its chat, completion and
-embedding serving classes); this class only adapts them to a Ray Serve streaming call:
-`handle()` yields one metadata dict (status, replica, and the body for non-streaming
-answers) followed, for streams, by the SSE strings exactly as vLLM produced them.
+embedding serving classes); this class adapts them to one Ray Serve streaming call per
+request (`generate`, typed messages in serving.messages):
 
-The engine knows nothing about tags, keys or other models.
+- the client's raw JSON bytes are validated once, here, with vLLM's request models;
+- non-streaming answers leave as JSON bytes in the `ReplyHead`, never re-encoded on the way;
+- streams send the first chunk at once (inside the head), then coalesce every chunk that is
+  ready into one bytes item per flush interval, so a Ray item carries several tokens when
+  the engine is faster than the relay, and none waits when it is not;
+- one deadline per request; a cancelled call (client gone, router timeout) aborts the
+  sequence in vLLM.
+
+Load and health leave through `record_routing_stats`, which Ray Serve's controller polls
+outside request slots. The engine knows nothing about tags, keys or other models.
 """
 
 from __future__ import annotations
@@ -17,13 +25,13 @@ import os
 import time
 from typing import Any, AsyncIterator
 
+from serving import errors
 from serving.config import ModelSpec
-from serving.metrics import engine_metrics_text
+from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
 from serving.provision import provision_model
 
 logger = logging.getLogger("serving.engine")
 
-ENDPOINTS = ("chat", "completion", "embed")
 USAGE_CHUNK_MARK = '"choices":[]'  # vLLM's final stream chunk that carries only `usage`
 
 
@@ -56,7 +64,8 @@ def _count_cores(id_list: str) -> int:
 class EngineDeployment:
     """Ray Serve deployment class; `serving.app` applies the per-model options."""
 
-    async def __init__(self, model: dict[str, Any], engine_args: dict[str, Any], env: dict[str, str]):
+    async def __init__(self, model: dict[str, Any], engine_args: dict[str, Any], env: dict[str, str],
+                       stream_flush_ms: float = 0.0):
         os.environ.update(expand_thread_binding(env))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -65,6 +74,7 @@ class EngineDeployment:
         self.name = name = spec.name
         self.task = task = spec.task
         self.started = time.time()
+        self.flush_s = stream_flush_ms / 1000.0
         # Provision on the node that runs the replica (a no-op when already cached): pods
         # and fresh machines then need no separate step, and the path is this node's own.
         allow = os.environ.get("SERVING_ALLOW_DOWNLOAD", "") in ("1", "true", "yes")
@@ -84,87 +94,133 @@ class EngineDeployment:
             stat_loggers=[self._stats.factory],
         )
         self._handlers = await _openai_handlers(self.engine, model_path, name)
+        self._parsers = _request_parsers()
         logger.info("engine %s ready on replica %s in %.1fs", name, self.replica, time.time() - self.started)
 
     # --- requests -----------------------------------------------------------------------
 
-    async def handle(self, endpoint: str, body: dict[str, Any], request_id: str) -> AsyncIterator[Any]:
-        """Yield {"status", ...} first; for streams, then vLLM's SSE strings, then {"usage"}."""
+    async def generate(self, request: EngineRequest) -> AsyncIterator[ReplyHead | bytes | ReplyTail]:
+        """ReplyHead first; for streams then coalesced SSE bytes, then a ReplyTail."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-        meta = {"replica": self.replica, "model": self.name}
+        started = time.perf_counter()
+        budget = request.deadline - time.time()
         try:
-            request, wants_usage = self._parse(endpoint, body, request_id)
-            result = await self._handlers[endpoint](request)
+            parsed, wants_usage = self._parse(request)
+            async with asyncio.timeout(max(budget, 0.001)):
+                result = await self._handlers[request.endpoint](parsed)
         except Exception as error:  # vLLM raises for bad input as well as for engine faults
-            error_response = _error_from_exception(error, create_error_response)
-            # A dead engine did no work on this request: the router may send it elsewhere.
-            yield {**meta, "status": error_response.error.code, "body": error_response.model_dump(),
-                   "retryable": self.engine.errored}
+            yield self._error_head(_as_serving_error(error, budget), retryable=self.engine.errored)
             return
         if isinstance(result, ErrorResponse):
-            yield {**meta, "status": result.error.code, "body": result.model_dump()}
+            info = result.error
+            yield self._error_head(errors.from_vllm(int(info.code), info.message, info.param))
             return
         if not hasattr(result, "__aiter__"):
-            payload = _response_payload(result)
-            yield {**meta, "status": 200, "body": payload, "usage": payload.get("usage")}
+            body, usage = _answer_bytes(result)
+            yield ReplyHead(200, self.replica, self.name, body=body, usage=usage,
+                            engine_s=time.perf_counter() - started)
             return
-        yield {**meta, "status": 200, "stream": True}
-        usage = None
-        async for chunk in result:
-            if USAGE_CHUNK_MARK in chunk and '"usage"' in chunk:
-                usage = json.loads(chunk.removeprefix("data: ").strip()).get("usage")
-                if not wants_usage:
-                    continue
-            yield chunk
-        yield {"usage": usage}
+        async for item in self._coalesce(result, wants_usage, started, budget):
+            yield item
 
-    def _parse(self, endpoint: str, body: dict[str, Any], request_id: str):
-        """Validate with vLLM's own request models; ask for stream usage so the router can count tokens."""
-        from pydantic import TypeAdapter
+    def _error_head(self, error: errors.ServingError, retryable: bool = False) -> ReplyHead:
+        return ReplyHead(error.status, self.replica, self.name, body=error.json_bytes(), retryable=retryable)
 
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+    async def _coalesce(self, result, wants_usage: bool, started: float, budget: float):
+        """Relay vLLM's SSE strings: the first at once, then whatever is ready per flush interval."""
+        ready: list[str] = []
+        wake = asyncio.Event()
+        tail = ReplyTail()
 
-        if endpoint not in self._handlers:
-            raise NotImplementedError(f"model {self.name!r} ({self.task}) does not serve the {endpoint} endpoint")
-        body = {**body, "model": self.name, "request_id": request_id}
-        wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        if body.get("stream") and endpoint != "embed":
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        model = {"chat": ChatCompletionRequest, "completion": CompletionRequest}.get(endpoint)
-        request = model.model_validate(body) if model else TypeAdapter(EmbeddingRequest).validate_python(body)
-        return request, wants_usage
+        async def pump() -> None:
+            try:
+                async with asyncio.timeout(max(budget - (time.perf_counter() - started), 0.001)):
+                    async for chunk in result:
+                        if USAGE_CHUNK_MARK in chunk and '"usage"' in chunk:
+                            tail.usage = Usage.from_dict(json.loads(chunk[6:]).get("usage"))
+                            if not wants_usage:
+                                continue
+                        ready.append(chunk)
+                        wake.set()
+            except TimeoutError:  # the deadline cancelled vLLM's generator: the sequence is aborted
+                tail.error = "timeout"
+                ready.append(errors.timed_out(budget).sse_bytes().decode())
+            except Exception as error:
+                logger.warning("stream of %s broke: %r", self.name, error)
+                tail.error = type(error).__name__
+                ready.append(errors.engine_failed(self.name).sse_bytes().decode())
+            finally:
+                tail.engine_s = time.perf_counter() - started
+                pump_done.set()
+                wake.set()
+
+        pump_done = asyncio.Event()
+        task = asyncio.create_task(pump())
+        try:
+            await wake.wait()
+            wake.clear()
+            first = "".join(ready).encode()
+            ready.clear()
+            yield ReplyHead(200, self.replica, self.name, stream=True, body=first)
+            while not (pump_done.is_set() and not ready):
+                if self.flush_s:
+                    await asyncio.sleep(self.flush_s)  # let chunks gather; no wait if they already did
+                await wake.wait()
+                wake.clear()
+                if ready:
+                    data = "".join(ready).encode()
+                    ready.clear()
+                    yield data
+            yield tail
+        finally:
+            if not task.done():  # cancelled by the caller: cancelling the pump aborts in vLLM
+                task.cancel()
+
+    def _parse(self, request: EngineRequest):
+        """Validate the raw bytes with vLLM's own request models; always ask streams for usage."""
+        from vllm.entrypoints.generate.base.protocol import StreamOptions
+
+        parser = self._parsers.get(request.endpoint)
+        if parser is None or request.endpoint not in self._handlers:
+            raise errors.invalid_request(f"model {self.name!r} ({self.task}) does not serve the "
+                                         f"{request.endpoint} endpoint", "model", "model_task_mismatch")
+        parsed = parser(request.body)
+        parsed.model = self.name  # the client may have named an alias or a tag
+        if hasattr(parsed, "request_id"):
+            parsed.request_id = request.request_id
+        wants_usage = False
+        if getattr(parsed, "stream", False):
+            options = parsed.stream_options
+            wants_usage = bool(options and options.include_usage)
+            parsed.stream_options = StreamOptions(
+                include_usage=True, continuous_usage_stats=bool(options and options.continuous_usage_stats))
+        return parsed, wants_usage
 
     # --- load, health, metrics ------------------------------------------------------------
 
-    async def load(self, with_metrics: bool = True) -> dict[str, Any]:
-        """This replica's load and health; polled by the router about once a second."""
-        healthy = True
-        try:
-            await asyncio.wait_for(self.check_health(), timeout=5)
-        except Exception:
-            healthy = False
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Load and health for Ray Serve's request routers; polled by the controller, not via request slots."""
         stats = self._stats.latest
-        return {
-            "replica": self.replica,
-            "model": self.name,
-            "healthy": healthy,
-            "running": stats.get("running", 0),
-            "waiting": stats.get("waiting", 0),
-            "kv_cache_usage": stats.get("kv_cache_usage", 0.0),
-            "stats_age_s": time.time() - stats["at"] if "at" in stats else None,
-            "uptime_s": time.time() - self.started,
-            **({"metrics_text": engine_metrics_text()} if with_metrics else {}),
-        }
+        dead = self.engine.errored
+        return RoutingStats(
+            replica=self.replica, model=self.name, healthy=not dead,
+            running=stats.get("running", 0), waiting=stats.get("waiting", 0),
+            kv_cache_usage=stats.get("kv_cache_usage", 0.0),
+            error=repr(self.engine.dead_error) if dead else None,
+        ).to_dict()
 
     async def check_health(self) -> None:
         """Ray Serve restarts the replica when this raises: a dead engine never gets traffic."""
         if self.engine.errored:
             raise RuntimeError(f"vLLM engine of {self.name} is dead: {self.engine.dead_error!r}")
         await self.engine.check_health()
+
+    def metrics_text(self) -> str:
+        """vLLM's own `vllm:*` metric families of this replica, as Prometheus text."""
+        from serving.metrics import engine_metrics_text
+
+        return engine_metrics_text()
 
     def __del__(self):
         engine = getattr(self, "engine", None)
@@ -173,7 +229,7 @@ class EngineDeployment:
 
 
 class _LatestStats:
-    """A vLLM stat logger that keeps the latest scheduler numbers for `load()`."""
+    """A vLLM stat logger that keeps the latest scheduler numbers for `record_routing_stats()`."""
 
     def __init__(self) -> None:
         self.latest: dict[str, Any] = {}
@@ -191,7 +247,6 @@ class _LatestStats:
                         "running": scheduler_stats.num_running_reqs,
                         "waiting": scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
                         "kv_cache_usage": float(scheduler_stats.kv_cache_usage),
-                        "at": time.time(),
                     }
 
             def log_engine_initialized(self):
@@ -223,29 +278,64 @@ async def _openai_handlers(engine, model_path: str, name: str) -> dict[str, Any]
     return handlers
 
 
-def _response_payload(result: Any) -> dict[str, Any]:
+def _request_parsers() -> dict[str, Any]:
+    """endpoint -> bytes -> vLLM request model (pydantic parses the JSON bytes directly)."""
+    from pydantic import TypeAdapter
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+
+    embed = TypeAdapter(EmbeddingRequest)
+    return {"chat": ChatCompletionRequest.model_validate_json, "completion": CompletionRequest.model_validate_json,
+            "embed": embed.validate_json}
+
+
+def _answer_bytes(result: Any) -> tuple[bytes, Usage | None]:
     """A pydantic response model, or a Starlette response (vLLM's pooling handlers return those)."""
-    if hasattr(result, "model_dump"):
-        return result.model_dump(mode="json")
-    return json.loads(bytes(result.body))
+    if hasattr(result, "model_dump_json"):
+        usage = getattr(result, "usage", None)
+        return result.model_dump_json().encode(), (Usage(usage.prompt_tokens, usage.completion_tokens or 0)
+                                                   if usage else None)
+    body = bytes(result.body)
+    return body, _trailing_usage(body)
 
 
-def _error_from_exception(error: Exception, create_error_response):
+def _trailing_usage(body: bytes) -> Usage | None:
+    """`usage` is the last key of vLLM's embedding answer: read it without decoding the vectors."""
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = body.find(b"{", at)
+    try:
+        raw, _ = json.JSONDecoder().raw_decode(body[start:].decode())
+    except ValueError:
+        return None
+    return Usage.from_dict(raw)
+
+
+def _as_serving_error(error: Exception, budget: float) -> errors.ServingError:
+    """Any exception from parsing or vLLM as the one OpenAI-shaped convention."""
     from pydantic import ValidationError
 
-    if isinstance(error, ValidationError):
-        first = error.errors()[0] if error.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()))
-        message = f"{loc}: {first.get('msg', str(error))}" if loc else str(error)
-        response = create_error_response(message, param=loc or None)
-        return response
     from vllm.v1.engine.exceptions import EngineDeadError
 
+    if isinstance(error, errors.ServingError):
+        return error
+    if isinstance(error, ValidationError):
+        problems = error.errors()
+        first = problems[0] if problems else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        message = first.get("msg", str(error))
+        return errors.invalid_request(f"{loc}: {message}" if loc else message, loc or None)
+    if isinstance(error, TimeoutError):
+        return errors.timed_out(budget)
     if isinstance(error, EngineDeadError):
-        from http import HTTPStatus
+        return errors.ServingError(503, f"engine is dead: {error}", "service_unavailable_error", None,
+                                   "engine_dead", {"retry-after": "1"}, origin="engine")
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-        return create_error_response(f"engine is dead: {error}", "ServiceUnavailableError", HTTPStatus.SERVICE_UNAVAILABLE)
     response = create_error_response(error)
     if response.error.code >= 500:
         logger.error("engine error", exc_info=error)
-    return response
+    return errors.from_vllm(int(response.error.code), response.error.message, response.error.param)

@@ -1,67 +1,123 @@
-"""OpenAI-shaped error objects and their HTTP status codes.
+"""OpenAI-shaped error objects, their HTTP status codes, and where each error came from.
 
-Every error the router itself produces goes through `ServingError`, so clients always get
-`{"error": {"message", "type", "param", "code"}}`. Errors raised by vLLM's own request
-validation come from the engine already in this shape and are passed through unchanged.
+One convention everywhere, OpenAI's: `{"error": {"message", "type", "param", "code"}}` with
+`code` a string (or null), never an HTTP status number. Errors vLLM produces are reshaped
+into it in the engine (`from_vllm`), so the router passes engine bytes through untouched.
+Every error answer also names its origin (`x-error-origin`), so a failure is never a guess.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
+ORIGINS = ("client", "auth", "limit", "router", "engine", "overload", "timeout")
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+_STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+                429: "rate_limit_error", 500: "server_error", 502: "server_error",
+                503: "service_unavailable_error", 504: "timeout_error"}
+_STATUS_CODE = {400: "invalid_request", 404: "not_found", 413: "request_too_large", 422: "invalid_request",
+                500: "engine_error", 503: "engine_unavailable", 504: "timeout"}
+_CONTEXT_OVERFLOW = re.compile(r"maximum context length|context length|too long|max_model_len", re.I)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def origin_of(status: int) -> str:
+    """Where an error with this status came from when nothing more specific is known."""
+    if status in (401, 403):
+        return "auth"
+    if status == 429:
+        return "limit"
+    if status == 504:
+        return "timeout"
+    return "client" if status < 500 else "engine"
 
 
 class ServingError(Exception):
     """An error with the HTTP status it maps to; `body()` is what the client sees."""
 
     def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, origin: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type_
         self.param = param
         self.code = code
-        self.headers = headers or {}
+        self.origin = origin or origin_of(status)
+        self.headers = {**(headers or {}), "x-error-origin": self.origin}
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
 
+    def json_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
 
-def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ServingError:
-    return ServingError(400, message, "invalid_request_error", param, code)
+    def sse_bytes(self) -> bytes:
+        """The error as a final SSE event (a stream that already sent its headers)."""
+        return b"data: " + self.json_bytes() + b"\n\n"
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = "invalid_request") -> ServingError:
+    return ServingError(400, message, "invalid_request_error", param, code, origin="client")
 
 
 def model_not_found(model: str, known: list[str]) -> ServingError:
     return ServingError(
         404,
-        f"The model {model!r} does not exist. Known models and aliases: {', '.join(sorted(known))}; "
+        f"The model {header_safe(model, 120)!r} does not exist. Known models and aliases: {', '.join(sorted(known))}; "
         "or select by tag with 'tag:<tag>[,<tag>...]'.",
-        "invalid_request_error", "model", "model_not_found",
+        "invalid_request_error", "model", "model_not_found", origin="client",
     )
 
 
 def unauthorized() -> ServingError:
     return ServingError(401, "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'.",
-                        "authentication_error", None, "invalid_api_key")
+                        "authentication_error", None, "invalid_api_key", origin="auth")
 
 
 def unavailable(message: str, retry_after_s: int = 1) -> ServingError:
     return ServingError(503, message, "service_unavailable_error", None, "model_unavailable",
-                        {"retry-after": str(retry_after_s)})
+                        {"retry-after": str(retry_after_s)}, origin="engine")
 
 
 def overloaded(model: str) -> ServingError:
     return ServingError(503, f"The model {model!r} is overloaded: its request queue is full. Retry later.",
-                        "service_unavailable_error", None, "overloaded", {"retry-after": "1"})
+                        "service_unavailable_error", None, "overloaded", {"retry-after": "1"}, origin="overload")
 
 
 def timed_out(seconds: float) -> ServingError:
-    return ServingError(504, f"The request did not finish within {seconds:g} s.", "timeout_error", None, "timeout")
+    return ServingError(504, f"The request did not finish within {seconds:g} s.", "timeout_error", None, "timeout",
+                        origin="timeout")
+
+
+def engine_failed(model: str) -> ServingError:
+    return ServingError(502, f"The engine of {model!r} failed mid-stream.", "server_error", None, "engine_failed",
+                        origin="engine")
 
 
 def internal(message: str) -> ServingError:
-    return ServingError(500, message, "internal_error", None, "internal_error")
+    return ServingError(500, message, "server_error", None, "internal_error", origin="router")
+
+
+def from_vllm(status: int, message: str, param: str | None = None) -> ServingError:
+    """Reshape an error vLLM produced (int `code`, its own `type` names) into the one convention."""
+    code = _STATUS_CODE.get(status, "invalid_request" if status < 500 else "engine_error")
+    if status == 400 and _CONTEXT_OVERFLOW.search(message):
+        code = "context_length_exceeded"  # OpenAI's code for the same failure
+    type_ = _STATUS_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return ServingError(status, message, type_, param, code, origin="client" if status < 500 else "engine")
+
+
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+def header_safe(text: str, limit: int = 200) -> str:
+    """Printable ASCII only (non-ASCII escaped as \\uXXXX), bounded: safe in any HTTP header."""
+    escaped = _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}" if ord(m.group()) < 0x10000 else "?", text)
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."

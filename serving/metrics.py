@@ -1,19 +1,21 @@
-"""Every Prometheus metric of the router, defined once, plus the engines' reported metrics.
+"""Every Prometheus metric of the router, defined once, plus the engines' reported load.
 
 The router's own metrics live in a private registry (the Ray worker process's default
-registry holds Ray's internals). Engine metrics (our load gauges and vLLM's own `vllm:*`
-families) arrive with each engine replica's load report and are re-exposed here with a
-`replica` label, so one scrape of the router's `/metrics` shows the whole app.
+registry holds Ray's internals). Engine load gauges come from the same routing-stats reports
+the replica choice uses, read at scrape time, with a `replica` label; vLLM's own `vllm:*`
+families are fetched from the engines at most every few seconds and re-exposed the same way.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import time
+from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
 
 
@@ -22,14 +24,21 @@ class RouterMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "serving_requests", "Requests finished by the router, by served model, route, routing rule and HTTP status.",
-            ["model", "route", "rule", "status"], registry=r)
+            "serving_requests", "Requests finished by the router, by served model, route, routing rule, HTTP status "
+            "and error origin (client, auth, limit, router, engine, overload, timeout; empty on success).",
+            ["model", "route", "rule", "status", "error_origin"], registry=r)
         self.ttft = Histogram(
             "serving_time_to_first_token_seconds", "Time from request arrival at the router to the first streamed token.",
             ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.duration = Histogram(
             "serving_request_duration_seconds", "End-to-end request latency at the router.",
             ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.engine_time = Histogram(
+            "serving_engine_seconds", "Time inside the engine replica (arrival there to last chunk), as it reports it.",
+            ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "serving_overhead_seconds", "Time outside the engine: router receipt to end, minus engine time "
+            "(routing, hops, relay).", ["model", "route"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.prompt_tokens = Counter("serving_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.completion_tokens = Counter("serving_completion_tokens", "Completion tokens generated.", ["model"], registry=r)
         self.cost = Counter("serving_estimated_cost", "Token usage priced with models.yaml `price` (currency units).",
@@ -50,10 +59,8 @@ class EngineReportCollector:
     """Turns the engines' latest load reports into metric families at scrape time."""
 
     def __init__(self) -> None:
-        self.reports: Mapping[str, Iterable[Mapping]] = {}
-
-    def update(self, reports: Mapping[str, Iterable[Mapping]]) -> None:
-        self.reports = {name: list(items) for name, items in reports.items()}
+        self.reports: Callable[[], Mapping[str, Iterable[Any]]] = dict
+        self.engine_texts: Mapping[str, str] = {}  # replica -> its latest vLLM metrics text
 
     def describe(self) -> list:
         return []  # families vary with what engines report; skip registry-time description
@@ -67,16 +74,21 @@ class EngineReportCollector:
                                labels=["model", "replica"])
         healthy = GaugeMetricFamily("serving_engine_healthy", "1 if the engine replica reported itself healthy.",
                                     labels=["model", "replica"])
-        merged: dict[str, Metric] = {}
-        for model, items in self.reports.items():
+        age = GaugeMetricFamily("serving_engine_report_age_seconds", "Age of the replica's last load report.",
+                                labels=["model", "replica"])
+        now = time.time()
+        for model, items in self.reports().items():
             for report in items:
-                labels = [model, str(report.get("replica", ""))]
-                running.add_metric(labels, float(report.get("running", 0)))
-                waiting.add_metric(labels, float(report.get("waiting", 0)))
-                kv.add_metric(labels, float(report.get("kv_cache_usage", 0.0)))
-                healthy.add_metric(labels, 1.0 if report.get("healthy") else 0.0)
-                _merge_engine_text(merged, report.get("metrics_text", ""), report.get("replica", ""))
-        yield from (running, waiting, kv, healthy)
+                labels = [model, report.replica]
+                running.add_metric(labels, float(report.running))
+                waiting.add_metric(labels, float(report.waiting))
+                kv.add_metric(labels, float(report.kv_cache_usage))
+                healthy.add_metric(labels, 1.0 if report.healthy else 0.0)
+                age.add_metric(labels, max(now - report.at, 0.0))
+        yield from (running, waiting, kv, healthy, age)
+        merged: dict[str, Metric] = {}
+        for replica, text in self.engine_texts.items():
+            _merge_engine_text(merged, text, replica)
         yield from merged.values()
 
 

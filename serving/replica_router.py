@@ -1,0 +1,75 @@
+"""Replica choice inside Ray Serve: a `RequestRouter` that ranks an engine deployment's replicas.
+
+Ray Serve calls `choose_replicas` for every request sent over a handle to an engine
+deployment. The ranking itself is pure policy (serving.routing.replicas); this class only
+adapts Ray's replica objects and the engines' `record_routing_stats` reports to it.
+
+Every instance also registers itself in `LOAD_VIEWS`, so the router deployment reads the very
+stats the replica choice uses to choose between deployments (its load view): one source of
+load, delivered by Ray's controller outside request slots, with no polling of our own.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from serving.messages import EngineRequest, RoutingStats
+from serving.replica_policy import Affinity, PolicyState, ReplicaPolicy, ReplicaView, rank_replicas
+
+# deployment name -> the request router of this process's handle to it (one per router replica)
+LOAD_VIEWS: dict[str, "EngineRequestRouter"] = {}
+
+
+class EngineRequestRouter(RequestRouter):
+    def initialize_state(self, policy: dict[str, Any] | None = None, stale_after_s: float = 5.0, **_: Any) -> None:
+        self.policy = ReplicaPolicy(**(policy or {}))
+        self.state = PolicyState()
+        self.stale_after_s = stale_after_s
+        # Ray may rebuild this class from a pickle with its own copy of module globals: register
+        # in the module this process imported, where the router's load view looks.
+        import serving.replica_router as registry
+
+        registry.LOAD_VIEWS[self._deployment_id.name] = self
+
+    def views(self, replicas: list[RunningReplica] | None = None) -> list[ReplicaView]:
+        """The policy's picture of each replica: the engine's last report + this process's in-flight count."""
+        now = time.time()
+        views = []
+        for replica in self._replicas_list if replicas is None else replicas:
+            stats = RoutingStats.from_dict(replica.routing_stats)
+            inflight = self._replica_queue_len_cache.get(replica.replica_id) or 0
+            rid = replica.replica_id.unique_id
+            if stats is None:  # started, never reported
+                views.append(ReplicaView(rid, inflight=inflight, max_ongoing=replica.max_ongoing_requests))
+                continue
+            views.append(ReplicaView(
+                rid, running=stats.running, waiting=stats.waiting, kv_cache_usage=stats.kv_cache_usage,
+                healthy=stats.healthy, stale=now - stats.at > self.stale_after_s, inflight=inflight,
+                max_ongoing=replica.max_ongoing_requests))
+        return views
+
+    def reports(self) -> list[RoutingStats]:
+        return [s for s in (RoutingStats.from_dict(r.routing_stats) for r in self._replicas_list) if s]
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        affinity = Affinity()
+        if pending_request is not None and pending_request.args and isinstance(pending_request.args[0], EngineRequest):
+            request: EngineRequest = pending_request.args[0]
+            affinity = Affinity(request.prefix_key, request.session_key)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        tiers = rank_replicas(self.views(candidate_replicas), affinity, self.policy, self.state)
+        ranked = [[by_id[rid] for rid in tier if rid in by_id] for tier in tiers]
+        ranked = [tier for tier in ranked if tier]
+        # Nothing healthy: still try them all, so the call fails fast (the engine answers
+        # `retryable`) and the router fails over, instead of Ray backing off until the deadline.
+        return ranked or [list(candidate_replicas)]
+
+    def saturated(self) -> bool:
+        """Every replica's slots are taken, as this process counts them: new requests would queue."""
+        replicas = self._replicas_list
+        return bool(replicas) and all(
+            (self._replica_queue_len_cache.get(r.replica_id) or 0) >= r.max_ongoing_requests for r in replicas)

@@ -1,0 +1,13 @@
+"""The router deployment: the only HTTP ingress.
+
+- `http`: routes only (FastAPI)
+- `core`: authenticate, read what routing needs, decide, hand to forwarding
+- `forward`: dispatch over handles, failover, deadline, byte relay
+- `loads`: the load view from the engines' routing stats
+- `accounting`: metrics, usage and cost, the overhead split, the request log
+"""
+
+from serving.router.core import Router, bearer_token_valid, parse_json_object
+from serving.router.http import activate, app
+
+__all__ = ["Router", "activate", "app", "bearer_token_valid", "parse_json_object"]

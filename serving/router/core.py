@@ -1,0 +1,167 @@
+"""The router's per-request logic: authenticate, read what routing needs, decide, forward.
+
+The body is parsed once here only to read `model` (and what affinity needs); the engine gets
+the raw bytes and validates them with vLLM's models. Every answer, error or not, carries the
+provenance headers: x-request-id, x-route-rule / x-route-reason once a route was decided,
+x-served-model / x-served-replica once an engine answered, x-error-origin on errors.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from serving import errors
+from serving.config import ServingConfig, parse_config
+from serving.metrics import RouterMetrics
+from serving.router.accounting import Accounting, RequestRecord
+from serving.router.forward import Forwarder
+from serving.router.loads import LoadView
+from serving.routing import Decision, RoutingError, catalog_from_config, known_model_ids, route
+
+logger = logging.getLogger("serving.router")
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embed"}
+
+
+class Router:
+    """Holds the catalog, the engine handles and the load view; the HTTP routes call in."""
+
+    def __init__(self, config: dict[str, Any], engines: dict[str, Any], load_views: dict[str, Any] | None = None):
+        if load_views is None:
+            from serving.replica_router import LOAD_VIEWS as load_views
+        self.config: ServingConfig = parse_config(config)
+        self.catalog = catalog_from_config(self.config)
+        router = self.config.router
+        self.metrics = RouterMetrics()
+        self.loads = LoadView(list(self.catalog), load_views, router.report_stale_after_s)
+        self.metrics.engines.reports = lambda: {name: self.loads.reports(name) for name in self.catalog}
+        prices = {spec.name: spec.price for spec in self.config.models if spec.price}
+        self.accounting = Accounting(self.metrics, prices)
+        # One streaming handle per deployment, made once: this also starts each handle's
+        # request router, so the load view fills before the first request.
+        streams = {name: handle.options(stream=True) for name, handle in engines.items()}
+        self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s)
+        keys = os.environ.get(router.api_keys_env, "")
+        self.api_keys = [k.strip() for k in keys.split(",") if k.strip()]
+        self.open_paths = set(router.open_paths)
+        # Behind Ray Serve's proxy, its middleware fills in x-request-id and echoes it on every response.
+        self.echo_request_id = True
+
+    # --- requests -----------------------------------------------------------------------
+
+    def authenticate(self, request: Request) -> str | None:
+        """The caller's key name (None on an open API); raises 401 on a missing or wrong key."""
+        if not self.api_keys or request.url.path in self.open_paths:
+            return None
+        if not bearer_token_valid(request.headers.get("authorization", ""), self.api_keys):
+            raise errors.unauthorized()
+        return "key"
+
+    async def inference(self, request: Request, path: str) -> Response:
+        request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+        record = RequestRecord(request_id, path)
+        headers = self._id_header(request_id)
+        decision: Decision | None = None
+        try:
+            record.key_name = self.authenticate(request)
+            raw = await request.body()
+            body = parse_json_object(raw)
+            model = body.get("model")
+            if not isinstance(model, str) or not model.strip():
+                raise errors.invalid_request("`model` is required: a model name, an alias, or 'tag:<tag>'", "model",
+                                             "missing_model")
+            record.requested_model = model
+            decision = self.decide(model, ENDPOINTS[path])
+            record.rule = decision.rule
+            headers.update(route_headers(decision))
+            session = request.headers.get("x-session-id") or (body.get("user") if isinstance(body.get("user"), str)
+                                                              else None)
+            response = await self.forwarder.forward(record, decision, ENDPOINTS[path], raw, headers,
+                                                    session_key=session)
+        except Exception as failure:  # every failure answers in the API's shape, with provenance
+            error = failure if isinstance(failure, errors.ServingError) else None
+            if error is None:
+                logger.exception("request %s failed", request_id)
+                error = errors.internal(f"internal error in the router ({type(failure).__name__}); "
+                                        f"request id {request_id}")
+            record.status, record.error_origin = error.status, error.origin
+            self.accounting.close(record)
+            return JSONResponse(error.body(), status_code=error.status, headers={**headers, **error.headers})
+        if not isinstance(response, StreamingResponse):
+            self.accounting.close(record)
+        return response
+
+    def _id_header(self, request_id: str) -> dict[str, str]:
+        return {"x-request-id": errors.header_safe(request_id)} if self.echo_request_id else {}
+
+    def decide(self, model: str, endpoint: str) -> Decision:
+        try:
+            return route(model, endpoint, self.catalog, self.loads.loads())
+        except RoutingError as error:
+            if error.kind == "bad_selector":
+                raise errors.invalid_request(error.message, "model", "invalid_model_selector") from None
+            if error.kind == "unknown_model":
+                raise errors.model_not_found(model, known_model_ids(self.catalog)) from None
+            if error.kind == "task_mismatch":
+                raise errors.invalid_request(error.message, "model", "model_task_mismatch") from None
+            raise errors.unavailable(error.message) from None
+
+    # --- catalog and health ---------------------------------------------------------------
+
+    def models_listing(self) -> dict[str, Any]:
+        states = self.status_report()["models"]
+        data = []
+        for spec in self.config.models:
+            entry = {"id": spec.name, "object": "model", "created": 0, "owned_by": "serving", "task": spec.task,
+                     "tags": spec.tags, "aliases": spec.aliases, "status": states[spec.name]["state"],
+                     "replicas": states[spec.name]["replicas"]}
+            if spec.price:
+                entry["price"] = spec.price.model_dump()
+            data.append(entry)
+            data.extend({"id": alias, "object": "model", "created": 0, "owned_by": "serving", "task": spec.task,
+                         "alias_of": spec.name} for alias in spec.aliases)
+        return {"object": "list", "data": data}
+
+    def status_report(self) -> dict[str, Any]:
+        """Per-model state and live load, as the router sees it (also backs /health)."""
+        models = {}
+        for name, load in self.loads.loads().items():
+            models[name] = {"state": {True: "ready", False: "unavailable", None: "starting"}[load.healthy],
+                            "replicas": load.replicas, "running": load.running, "waiting": load.waiting,
+                            "kv_cache_usage": load.kv_cache_usage, "inflight": load.inflight,
+                            "saturated": load.saturated}
+        ok = any(m["state"] == "ready" for m in models.values())
+        return {"status": "ok" if ok else "unavailable", "models": models}
+
+
+def bearer_token_valid(authorization: str, keys: list[str]) -> bool:
+    """No keys configured means an open API; otherwise `Bearer <one of the keys>`."""
+    if not keys:
+        return True
+    token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+    return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise errors.invalid_request("The request body is nested too deeply.", None, "invalid_json") from None
+    except ValueError as error:  # includes UnicodeDecodeError
+        raise errors.invalid_request(f"The request body is not valid JSON: {error}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise errors.invalid_request("The request body must be a JSON object.", None, "invalid_json")
+    return body
+
+
+def route_headers(decision: Decision) -> dict[str, str]:
+    return {"x-route-rule": errors.header_safe(decision.rule), "x-route-reason": errors.header_safe(decision.reason)}

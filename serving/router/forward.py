@@ -1,0 +1,193 @@
+"""Forwarding: send the raw body to the chosen engine deployment, fail over, relay bytes, one deadline.
+
+Per request: one `EngineRequest` over the deployment's handle (Ray Serve's `EngineRequestRouter`
+picks the replica), one timer for the whole request (it cancels the engine call, which aborts
+the sequence in vLLM), and a relay that passes the engine's coalesced SSE bytes through without
+decoding them. In-flight counts are released and the request accounted exactly once on every
+path: answer, error, failover, client gone, timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from starlette.responses import Response, StreamingResponse
+
+from serving import errors
+from serving.messages import EngineRequest, ReplyHead, ReplyTail
+from serving.router.accounting import Accounting, RequestRecord
+from serving.router.loads import LoadView
+from serving.routing import Decision
+
+logger = logging.getLogger("serving.router")
+
+
+@dataclass(slots=True)
+class Call:
+    """One engine call: its response generator, its deadline timer, and whether the timer fired."""
+
+    stream: Any
+    name: str
+    timer: asyncio.TimerHandle | None = None
+    timed_out: bool = False
+    finished: bool = False
+
+    def expire(self) -> None:
+        self.timed_out = True
+        self.stream.cancel()
+
+    def stop(self) -> None:
+        """Cancel the engine call unless it already ended (aborts the sequence in vLLM)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.finished:
+            self.finished = True
+            self.stream.cancel()
+
+
+@dataclass(slots=True)
+class Attempts:
+    tried: list[tuple[str, str]] = field(default_factory=list)  # (deployment, why it was skipped)
+
+    def describe(self) -> str:
+        return "; ".join(f"{name}: {why}" for name, why in self.tried)
+
+
+class Forwarder:
+    def __init__(self, streams: dict[str, Any], loads: LoadView, accounting: Accounting, timeout_s: float):
+        self.streams = streams  # deployment name -> handle with stream=True, method `generate`
+        self.loads = loads
+        self.accounting = accounting
+        self.timeout_s = timeout_s
+
+    async def forward(self, record: RequestRecord, decision: Decision, endpoint: str, raw: bytes,
+                      headers: dict[str, str], prefix_key: str | None = None,
+                      session_key: str | None = None) -> Response:
+        """Try the decision's candidates best-first; fall over only while nothing was sent to the client."""
+        from ray.serve.exceptions import BackPressureError, RequestCancelledError
+
+        loop = asyncio.get_running_loop()
+        deadline = time.time() + self.timeout_s - record.elapsed()
+        attempts = Attempts()
+        for name in self._tries(decision.candidates):
+            record.model = name
+            self.loads.acquire(name)
+            self.accounting.metrics.inflight.labels(name).inc()
+            call = Call(self.streams[name].generate.remote(
+                EngineRequest(endpoint, raw, record.request_id, deadline, prefix_key, session_key)), name)
+            call.timer = loop.call_at(loop.time() + max(deadline - time.time(), 0.0), call.expire)
+            handed_over = False
+            try:
+                try:
+                    head: ReplyHead = await call.stream.__anext__()
+                except RequestCancelledError:
+                    if call.timed_out:
+                        raise errors.timed_out(self.timeout_s) from None
+                    raise
+                except BackPressureError:
+                    attempts.tried.append((name, "overloaded"))
+                    record.error_origin = "overload"
+                    continue
+                except (asyncio.CancelledError, errors.ServingError):
+                    raise
+                except Exception as error:  # replica died or deployment gone: nothing reached the client
+                    logger.warning("forward to %s failed, trying the next candidate: %r", name, error)
+                    attempts.tried.append((name, f"failed ({type(error).__name__})"))
+                    self.accounting.metrics.route_failovers.labels(name).inc()
+                    continue
+                record.replica = head.replica
+                if head.retryable:  # the engine is dead but Ray has not replaced the replica yet
+                    attempts.tried.append((name, "engine dead"))
+                    self.accounting.metrics.route_failovers.labels(name).inc()
+                    continue
+                served = {**headers, "x-served-model": name, "x-served-replica": errors.header_safe(head.replica)}
+                if attempts.tried:
+                    served["x-route-attempts"] = errors.header_safe(attempts.describe())
+                if not head.stream:
+                    try:  # the engine returned after the head: let Ray see the call end, freeing its slot
+                        await call.stream.__anext__()
+                    except StopAsyncIteration:
+                        call.finished = True
+                    except Exception as error:  # the answer is complete; a replica dying now changes nothing
+                        logger.debug("ending the call to %s: %r", name, error)
+                    record.status, record.usage, record.engine_s = head.status, head.usage, head.engine_s
+                    if head.status != 200:
+                        record.error_origin = errors.origin_of(head.status)
+                        served["x-error-origin"] = record.error_origin
+                    else:
+                        served["x-serving-overhead-ms"] = f"{max(record.elapsed() - head.engine_s, 0.0) * 1000:.1f}"
+                    if head.status == 503:
+                        served["retry-after"] = "1"
+                    return Response(head.body, status_code=head.status, headers=served,
+                                    media_type="application/json")
+                handed_over = True
+                return StreamingResponse(self._relay(call, head, record), media_type="text/event-stream",
+                                         headers=served)
+            finally:
+                if not handed_over:
+                    call.stop()
+                    self.loads.release(name)
+                    self.accounting.metrics.inflight.labels(name).dec()
+        if attempts.tried and all(why == "overloaded" for _, why in attempts.tried):
+            error = errors.overloaded(", ".join(n for n, _ in attempts.tried))
+        else:
+            error = errors.unavailable(f"no engine could take the request ({attempts.describe()})")
+        error.headers["x-route-attempts"] = errors.header_safe(attempts.describe())
+        raise error
+
+    def _tries(self, candidates: tuple[str, ...]):
+        """Each candidate deployment, twice when it has several replicas: a retry after a replica
+        died goes to another replica of the same model (Ray drops the dead one) before moving on."""
+        for name in candidates:
+            yield name
+            if self.loads.load(name).replicas > 1:
+                yield name
+
+    async def _relay(self, call: Call, head: ReplyHead, record: RequestRecord) -> AsyncIterator[bytes]:
+        """Pass the engine's bytes through as they come; account for the request when it ends."""
+        from ray.serve.exceptions import RequestCancelledError
+
+        record.status = 200
+        try:
+            if head.body:
+                self.accounting.first_token(record)
+                yield head.body
+            while True:
+                try:
+                    item = await call.stream.__anext__()
+                except StopAsyncIteration:
+                    call.finished = True
+                    break
+                if type(item) is bytes:
+                    if record.ttft_s is None:
+                        self.accounting.first_token(record)
+                    yield item
+                elif isinstance(item, ReplyTail):
+                    record.usage, record.engine_s = item.usage, item.engine_s
+                    if item.error:  # the engine already sent the error event
+                        record.status = 504 if item.error == "timeout" else 502
+                        record.error_origin = "timeout" if item.error == "timeout" else "engine"
+        except RequestCancelledError:
+            if not call.timed_out:
+                raise
+            record.status, record.error_origin = 504, "timeout"
+            yield errors.timed_out(self.timeout_s).sse_bytes()
+        except asyncio.CancelledError:  # client went away; cancelling the call aborts the sequence in vLLM
+            record.status, record.error_origin = 499, "client"
+            raise
+        except GeneratorExit:
+            record.status, record.error_origin = 499, "client"
+            raise
+        except Exception as error:
+            logger.warning("stream from %s broke: %r", call.name, error)
+            record.status, record.error_origin = 502, "engine"
+            yield errors.engine_failed(call.name).sse_bytes()
+        finally:
+            call.stop()
+            self.loads.release(call.name)
+            self.accounting.metrics.inflight.labels(call.name).dec()
+            self.accounting.close(record)

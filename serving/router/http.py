@@ -1,0 +1,91 @@
+"""The router's HTTP surface: routes only; the logic lives in serving.router.core."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from serving import errors
+from serving.router.core import Router
+
+app = FastAPI(title="serving router", docs_url=None, redoc_url=None, openapi_url=None)
+
+_active: Router | None = None  # one router per replica process
+
+
+def activate(router: Router) -> None:
+    """Make `router` the one the HTTP routes below use (Ray Serve serves a copy of `app`)."""
+    global _active
+    _active = router
+
+
+def _router() -> Router:
+    if _active is None:
+        raise errors.unavailable("router is starting")
+    return _active
+
+
+def _error(error: errors.ServingError, router: Router | None = None, request: Request | None = None) -> Response:
+    headers = dict(error.headers)
+    if router is not None and request is not None:
+        rid = request.headers.get("x-request-id")
+        if rid and router.echo_request_id:
+            headers["x-request-id"] = errors.header_safe(rid)
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _router().inference(request, "/v1/chat/completions")
+
+
+@app.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _router().inference(request, "/v1/completions")
+
+
+@app.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    return await _router().inference(request, "/v1/embeddings")
+
+
+@app.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    router = _router()
+    try:
+        router.authenticate(request)
+    except errors.ServingError as error:
+        return _error(error, router, request)
+    return JSONResponse(router.models_listing())
+
+
+@app.get("/health")
+async def health(request: Request) -> Response:
+    """200 while at least one engine is ready (load balancers and k8s readiness use this)."""
+    router = _router()
+    try:
+        router.authenticate(request)
+    except errors.ServingError as error:
+        return _error(error, router, request)
+    report = router.status_report()
+    return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+
+
+@app.get("/v1/status")
+async def status(request: Request) -> Response:
+    router = _router()
+    try:
+        router.authenticate(request)
+    except errors.ServingError as error:
+        return _error(error, router, request)
+    return JSONResponse(router.status_report())
+
+
+@app.get("/metrics")
+async def metrics(request: Request) -> Response:
+    router = _router()
+    try:
+        router.authenticate(request)
+    except errors.ServingError as error:
+        return _error(error, router, request)
+    return Response(router.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
