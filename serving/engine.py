@@ -216,11 +216,11 @@ class EngineDeployment:
             raise RuntimeError(f"vLLM engine of {self.name} is dead: {self.engine.dead_error!r}")
         await self.engine.check_health()
 
-    def metrics_text(self) -> str:
-        """vLLM's own `vllm:*` metric families of this replica, as Prometheus text."""
+    def metrics_text(self) -> tuple[str, str]:
+        """(replica, vLLM's own `vllm:*` metric families of this replica as Prometheus text)."""
         from serving.metrics import engine_metrics_text
 
-        return engine_metrics_text()
+        return self.replica, engine_metrics_text()
 
     def __del__(self):
         engine = getattr(self, "engine", None)

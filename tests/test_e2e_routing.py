@@ -133,7 +133,11 @@ def test_metrics_count_the_requests_just_made(http):
 
 
 def test_metrics_include_vllm_engine_metrics_per_replica(http):
-    text = http.get("/metrics").text
+    http.get("/metrics")  # engine metrics are fetched in the background, at most every 5 s
+    deadline = time.monotonic() + 20
+    while "vllm:num_requests_running" not in (text := http.get("/metrics").text):
+        assert time.monotonic() < deadline, "no vLLM engine metrics"
+        time.sleep(1)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert "serving_requests" in families and families["serving_requests"].type == "counter"
     assert families["serving_time_to_first_token_seconds"].type == "histogram"

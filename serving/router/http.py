@@ -88,4 +88,5 @@ async def metrics(request: Request) -> Response:
         router.authenticate(request)
     except errors.ServingError as error:
         return _error(error, router, request)
+    router.refresh_engine_metrics()
     return Response(router.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
