@@ -106,6 +106,8 @@ def build(config: ServingConfig, engine_cls: type = EngineDeployment) -> Applica
     return RouterIngress.options(
         num_replicas=router.replicas,
         max_ongoing_requests=router.max_ongoing_requests,
+        max_queued_requests=router.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": 1},
         ray_actor_options={"num_cpus": router.cpus},
         graceful_shutdown_timeout_s=router.request_timeout_s,
     ).bind(config_to_dict(config), engines)

@@ -116,6 +116,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = _load(args.file)
     if cmd_provision(argparse.Namespace(file=args.file, allow_download=False)) != 0:
         return 1
+    os.environ.update(config.router.serve_env)  # read by every Ray process at import: set before Ray starts
     port = args.port or config.router.port
     host = args.host or config.router.host
     ray.init(include_dashboard=False, num_cpus=args.num_cpus, logging_level="WARNING",

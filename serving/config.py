@@ -182,6 +182,12 @@ class RouterSpec(_Strict):
     stream_flush_ms: float = Field(
         0.0, ge=0, description="engines send the first stream chunk at once, then what is ready at most once per "
                                "this interval (0: every chunk as it comes); measured in bench/results")
+    max_queued_requests: int = Field(
+        1024, ge=-1, description="requests waiting for a router replica before Ray Serve answers 503 with Retry-After")
+    serve_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Ray Serve environment knobs set on every Ray process (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED); "
+                    "`serving up` applies them before starting Ray, the Helm chart renders them into the pods")
     open_paths: list[str] = Field(
         default_factory=lambda: ["/health", "/metrics"],
         description="paths answered without an API key when keys are set (probes and Prometheus scrapes)")
