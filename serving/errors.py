@@ -65,3 +65,37 @@ def timed_out(seconds: float) -> ServingError:
 
 def internal(message: str) -> ServingError:
     return ServingError(500, message, "internal_error", None, "internal_error")
+
+
+# --- tenants: keys, allow-lists, limits (serving/tenants.py, serving/limits.py) ----------------
+def _from(origin: str, error: ServingError) -> ServingError:
+    error.origin = origin
+    error.headers["x-error-origin"] = origin
+    return error
+
+
+def model_not_allowed(model: str, key_name: str, allowed: list[str]) -> ServingError:
+    return _from("auth", ServingError(
+        403, f"The API key {key_name!r} may not use the model {model[:120]!r}. "
+             f"Models it may use: {', '.join(allowed) or 'none'}.",
+        "permission_error", "model", "model_not_allowed"))
+
+
+def admin_only(what: str) -> ServingError:
+    return _from("auth", ServingError(403, f"{what} needs an admin API key.", "permission_error", None,
+                                      "admin_key_required"))
+
+
+def rate_limited(message: str, kind: str, headers: dict[str, str]) -> ServingError:
+    """OpenAI's 429: type 'requests' | 'tokens' | 'concurrency', code 'rate_limit_exceeded'."""
+    return _from("limit", ServingError(429, message, kind, None, "rate_limit_exceeded", headers))
+
+
+def quota_exceeded(message: str, headers: dict[str, str]) -> ServingError:
+    return _from("limit", ServingError(429, message, "insufficient_quota", None, "insufficient_quota", headers))
+
+
+def limits_unavailable() -> ServingError:
+    return _from("router", ServingError(503, "Rate limits cannot be checked right now; retry shortly.",
+                                        "service_unavailable_error", None, "limits_unavailable",
+                                        {"retry-after": "1"}))
