@@ -206,6 +206,9 @@ class Limits:
         state = self._keys.get(key)
         return len(state.leases) if state else 0
 
+    def tracks(self, key: str) -> bool:
+        return key in self._keys
+
     def spent_today(self, key: str) -> float:
         state = self._keys.get(key)
         if state is None or state.day != int(self.clock() // DAY_S):
