@@ -133,6 +133,7 @@ class Limiter:
         self.flush_interval_s = flush_interval_s
         self._init = {"window_s": window_s, "lease_ttl_s": lease_ttl_s, **(actor_init or {})}
         self._actor = None
+        self._actor_for_cleanup = None
         self._pending: dict[tuple[str, str], list[float]] = {}
         self._flusher: asyncio.Task | None = None
         self._last_warning = 0.0
@@ -144,9 +145,16 @@ class Limiter:
         return self._actor
 
     async def _call(self, method: str, *args: Any) -> Any:
-        actor = await self._handle()
+        actor = self._actor_for_cleanup = await self._handle()
         ref = getattr(actor, method).remote(*args)
         return await asyncio.wait_for(ref.as_future(), self.call_timeout_s)
+
+    def _submit(self, actor: Any, method: str, *args: Any) -> None:
+        """Send a call without waiting for it (logged if it fails). Calls from one caller run in order."""
+        try:
+            getattr(actor, method).remote(*args).future().add_done_callback(_log_failure)
+        except Exception as error:
+            self._unreachable(error)
 
     def _unreachable(self, error: BaseException) -> None:
         self._actor = None  # look it up again next time (it may have been recreated)
@@ -170,6 +178,9 @@ class Limiter:
             raise
         except Exception as error:  # actor gone, restarting, or too slow
             self._unreachable(error)
+            if isinstance(error, asyncio.TimeoutError) and self._actor_for_cleanup is not None:
+                # the admit may still run later: free its lease (same caller, so it runs after)
+                self._submit(self._actor_for_cleanup, "release", lease_id)
             if self.fail_open:
                 return Admission(key.name, model, degraded=True)
             raise errors.limits_unavailable() from None
@@ -180,19 +191,19 @@ class Limiter:
         return Admission(key.name, model, lease_id, headers)
 
     async def settle(self, admission: Admission, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
-        """Count the real usage of an answered request (and end its lease)."""
+        """Count the real usage of an answered request (and end its lease); never raises, never waits."""
         if admission.lease_id is None:
             self._add_pending(admission, prompt_tokens, completion_tokens, cost)
             admission.done = True
             return
         lease = None if admission.done else admission.lease_id
         admission.done = True
-        try:
-            await self._call("settle", admission.key, admission.model, lease, prompt_tokens, completion_tokens, cost)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            self._unreachable(error)
+        if self._actor is None:  # lost since admit: keep the usage for the next flush
+            self._add_pending(admission, prompt_tokens, completion_tokens, cost)
+            return
+        # submitted, not awaited: the answer is already out and nothing here depends on it
+        self._submit(self._actor, "settle", admission.key, admission.model, lease, prompt_tokens,
+                     completion_tokens, cost)
 
     async def release(self, admission: Admission) -> None:
         """End the request's concurrency lease; safe in `finally`, idempotent, never raises.
@@ -205,11 +216,7 @@ class Limiter:
         admission.done = True
         if admission.lease_id is None or self._actor is None:
             return
-        try:
-            ref = self._actor.release.remote(admission.lease_id)
-            ref.future().add_done_callback(_log_failure)
-        except Exception as error:
-            self._unreachable(error)
+        self._submit(self._actor, "release", admission.lease_id)
 
     # --- usage -----------------------------------------------------------------------------
     def _add_pending(self, admission: Admission, prompt: int, completion: int, cost: float) -> None:
@@ -246,6 +253,11 @@ class Limiter:
         await self.flush()
         return await self._call("snapshot")
 
+    async def sync(self) -> None:
+        """Wait until every call this client submitted has run (tests; ordering is per caller)."""
+        if self._actor is not None:
+            await self._call("ping")
+
     async def close(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
@@ -254,5 +266,5 @@ class Limiter:
 
 def _log_failure(future) -> None:
     if not future.cancelled() and future.exception() is not None:
-        logger.warning("limits actor: releasing a lease failed (%s); it expires on its own",
+        logger.warning("limits actor: a settle/release call failed (%s); leases expire on their own",
                        type(future.exception()).__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -13,7 +14,7 @@ ray = pytest.importorskip("ray")
 
 from serving.errors import ServingError  # noqa: E402
 from serving.limiter import Limiter, get_or_create_actor, kill_actor  # noqa: E402
-from serving.tenants import KeyRecord  # noqa: E402
+from serving.tenants import KeyRecord, KeyStore, key_digest  # noqa: E402
 
 T0 = 1_800_000_000.0  # manual clock start (UTC 2027-01-15T08:00:00Z)
 
@@ -53,6 +54,7 @@ class Replica:
         finally:
             await self.limiter.release(admission)
             await self.limiter.release(admission)  # finally blocks may run it again: harmless
+        await self.limiter.sync()  # settle is submitted, not awaited
         return 200
 
     async def release_held(self) -> int:
@@ -185,13 +187,18 @@ def test_unlimited_keys_never_call_the_actor():
     assert per_request_us < 100, per_request_us
 
 
+SECRET = "sk-" + uuid.uuid4().hex
+
+
 def test_unreachable_actor_fails_open_by_default_and_closed_when_asked(caplog):
-    caplog.set_level(logging.WARNING, logger="serving.limiter")
+    caplog.set_level(logging.DEBUG)
+    (entry,) = [r for r in KeyStore(None, SECRET).records()]
+    limited = dataclasses.replace(entry, rpm=1)  # the record a router would hold (name + digest)
 
     async def run(fail_open: bool):
         name = f"gone-{uuid.uuid4().hex[:6]}"
         limiter = Limiter(name, fail_open=fail_open, call_timeout_s=2.0)
-        key = KeyRecord("team-a", rpm=1)
+        key = limited
         first = await limiter.admit(key, "m")
         assert first.lease_id and not first.degraded
         await asyncio.to_thread(kill_actor, name)
@@ -209,6 +216,9 @@ def test_unreachable_actor_fails_open_by_default_and_closed_when_asked(caplog):
     refused = asyncio.run(run(False))
     assert isinstance(refused, ServingError) and refused.status == 503 and refused.code == "limits_unavailable"
     assert refused.headers["x-error-origin"] == "router"
+    # nothing logged names the key or its digest; only the key's name may appear
+    assert SECRET not in caplog.text and key_digest(SECRET) not in caplog.text
+    assert SECRET not in str(refused.body()) and SECRET not in str(admitted)
 
 
 def test_the_actor_is_recreated_after_it_is_gone():
@@ -225,3 +235,20 @@ def test_the_actor_is_recreated_after_it_is_gone():
 
     degraded, fresh_counters = asyncio.run(run())
     assert degraded.degraded and fresh_counters.lease_id and not fresh_counters.degraded
+
+
+def test_an_admit_that_timed_out_does_not_leak_its_lease():
+    async def run():
+        name = f"slow-{uuid.uuid4().hex[:6]}"
+        key = KeyRecord("team-a", concurrency=1)
+        normal = Limiter(name)
+        await normal.admit(KeyRecord("warm", rpm=10), "m")  # creates the actor
+        impatient = Limiter(name, call_timeout_s=1e-6)
+        timed_out = await impatient.admit(key, "m")  # the actor still admits it, later
+        await asyncio.sleep(0.5)
+        later = await normal.admit(key, "m")  # would be refused if the lease had leaked
+        await asyncio.to_thread(kill_actor, name)
+        return timed_out, later
+
+    timed_out, later = asyncio.run(run())
+    assert timed_out.degraded and later.lease_id and not later.degraded
