@@ -30,12 +30,12 @@ from typing import Any
 
 from serving import errors
 from serving.limits import Limits, Quota, UsageBook
+from serving.tenants import OPEN_KEY
 
 logger = logging.getLogger("serving.limiter")
 
 ACTOR_NAME = "serving-limits"
 ACTOR_NAMESPACE = "serving"
-OPEN_KEY = "anonymous"  # usage of requests without a key (open API)
 
 
 class LimitsActor:
@@ -137,6 +137,12 @@ class Limiter:
         self._pending: dict[tuple[str, str], list[float]] = {}
         self._flusher: asyncio.Task | None = None
         self._last_warning = 0.0
+
+    @classmethod
+    def from_config(cls, router: Any, **overrides: Any) -> "Limiter":
+        """From models.yaml's RouterSpec: fail-open knob; leases outlive the longest request by 60 s."""
+        options = {"fail_open": router.limits_fail_open, "lease_ttl_s": router.request_timeout_s + 60, **overrides}
+        return cls(**options)
 
     # --- the actor -------------------------------------------------------------------------
     async def _handle(self):

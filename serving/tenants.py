@@ -44,6 +44,7 @@ from serving.config import NAME_PATTERN, TAG_SELECTOR_PREFIX
 logger = logging.getLogger("serving.tenants")
 
 ENV_KEY_PREFIX = "env-"
+OPEN_KEY = "anonymous"  # the key label of requests on an open API (no keys configured)
 RELOAD_CHECK_INTERVAL_S = 1.0
 _ENV_NAME = re.compile(r"^env-\d+$")
 
@@ -346,6 +347,21 @@ def require_allowed(record: KeyRecord | None, requested_model: str, resolved_nam
     if requested_model in record.models:  # a pseudo-model on the list: let the router decide
         return list(resolved_names)
     raise errors.model_not_allowed(requested_model, record.name, visible_models(record, catalog))
+
+
+def require_admin(record: KeyRecord | None, what: str = "GET /v1/usage") -> None:
+    """Admin-only endpoints: any admin key; on an open API (record None) everything is open."""
+    if record is not None and not record.admin:
+        raise errors.admin_only(what)
+
+
+def key_label(record: KeyRecord | None) -> str:
+    """The `key` label of per-key metrics and the request log: a configured name, never a key.
+
+    Bounded: names come from the keys file and the env var (env-1, ...), plus OPEN_KEY.
+    Requests whose key failed authentication have no record: label them "" (or skip them).
+    """
+    return record.name if record is not None else OPEN_KEY
 
 
 def describe(record: KeyRecord) -> dict[str, Any]:

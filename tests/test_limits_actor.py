@@ -252,3 +252,10 @@ def test_an_admit_that_timed_out_does_not_leak_its_lease():
 
     timed_out, later = asyncio.run(run())
     assert timed_out.degraded and later.lease_id and not later.degraded
+
+
+def test_limiter_from_config():
+    from serving.config import RouterSpec
+    limiter = Limiter.from_config(RouterSpec(request_timeout_s=120, limits_fail_open=False))
+    assert limiter.fail_open is False and limiter._init["lease_ttl_s"] == 180
+    assert Limiter.from_config(RouterSpec()).fail_open is True

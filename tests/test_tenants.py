@@ -264,3 +264,13 @@ def test_forbidden_is_a_403_naming_what_the_key_may_use(catalog):
     e = error.value
     assert (e.status, e.code, e.type, e.param) == (403, "model_not_allowed", "permission_error", "model")
     assert e.headers["x-error-origin"] == "auth" and "smollm2-135m" in e.message
+
+
+def test_admin_only_and_key_labels():
+    from serving.tenants import OPEN_KEY, key_label, require_admin
+    require_admin(None)  # open API
+    require_admin(KeyRecord("ops", admin=True))
+    with pytest.raises(ServingError) as error:
+        require_admin(KeyRecord("team"))
+    assert (error.value.status, error.value.code, error.value.headers["x-error-origin"]) == (403, "admin_key_required", "auth")
+    assert key_label(KeyRecord("team")) == "team" and key_label(None) == OPEN_KEY
