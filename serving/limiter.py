@@ -134,6 +134,7 @@ class Limiter:
         self._init = {"window_s": window_s, "lease_ttl_s": lease_ttl_s, **(actor_init or {})}
         self._actor = None
         self._actor_for_cleanup = None
+        self._lookup: asyncio.Future | None = None
         self._pending: dict[tuple[str, str], list[float]] = {}
         self._flusher: asyncio.Task | None = None
         self._last_warning = 0.0
@@ -147,7 +148,15 @@ class Limiter:
     # --- the actor -------------------------------------------------------------------------
     async def _handle(self):
         if self._actor is None:
-            self._actor = await asyncio.to_thread(get_or_create_actor, self.name, self.namespace, **self._init)
+            if self._lookup is None:
+                self._lookup = asyncio.ensure_future(
+                    asyncio.to_thread(get_or_create_actor, self.name, self.namespace, **self._init))
+            lookup = self._lookup  # one lookup shared by every request that arrives meanwhile
+            try:
+                self._actor = await asyncio.shield(lookup)
+            finally:
+                if self._lookup is lookup and lookup.done():
+                    self._lookup = None
         return self._actor
 
     async def _call(self, method: str, *args: Any) -> Any:
