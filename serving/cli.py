@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--url", default="http://127.0.0.1:8000")
     status.set_defaults(func=cmd_status)
 
+    from serving import keys_cli
+    keys_cli.register(sub)
+
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -121,3 +121,30 @@ def header_safe(text: str, limit: int = 200) -> str:
     """Printable ASCII only (non-ASCII escaped as \\uXXXX), bounded: safe in any HTTP header."""
     escaped = _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}" if ord(m.group()) < 0x10000 else "?", text)
     return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+
+
+# --- tenants: keys, allow-lists, limits (serving/tenants.py, serving/limits.py) ----------------
+def model_not_allowed(model: str, key_name: str, allowed: list[str]) -> ServingError:
+    return ServingError(
+        403, f"The API key {key_name!r} may not use the model {header_safe(model, 120)!r}. "
+             f"Models it may use: {', '.join(allowed) or 'none'}.",
+        "permission_error", "model", "model_not_allowed", origin="auth")
+
+
+def admin_only(what: str) -> ServingError:
+    return ServingError(403, f"{what} needs an admin API key.", "permission_error", None, "admin_key_required",
+                        origin="auth")
+
+
+def rate_limited(message: str, kind: str, headers: dict[str, str]) -> ServingError:
+    """OpenAI's 429: type 'requests' | 'tokens' | 'concurrency', code 'rate_limit_exceeded'."""
+    return ServingError(429, message, kind, None, "rate_limit_exceeded", headers, origin="limit")
+
+
+def quota_exceeded(message: str, headers: dict[str, str]) -> ServingError:
+    return ServingError(429, message, "insufficient_quota", None, "insufficient_quota", headers, origin="limit")
+
+
+def limits_unavailable() -> ServingError:
+    return ServingError(503, "Rate limits cannot be checked right now; retry shortly.",
+                        "service_unavailable_error", None, "limits_unavailable", {"retry-after": "1"}, origin="router")

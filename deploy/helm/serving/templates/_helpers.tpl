@@ -45,7 +45,28 @@ app.kubernetes.io/part-of: serving
 
 {{/* The models config as YAML, exactly as the ConfigMap ships it. */}}
 {{- define "serving.configYaml" -}}
-{{- toYaml .Values.serving }}
+{{- $holder := dict "root" . }}
+{{- include "serving.withKeysFile" $holder }}
+{{- toYaml $holder.config }}
+{{- end }}
+
+{{/* Where the keys Secret is mounted, and whether there is one. */}}
+{{- define "serving.keysDir" -}}/etc/serving-keys{{- end }}
+{{- define "serving.keysEnabled" -}}
+{{- if or .Values.keys.existingSecret .Values.keys.file }}true{{ end }}
+{{- end }}
+
+{{/* .Values.serving with router.keys_file pointing at the mounted keys Secret (when there is one).
+Call with (dict "root" $); sets "config" in that dict. */}}
+{{- define "serving.withKeysFile" -}}
+{{- $root := .root }}
+{{- $config := deepCopy $root.Values.serving }}
+{{- if include "serving.keysEnabled" $root }}
+{{- $router := $config.router | default dict }}
+{{- $_ := set $router "keys_file" (printf "%s/keys.yaml" (include "serving.keysDir" $root)) }}
+{{- $_ := set $config "router" $router }}
+{{- end }}
+{{- $_ := set . "config" $config }}
 {{- end }}
 
 {{/*
@@ -139,7 +160,9 @@ the key path the way `serving check` does.
 {{- range .Values.serving.models }}
 {{- $deployments = append $deployments (dict "name" .name "graceful_shutdown_timeout_s" $timeout) }}
 {{- end }}
-{{- $app := dict "name" "serving" "import_path" "serving.app:build_app" "route_prefix" "/" "args" .Values.serving "deployments" $deployments }}
+{{- $holder := dict "root" . }}
+{{- include "serving.withKeysFile" $holder }}
+{{- $app := dict "name" "serving" "import_path" "serving.app:build_app" "route_prefix" "/" "args" $holder.config "deployments" $deployments }}
 {{- $http := dict "host" "0.0.0.0" "port" ($router.port | default 8000) }}
 {{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "applications" (list $app)) }}
 {{- end }}
@@ -312,6 +335,12 @@ spec:
           mountPath: {{ $cache }}
         - name: dshm
           mountPath: /dev/shm
+        {{- if include "serving.keysEnabled" $root }}
+        # A directory mount (not subPath), so Secret updates reach the running router.
+        - name: api-keys
+          mountPath: {{ include "serving.keysDir" $root }}
+          readOnly: true
+        {{- end }}
   volumes:
     - name: models-config
       configMap:
@@ -328,4 +357,12 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ $g.shmSize }}
+    {{- if include "serving.keysEnabled" $root }}
+    - name: api-keys
+      secret:
+        secretName: {{ $v.keys.existingSecret | default (printf "%s-keys" (include "serving.fullname" $root)) }}
+        items:
+          - key: {{ ternary $v.keys.key "keys.yaml" (not (empty $v.keys.existingSecret)) }}
+            path: keys.yaml
+    {{- end }}
 {{- end }}

@@ -1,0 +1,285 @@
+"""Limits and usage shared by every router replica: one named Ray actor, one client per replica.
+
+The actor (`serving-limits` in namespace `serving`) wraps the pure `Limits` and `UsageBook`
+of serving/limits.py; it runs calls one at a time, so admit/settle/release are atomic without
+locks. Each router replica holds a `Limiter`:
+
+    admission = await limiter.admit(record, model)      # ServingError 429 when over a limit
+    try:
+        ... serve; response headers += admission.headers
+        await limiter.settle(admission, prompt_tokens, completion_tokens, cost)
+    finally:
+        await limiter.release(admission)                 # idempotent; a no-op after settle
+
+Keys without limits (and the open API) never call the actor on the request path: their
+usage is summed locally and sent in one batch every `flush_interval_s`.
+
+If the actor cannot be reached within `call_timeout_s`, `fail_open=True` (the default) admits
+the request without limits and logs at most every 30 s; `fail_open=False` answers 503
+`limits_unavailable`. See README "Keys, limits and usage" for why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving import errors
+from serving.limits import Limits, Quota, UsageBook
+from serving.tenants import OPEN_KEY
+
+logger = logging.getLogger("serving.limiter")
+
+ACTOR_NAME = "serving-limits"
+ACTOR_NAMESPACE = "serving"
+
+
+class LimitsActor:
+    """The shared counters. Plain class here; made a Ray actor by `_actor_class()`."""
+
+    def __init__(self, window_s: float = 60.0, lease_ttl_s: float = 660.0, manual_clock: float | None = None):
+        self._manual = manual_clock
+        clock = (lambda: self._manual) if manual_clock is not None else time.time
+        self.limits = Limits(clock, window_s, lease_ttl_s)
+        self.usage = UsageBook(clock)
+
+    def admit(self, key: str, quota: tuple, lease_id: str, estimated_tokens: int = 0) -> tuple:
+        d = self.limits.admit(key, Quota(*quota), lease_id, estimated_tokens)
+        return d.allowed, d.headers, d.kind, d.retry_after_s, d.message
+
+    def settle(self, key: str, model: str, lease_id: str | None, prompt_tokens: int, completion_tokens: int,
+               cost: float) -> None:
+        self.limits.settle(key, lease_id, prompt_tokens + completion_tokens, cost)
+        self.usage.add(key, model, 1, prompt_tokens, completion_tokens, cost)
+
+    def release(self, lease_id: str) -> None:
+        self.limits.release(lease_id)
+
+    def add_usage(self, rows: list[tuple]) -> None:
+        """Batched usage of unlimited keys: (key, model, requests, prompt, completion, cost)."""
+        for row in rows:
+            self.usage.add(*row)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.usage.snapshot(lambda key: self.limits.spent_today(key) if self.limits.tracks(key) else None)
+
+    def advance(self, seconds: float) -> float:
+        """Tests only (manual clock): move time forward."""
+        self._manual += seconds
+        return self._manual
+
+    def ping(self) -> bool:
+        return True
+
+
+_ACTOR_CLASS = None
+
+
+def _actor_class():
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
+
+        _ACTOR_CLASS = ray.remote(LimitsActor)
+    return _ACTOR_CLASS
+
+
+def get_or_create_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE, **init: Any):
+    """The shared actor, created by whichever replica asks first.
+
+    Detached with unlimited restarts: its lifetime is the Ray cluster's, not one router
+    replica's (a replica that dies must not take every key's counters with it). `serving up`
+    ends it with the cluster; on Kubernetes a new RayCluster (upgrade) starts a fresh one.
+    """
+    return _actor_class().options(
+        name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
+        num_cpus=0, max_restarts=-1, max_concurrency=1,
+    ).remote(**init)
+
+
+def kill_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE) -> bool:
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(eq=False)
+class Admission:
+    key: str  # key name (OPEN_KEY for the open API)
+    model: str
+    lease_id: str | None = None  # set when the actor counted the request
+    headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
+    degraded: bool = False  # admitted without checking (actor unreachable, fail-open)
+    done: bool = False
+
+
+class Limiter:
+    """One per router replica: checks limited keys against the shared actor, batches the rest."""
+
+    def __init__(self, name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE, *, fail_open: bool = True,
+                 call_timeout_s: float = 1.0, flush_interval_s: float = 0.5, window_s: float = 60.0,
+                 lease_ttl_s: float = 660.0, actor_init: dict[str, Any] | None = None):
+        self.name, self.namespace = name, namespace
+        self.fail_open = fail_open
+        self.call_timeout_s = call_timeout_s
+        self.flush_interval_s = flush_interval_s
+        self._init = {"window_s": window_s, "lease_ttl_s": lease_ttl_s, **(actor_init or {})}
+        self._actor = None
+        self._actor_for_cleanup = None
+        self._lookup: asyncio.Future | None = None
+        self._pending: dict[tuple[str, str], list[float]] = {}
+        self._flusher: asyncio.Task | None = None
+        self._last_warning = 0.0
+
+    @classmethod
+    def from_config(cls, router: Any, **overrides: Any) -> "Limiter":
+        """From models.yaml's RouterSpec: fail-open knob; leases outlive the longest request by 60 s."""
+        options = {"fail_open": router.limits_fail_open, "lease_ttl_s": router.request_timeout_s + 60, **overrides}
+        return cls(**options)
+
+    # --- the actor -------------------------------------------------------------------------
+    async def _handle(self):
+        if self._actor is None:
+            if self._lookup is None:
+                self._lookup = asyncio.ensure_future(
+                    asyncio.to_thread(get_or_create_actor, self.name, self.namespace, **self._init))
+            lookup = self._lookup  # one lookup shared by every request that arrives meanwhile
+            try:
+                self._actor = await asyncio.shield(lookup)
+            finally:
+                if self._lookup is lookup and lookup.done():
+                    self._lookup = None
+        return self._actor
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        actor = self._actor_for_cleanup = await self._handle()
+        ref = getattr(actor, method).remote(*args)
+        return await asyncio.wait_for(ref.as_future(), self.call_timeout_s)
+
+    def _submit(self, actor: Any, method: str, *args: Any) -> None:
+        """Send a call without waiting for it (logged if it fails). Calls from one caller run in order."""
+        try:
+            getattr(actor, method).remote(*args).future().add_done_callback(_log_failure)
+        except Exception as error:
+            self._unreachable(error)
+
+    def _unreachable(self, error: BaseException) -> None:
+        self._actor = None  # look it up again next time (it may have been recreated)
+        now = time.monotonic()
+        if now - self._last_warning > 30:
+            self._last_warning = now
+            logger.warning("limits actor unreachable (%s); %s", type(error).__name__,
+                           "admitting without limits (fail-open)" if self.fail_open else "refusing limited keys (fail-closed)")
+
+    # --- request path ----------------------------------------------------------------------
+    async def admit(self, key: Any, model: str, estimated_tokens: int = 0) -> Admission:
+        """Admit a request of `key` (a KeyRecord, or None for the open API) or raise a 429."""
+        if key is None or not key.limited:
+            return Admission(key.name if key is not None else OPEN_KEY, model)
+        lease_id = uuid.uuid4().hex
+        quota = (key.rpm, key.tpm, key.concurrency, key.daily_budget)
+        try:
+            allowed, headers, kind, retry_after, message = await self._call("admit", key.name, quota, lease_id,
+                                                                            estimated_tokens)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # actor gone, restarting, or too slow
+            self._unreachable(error)
+            if isinstance(error, asyncio.TimeoutError) and self._actor_for_cleanup is not None:
+                # the admit may still run later: free its lease (same caller, so it runs after)
+                self._submit(self._actor_for_cleanup, "release", lease_id)
+            if self.fail_open:
+                return Admission(key.name, model, degraded=True)
+            raise errors.limits_unavailable() from None
+        if not allowed:
+            if kind == "budget":
+                raise errors.quota_exceeded(message, headers)
+            raise errors.rate_limited(message, kind, headers)
+        return Admission(key.name, model, lease_id, headers)
+
+    async def settle(self, admission: Admission, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+        """Count the real usage of an answered request (and end its lease); never raises, never waits."""
+        if admission.lease_id is None:
+            self._add_pending(admission, prompt_tokens, completion_tokens, cost)
+            admission.done = True
+            return
+        lease = None if admission.done else admission.lease_id
+        admission.done = True
+        if self._actor is None:  # lost since admit: keep the usage for the next flush
+            self._add_pending(admission, prompt_tokens, completion_tokens, cost)
+            return
+        # submitted, not awaited: the answer is already out and nothing here depends on it
+        self._submit(self._actor, "settle", admission.key, admission.model, lease, prompt_tokens,
+                     completion_tokens, cost)
+
+    async def release(self, admission: Admission) -> None:
+        """End the request's concurrency lease; safe in `finally`, idempotent, never raises.
+
+        The call is only submitted, not awaited: it must happen even when the request's task is
+        being cancelled, and its result changes nothing for this request.
+        """
+        if admission.done:
+            return
+        admission.done = True
+        if admission.lease_id is None or self._actor is None:
+            return
+        self._submit(self._actor, "release", admission.lease_id)
+
+    # --- usage -----------------------------------------------------------------------------
+    def _add_pending(self, admission: Admission, prompt: int, completion: int, cost: float) -> None:
+        row = self._pending.get((admission.key, admission.model))
+        if row is None:
+            row = self._pending[(admission.key, admission.model)] = [0, 0, 0, 0.0]
+        row[0] += 1
+        row[1] += prompt
+        row[2] += completion
+        row[3] += cost
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(self.flush_interval_s)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Send locally summed usage of unlimited keys to the actor (kept for the next try on failure)."""
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, {}
+        try:
+            await self._call("add_usage", [(k, m, *v) for (k, m), v in rows.items()])
+        except Exception as error:
+            self._unreachable(error)
+            for (k, m), v in rows.items():
+                row = self._pending.setdefault((k, m), [0, 0, 0, 0.0])
+                for i in range(4):
+                    row[i] += v[i]
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The GET /v1/usage body (this replica's pending usage included; others' within flush_interval_s)."""
+        await self.flush()
+        return await self._call("snapshot")
+
+    async def sync(self) -> None:
+        """Wait until every call this client submitted has run (tests; ordering is per caller)."""
+        if self._actor is not None:
+            await self._call("ping")
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.flush()
+
+
+def _log_failure(future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("limits actor: a settle/release call failed (%s); leases expire on their own",
+                       type(future.exception()).__name__)

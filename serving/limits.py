@@ -1,0 +1,272 @@
+"""Per-key limits and usage as pure logic with an injected clock (no Ray; serving/limiter.py shares it).
+
+Requests and tokens per minute use an exact sliding window (a log of what was admitted /
+consumed in the last `window_s` seconds), not a token bucket or GCRA: the promise made to a
+team is "at most N requests in any minute", and a bucket with burst N admits up to 2N in some
+60-second span (a full burst, then the refill). The log costs one float per admitted request
+per key (bounded by rpm) and one entry per settled request for tokens; amortised O(1) per call.
+
+Tokens per minute use the engine's real counts: a request is admitted while the key has
+tokens left in the window (settled usage plus the estimates of requests still running); when
+it finishes, `settle` replaces its estimate with the real prompt + completion tokens. A burst
+of concurrent requests can overshoot by what they consume together; the next ones wait until
+the window frees enough (Retry-After says when).
+
+Concurrency is a count of leases; a lease expires after `lease_ttl_s` so a router replica that
+died mid-request cannot hold a key's slots forever. Daily budgets add each request's estimated
+cost to the current UTC day; the day rolls over at midnight UTC.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class Quota:
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    daily_budget: float | None = None
+
+    @property
+    def limited(self) -> bool:
+        return any(v is not None for v in (self.rpm, self.tpm, self.concurrency, self.daily_budget))
+
+    @classmethod
+    def of(cls, record: Any) -> "Quota":
+        return cls(record.rpm, record.tpm, record.concurrency, record.daily_budget)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    headers: dict[str, str]  # x-ratelimit-*; with retry-after and retry-after-ms when refused
+    kind: str | None = None  # refused by: "requests" | "tokens" | "concurrency" | "budget"
+    retry_after_s: float = 0.0
+    message: str = ""
+
+
+def format_reset(seconds: float) -> str:
+    """OpenAI's reset format: '20ms', '1s', '6.5s', '1m0s'."""
+    seconds = max(seconds, 0.0)
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(round(seconds, 3), 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+@dataclass
+class _Lease:
+    key: str
+    estimate: int
+    expires: float
+
+
+@dataclass
+class _KeyState:
+    requests: deque = field(default_factory=deque)  # admit times
+    tokens: deque = field(default_factory=deque)  # (settle time, tokens)
+    tokens_sum: int = 0
+    leases: dict[str, _Lease] = field(default_factory=dict)
+    day: int = -1
+    spent: float = 0.0
+
+
+class Limits:
+    """Counters for every limited key; one instance holds the truth for all router replicas."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, window_s: float = 60.0, lease_ttl_s: float = 660.0):
+        self.clock = clock
+        self.window_s = window_s
+        self.lease_ttl_s = lease_ttl_s
+        self._keys: dict[str, _KeyState] = {}
+        self._lease_keys: dict[str, str] = {}
+
+    # --- bookkeeping -----------------------------------------------------------------------
+    def _state(self, key: str, now: float) -> _KeyState:
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _KeyState()
+        horizon = now - self.window_s
+        while state.requests and state.requests[0] <= horizon:
+            state.requests.popleft()
+        while state.tokens and state.tokens[0][0] <= horizon:
+            state.tokens_sum -= state.tokens.popleft()[1]
+        if state.leases:
+            for lease_id in [i for i, lease in state.leases.items() if lease.expires <= now]:
+                del state.leases[lease_id]
+                self._lease_keys.pop(lease_id, None)
+        day = int(now // DAY_S)
+        if day != state.day:
+            state.day, state.spent = day, 0.0
+        return state
+
+    def _reserved(self, state: _KeyState) -> int:
+        return sum(lease.estimate for lease in state.leases.values())
+
+    def _headers(self, quota: Quota, state: _KeyState, now: float) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if quota.rpm is not None:
+            last = state.requests[-1] if state.requests else now - self.window_s
+            headers["x-ratelimit-limit-requests"] = str(quota.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(quota.rpm - len(state.requests), 0))
+            headers["x-ratelimit-reset-requests"] = format_reset(last + self.window_s - now)
+        if quota.tpm is not None:
+            last = state.tokens[-1][0] if state.tokens else now - self.window_s
+            used = state.tokens_sum + self._reserved(state)
+            headers["x-ratelimit-limit-tokens"] = str(quota.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(quota.tpm - used, 0))
+            headers["x-ratelimit-reset-tokens"] = format_reset(last + self.window_s - now)
+        return headers
+
+    # --- the three calls ---------------------------------------------------------------------
+    def admit(self, key: str, quota: Quota, lease_id: str, estimated_tokens: int = 0) -> Decision:
+        """Admit one request now (counting it) or refuse it with when to retry."""
+        now = self.clock()
+        state = self._state(key, now)
+        refusals: list[tuple[float, str, str]] = []  # (retry after, kind, message)
+        if quota.concurrency is not None and len(state.leases) >= quota.concurrency:
+            refusals.append((1.0, "concurrency",
+                             f"Concurrency limit reached for key {key!r}: {quota.concurrency} requests at once."))
+        if quota.rpm is not None and len(state.requests) >= quota.rpm:
+            wait = state.requests[len(state.requests) - quota.rpm] + self.window_s - now
+            refusals.append((wait, "requests", f"Rate limit reached for key {key!r} on requests per min (RPM): "
+                                               f"Limit {quota.rpm}, Used {len(state.requests)}, Requested 1."))
+        if quota.tpm is not None:
+            reserved = self._reserved(state)
+            used = state.tokens_sum + reserved
+            if used >= quota.tpm or (used and used + estimated_tokens > quota.tpm):
+                wait = self._tokens_wait(state, quota.tpm, reserved, estimated_tokens, now)
+                refusals.append((wait, "tokens", f"Rate limit reached for key {key!r} on tokens per min (TPM): "
+                                                 f"Limit {quota.tpm}, Used {used}, Requested {estimated_tokens}."))
+        if quota.daily_budget is not None and state.spent >= quota.daily_budget:
+            wait = (state.day + 1) * DAY_S - now
+            refusals.append((wait, "budget", f"Daily budget of key {key!r} is spent: {state.spent:.6g} of "
+                                             f"{quota.daily_budget:g} (estimated cost); it resets at 00:00 UTC."))
+        if refusals:
+            wait, kind, message = max(refusals)
+            wait = max(wait, 0.001)
+            headers = self._headers(quota, state, now)
+            headers["retry-after"] = str(max(math.ceil(wait), 1))
+            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+            return Decision(False, headers, kind, wait, message + f" Please try again in {format_reset(wait)}.")
+        if quota.rpm is not None:
+            state.requests.append(now)
+        state.leases[lease_id] = _Lease(key, max(estimated_tokens, 0) if quota.tpm is not None else 0,
+                                        now + self.lease_ttl_s)
+        self._lease_keys[lease_id] = key
+        return Decision(True, self._headers(quota, state, now))
+
+    def _tokens_wait(self, state: _KeyState, tpm: int, reserved: int, estimate: int, now: float) -> float:
+        """Seconds until enough settled tokens leave the window for this request to fit."""
+        most = tpm - reserved - estimate if estimate > 0 else tpm - reserved - 1  # settled tokens that still fit
+        if reserved == 0:
+            most = max(most, 0)  # an empty window admits any single request
+        if most < 0:
+            return 1.0  # held by running requests' estimates: they settle soon
+        excess, freed = state.tokens_sum - most, 0
+        for t, n in state.tokens:
+            freed += n
+            if freed >= excess:
+                return t + self.window_s - now
+        return 1.0
+
+    def settle(self, key: str, lease_id: str | None, tokens: int, cost: float) -> None:
+        """Count a finished request's real tokens and cost; ends its lease."""
+        now = self.clock()
+        state = self._state(key, now)
+        if lease_id is not None:
+            self._end(lease_id)
+        if tokens > 0:
+            state.tokens.append((now, tokens))
+            state.tokens_sum += tokens
+        if cost > 0:
+            state.spent += cost
+
+    def release(self, lease_id: str) -> None:
+        """End a lease without usage (failed or cancelled request); unknown ids are ignored."""
+        self._end(lease_id)
+
+    def _end(self, lease_id: str) -> None:
+        key = self._lease_keys.pop(lease_id, None)
+        if key is not None:
+            self._keys[key].leases.pop(lease_id, None)
+
+    # --- views -----------------------------------------------------------------------------
+    def inflight(self, key: str) -> int:
+        state = self._keys.get(key)
+        return len(state.leases) if state else 0
+
+    def tracks(self, key: str) -> bool:
+        return key in self._keys
+
+    def spent_today(self, key: str) -> float:
+        state = self._keys.get(key)
+        if state is None or state.day != int(self.clock() // DAY_S):
+            return 0.0
+        return state.spent
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "estimated_cost")
+
+
+class UsageBook:
+    """Totals per key and model since `since`: requests, tokens, estimated cost."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.since = clock()
+        self._rows: dict[tuple[str, str], list[float]] = {}
+
+    def add(self, key: str, model: str, requests: int, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+        row = self._rows.get((key, model))
+        if row is None:
+            row = self._rows[(key, model)] = [0, 0, 0, 0.0]
+        row[0] += requests
+        row[1] += prompt_tokens
+        row[2] += completion_tokens
+        row[3] += cost
+
+    def snapshot(self, spent_today: Callable[[str], float | None] = lambda _: None) -> dict[str, Any]:
+        """The /v1/usage body: per key (totals and per model), per model, overall totals."""
+
+        def block(values: list[float]) -> dict[str, Any]:
+            out = dict(zip(_FIELDS, values))
+            out["requests"], out["prompt_tokens"], out["completion_tokens"] = (
+                int(out["requests"]), int(out["prompt_tokens"]), int(out["completion_tokens"]))
+            out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+            out["estimated_cost"] = round(out["estimated_cost"], 12)
+            return out
+
+        def added(a: list[float], b: list[float]) -> list[float]:
+            return [x + y for x, y in zip(a, b)]
+
+        keys: dict[str, dict[str, Any]] = {}
+        models: dict[str, list[float]] = {}
+        key_totals: dict[str, list[float]] = {}
+        total = [0, 0, 0, 0.0]
+        for (key, model), row in sorted(self._rows.items()):
+            keys.setdefault(key, {"models": {}})["models"][model] = block(row)
+            key_totals[key] = added(key_totals.get(key, [0, 0, 0, 0.0]), row)
+            models[model] = added(models.get(model, [0, 0, 0, 0.0]), row)
+            total = added(total, row)
+        for key, entry in keys.items():
+            entry["totals"] = block(key_totals[key])
+            today = spent_today(key)
+            if today is not None:
+                entry["estimated_cost_today"] = round(today, 12)
+        return {"object": "usage", "since": _iso(self.since), "until": _iso(self.clock()),
+                "keys": keys, "models": {m: block(v) for m, v in sorted(models.items())}, "totals": block(total)}
