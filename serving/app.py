@@ -27,6 +27,8 @@ class RouterIngress(Router):
     async def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
         super().__init__(config, engines)
         self.echo_request_id = False
+        if not self.keys.open:  # keys mean limits and usage: have the shared counters up before traffic
+            await self.limiter.warm_up()
         activate(self)
 
 

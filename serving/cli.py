@@ -77,9 +77,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def get_json(url: str, timeout: float = 5) -> tuple[int, dict]:
+def get_json(url: str, timeout: float = 5, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         try:
@@ -88,10 +88,13 @@ def get_json(url: str, timeout: float = 5) -> tuple[int, dict]:
             return error.code, {}
 
 
-def all_models_ready(base: str) -> bool:
-    """True once the router answers and reports every model ready (False while anything starts)."""
+def all_models_ready(base: str, headers: dict[str, str] | None = None) -> bool:
+    """True once the router answers and reports every model ready (False while anything starts).
+
+    Reads /health, which stays open when API keys are set (router.open_paths), so `serving up`
+    needs no key to know the stack is ready."""
     try:
-        status, body = get_json(f"{base}/v1/status")
+        status, body = get_json(f"{base}/health", headers=headers)
     except OSError:  # nothing listening yet
         return False
     models = body.get("models") or {}
@@ -99,7 +102,7 @@ def all_models_ready(base: str) -> bool:
 
 
 def _print_models(base: str) -> dict:
-    status, body = get_json(f"{base}/v1/status")
+    status, body = get_json(f"{base}/health")  # open even when API keys are set
     for name, info in body.get("models", {}).items():
         print(f"  {name:<28} {info['state']:<12} replicas={info['replicas']} running={info['running']} "
               f"waiting={info['waiting']} kv={info['kv_cache_usage']:.0%} inflight={info['inflight']}")
@@ -129,6 +132,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             return
         stopping = True
         print("\nstopping: draining requests, shutting down engines and Ray...", flush=True)
+        from serving.limiter import kill_actor
+
+        kill_actor()  # the shared limits actor is detached: it would outlive the app
         serve.shutdown()
         ray.shutdown()
         print("stopped", flush=True)

@@ -268,6 +268,12 @@ class Limiter:
         await self.flush()
         return await self._call("snapshot")
 
+    async def warm_up(self, timeout_s: float = 60.0) -> None:
+        """Create (or find) the shared actor and wait until it answers, so the first requests of a
+        limited key are counted instead of admitted fail-open while its process starts."""
+        actor = await self._handle()
+        await asyncio.wait_for(actor.ping.remote().as_future(), timeout_s)
+
     async def sync(self) -> None:
         """Wait until every call this client submitted has run (tests; ordering is per caller)."""
         if self._actor is not None:

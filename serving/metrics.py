@@ -48,6 +48,14 @@ class RouterMetrics:
         self.route_failovers = Counter(
             "serving_route_failovers", "Requests retried on another deployment because the chosen one failed before answering.",
             ["model"], registry=r)
+        # Per API key: labelled with configured key names only, so the label set stays bounded.
+        self.key_requests = Counter(
+            "serving_key_requests", "Requests per API key name, served model, HTTP status and error origin.",
+            ["key", "model", "status", "error_origin"], registry=r)
+        self.key_tokens = Counter("serving_key_tokens", "Tokens per API key name and model (kind: prompt, completion).",
+                                  ["key", "model", "kind"], registry=r)
+        self.key_cost = Counter("serving_key_estimated_cost", "Usage priced with models.yaml `price`, per API key name.",
+                                ["key", "model"], registry=r)
         self.engines = EngineReportCollector()
         r.register(self.engines)
 

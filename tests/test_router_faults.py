@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from serving import errors
 from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
-from serving.router import Router, activate, app, bearer_token_valid
+from serving.router import Router, activate, app
 
 PRICE = {"input_per_million": 1.0, "output_per_million": 2.0}
 CONFIG = {
@@ -417,15 +417,6 @@ def test_api_keys_guard_status_but_not_probes_or_metrics(client):
     closed = {**CONFIG, "router": {"open_paths": ["/health"]}}
     _, strict = client({"a": FakeHandle("a", ok("a")), "b": FakeHandle("b", ok("b"))}, api_keys="k1", config=closed)
     assert strict.get("/metrics").status_code == 401 and strict.get("/health").status_code == 200
-
-
-def test_bearer_token_valid():
-    assert bearer_token_valid("", [])
-    assert bearer_token_valid("Bearer abc", ["abc"])
-    assert bearer_token_valid("bearer  abc ", ["x", "abc"])
-    assert not bearer_token_valid("Bearer abd", ["abc"])
-    assert not bearer_token_valid("abc", ["abc"])
-    assert not bearer_token_valid("", ["abc"])
 
 
 def test_health_is_503_when_no_engine_is_ready(client):

@@ -7,7 +7,7 @@
 - `accounting`: metrics, usage and cost, the overhead split, the request log
 """
 
-from serving.router.core import Router, bearer_token_valid, parse_json_object
+from serving.router.core import Router, parse_json_object
 from serving.router.http import activate, app
 
-__all__ = ["Router", "activate", "app", "bearer_token_valid", "parse_json_object"]
+__all__ = ["Router", "activate", "app", "parse_json_object"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
 
 from serving.messages import Usage
 from serving.metrics import RouterMetrics
@@ -32,6 +34,7 @@ class RequestRecord:
     ttft_s: float | None = None
     engine_s: float | None = None
     fallback_from: str | None = None
+    admission: Any = None  # serving.limiter.Admission once limits admitted the request
     closed: bool = False
 
     def elapsed(self) -> float:
@@ -39,10 +42,11 @@ class RequestRecord:
 
 
 class Accounting:
-    def __init__(self, metrics: RouterMetrics, prices: dict, request_log=None):
+    def __init__(self, metrics: RouterMetrics, prices: dict, request_log=None, limiter=None):
         self.metrics = metrics
         self.prices = prices  # model name -> Price
-        self.request_log = request_log  # callable(record) or None
+        self.request_log = request_log  # serving.requestlog.RequestLog or None
+        self.limiter = limiter  # serving.limiter.Limiter or None
 
     def first_token(self, record: RequestRecord) -> None:
         if record.ttft_s is None:
@@ -69,14 +73,55 @@ class Accounting:
             m.engine_time.labels(record.model, record.route).observe(record.engine_s)
             m.overhead.labels(record.model, record.route).observe(max(duration - record.engine_s, 0.0))
         usage = record.usage
+        cost = self.cost(record.model, usage)
         if usage:
             m.prompt_tokens.labels(record.model).inc(usage.prompt_tokens)
             m.completion_tokens.labels(record.model).inc(usage.completion_tokens)
-            cost = self.cost(record.model, usage)
             if cost:
                 m.cost.labels(record.model).inc(cost)
+        if record.key_name:  # configured key names only (bounded); failed authentication has none
+            m.key_requests.labels(record.key_name, record.model, str(record.status), origin).inc()
+            if usage:
+                m.key_tokens.labels(record.key_name, record.model, "prompt").inc(usage.prompt_tokens)
+                m.key_tokens.labels(record.key_name, record.model, "completion").inc(usage.completion_tokens)
+                if cost:
+                    m.key_cost.labels(record.key_name, record.model).inc(cost)
+        if self.limiter is not None and record.admission is not None:
+            self._settle(record, usage, cost)
         if self.request_log is not None:
             try:
-                self.request_log(record, duration)
+                self.request_log.write(self._log_line(record, duration))
             except Exception:  # a broken log sink must not fail requests
                 logger.exception("request log failed")
+
+    def _settle(self, record: RequestRecord, usage, cost: float) -> None:
+        """Count real tokens against the key's limits and usage (answered requests), or just end the lease."""
+        import asyncio
+
+        admission = record.admission
+        if usage and record.status == 200:
+            coro = self.limiter.settle(admission, usage.prompt_tokens, usage.completion_tokens, cost)
+        else:
+            coro = self.limiter.release(admission)
+        try:
+            asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:  # no loop (closing): the lease expires on its own
+            coro.close()
+
+    @staticmethod
+    def _log_line(record: RequestRecord, duration: float):
+        from serving.requestlog import RequestLogRecord
+
+        usage = record.usage
+        return RequestLogRecord(
+            time=datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            request_id=record.request_id, key=record.key_name, requested_model=record.requested_model,
+            served_model=record.model if record.model != "none" else None, replica=record.replica,
+            route_rule=record.rule if record.rule != "none" else None, status=record.status,
+            error_origin=record.error_origin,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            ttft_ms=round(record.ttft_s * 1000, 2) if record.ttft_s is not None else None,
+            duration_ms=round(duration * 1000, 2),
+            overhead_ms=round(max(duration - record.engine_s, 0.0) * 1000, 2) if record.engine_s is not None else None,
+            fallback_from=record.fallback_from)

@@ -9,7 +9,7 @@ x-served-model / x-served-replica once an engine answered, x-error-origin on err
 from __future__ import annotations
 
 import asyncio
-import hmac
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +27,7 @@ from serving.router.accounting import Accounting, RequestRecord
 from serving.router.forward import Forwarder
 from serving.router.loads import LoadView
 from serving.routing import Decision, RoutingError, catalog_from_config, known_model_ids, route
+from serving.tenants import KeyRecord, KeyStore, key_label, require_admin, require_allowed, visible_models
 
 logger = logging.getLogger("serving.router")
 
@@ -48,7 +49,10 @@ class Router:
         self.loads = LoadView(list(self.catalog), load_views, router.report_stale_after_s)
         self.metrics.engines.reports = lambda: {name: self.loads.reports(name) for name in self.catalog}
         prices = {spec.name: spec.price for spec in self.config.models if spec.price}
-        self.accounting = Accounting(self.metrics, prices)
+        self.keys = KeyStore(router.keys_file, os.environ.get(router.api_keys_env, ""))
+        self.limiter = make_limiter(router)
+        self.accounting = Accounting(self.metrics, prices, request_log=make_request_log(router),
+                                     limiter=self.limiter)
         # One streaming handle per deployment, made once: this also starts each handle's
         # request router, so the load view fills before the first request.
         streams = {name: handle.options(stream=True) for name, handle in engines.items()}
@@ -56,21 +60,17 @@ class Router:
         self.engines = engines
         self._engine_metrics_task: asyncio.Task | None = None
         self._engine_metrics_at = 0.0
-        keys = os.environ.get(router.api_keys_env, "")
-        self.api_keys = [k.strip() for k in keys.split(",") if k.strip()]
         self.open_paths = set(router.open_paths)
         # Behind Ray Serve's proxy, its middleware fills in x-request-id and echoes it on every response.
         self.echo_request_id = True
 
     # --- requests -----------------------------------------------------------------------
 
-    def authenticate(self, request: Request) -> str | None:
-        """The caller's key name (None on an open API); raises 401 on a missing or wrong key."""
-        if not self.api_keys or request.url.path in self.open_paths:
+    def authenticate(self, request: Request) -> KeyRecord | None:
+        """The caller's key record (None on an open API or an open path); 401 on a missing or wrong key."""
+        if request.url.path in self.open_paths:
             return None
-        if not bearer_token_valid(request.headers.get("authorization", ""), self.api_keys):
-            raise errors.unauthorized()
-        return "key"
+        return self.keys.authenticate(request.headers.get("authorization"))
 
     async def inference(self, request: Request, path: str) -> Response:
         request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
@@ -78,7 +78,8 @@ class Router:
         headers = self._id_header(request_id)
         decision: Decision | None = None
         try:
-            record.key_name = self.authenticate(request)
+            key = self.authenticate(request)
+            record.key_name = key_label(key)
             raw = await request.body()
             body = parse_json_object(raw)
             model = body.get("model")
@@ -89,6 +90,11 @@ class Router:
             decision = self.decide(model, ENDPOINTS[path])
             record.rule = decision.rule
             headers.update(route_headers(decision))
+            allowed = require_allowed(key, model, list(decision.candidates), self.catalog)
+            if len(allowed) != len(decision.candidates):  # a tag matched models this key may not use
+                decision = dataclasses.replace(decision, candidates=tuple(allowed))
+            record.admission = await self.limiter.admit(key, decision.candidates[0])
+            headers.update(record.admission.headers)
             session = request.headers.get("x-session-id") or (body.get("user") if isinstance(body.get("user"), str)
                                                               else None)
             response = await self.forwarder.forward(record, decision, ENDPOINTS[path], raw, headers,
@@ -149,10 +155,14 @@ class Router:
 
     # --- catalog and health ---------------------------------------------------------------
 
-    def models_listing(self) -> dict[str, Any]:
+    def models_listing(self, key: KeyRecord | None = None) -> dict[str, Any]:
+        """Every model (and alias) this key may use, with task, tags, state, replicas and price."""
         states = self.status_report()["models"]
+        visible = set(visible_models(key, self.catalog))
         data = []
         for spec in self.config.models:
+            if spec.name not in visible:
+                continue
             entry = {"id": spec.name, "object": "model", "created": 0, "owned_by": "serving", "task": spec.task,
                      "tags": spec.tags, "aliases": spec.aliases, "status": states[spec.name]["state"],
                      "replicas": states[spec.name]["replicas"]}
@@ -175,12 +185,16 @@ class Router:
         return {"status": "ok" if ok else "unavailable", "models": models}
 
 
-def bearer_token_valid(authorization: str, keys: list[str]) -> bool:
-    """No keys configured means an open API; otherwise `Bearer <one of the keys>`."""
-    if not keys:
-        return True
-    token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
-    return any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
+def make_limiter(router_spec):
+    from serving.limiter import Limiter
+
+    return Limiter.from_config(router_spec)
+
+
+def make_request_log(router_spec):
+    from serving.requestlog import RequestLog
+
+    return RequestLog(stdout=True, path=router_spec.request_log_file)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

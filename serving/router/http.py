@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 
 from serving import errors
 from serving.router.core import Router
+from serving.tenants import require_admin
 
 app = FastAPI(title="serving router", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -53,10 +54,21 @@ async def embeddings(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     router = _router()
     try:
-        router.authenticate(request)
+        key = router.authenticate(request)
     except errors.ServingError as error:
         return _error(error, router, request)
-    return JSONResponse(router.models_listing())
+    return JSONResponse(router.models_listing(key))
+
+
+@app.get("/v1/usage")
+async def usage(request: Request) -> Response:
+    """Totals per key and model across every router replica (admin keys only; open API: open)."""
+    router = _router()
+    try:
+        require_admin(router.authenticate(request))
+        return JSONResponse(await router.limiter.snapshot())
+    except errors.ServingError as error:
+        return _error(error, router, request)
 
 
 @app.get("/health")

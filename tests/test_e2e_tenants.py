@@ -1,0 +1,184 @@
+"""Tenants against a real stack with 2 router replicas: keys created with the CLI, limits shared
+across both replicas, allow-lists, usage per key, and no key material anywhere.
+
+Its own stack (a second shape: two router replicas), started with `serving up` like the
+session's, from a config whose router points at a keys file.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from serving.cli import all_models_ready
+from tests.conftest import CHAT_MODEL, EMBED_MODEL, ROOT
+
+PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "18010"))
+pytestmark = pytest.mark.e2e
+
+
+def create_key(keys: Path, name: str, *flags: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "keys", "create", name, "--file", str(keys), *flags],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tenants")
+    keys = tmp / "keys.yaml"
+    made = {
+        "limited": create_key(keys, "team-rpm", "--rpm", "30"),
+        "chat-only": create_key(keys, "team-chat", "--models", CHAT_MODEL),
+        "admin": create_key(keys, "ops", "--admin"),
+        "plain": create_key(keys, "team-plain"),
+    }
+    assert all(key not in keys.read_text() for key in made.values())  # only hashes are stored
+    raw = yaml.safe_load((ROOT / "models.yaml").read_text())
+    for model in raw["models"]:
+        model["resources"] = {"cpus": 0.4}
+    raw["router"] = {**raw.get("router", {}), "port": PORT, "cpus": 0.2, "replicas": 2, "keys_file": str(keys),
+                     "request_log_file": str(tmp / "requests.jsonl")}
+    config = tmp / "models.tenants.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = tmp / "serving-up.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("SERVING_API_KEYS", None)
+    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", str(config)], cwd=ROOT, env=env,
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{PORT}"
+    deadline = time.monotonic() + 900
+    try:
+        while not all_models_ready(url):
+            if process.poll() is not None:
+                pytest.fail(f"`serving up` exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"tenant stack not ready:\n{log.read_text()[-4000:]}")
+            time.sleep(2)
+        yield {"url": url, "keys": made, "log": log, "request_log": tmp / "requests.jsonl"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+COMPLETION = {"model": CHAT_MODEL, "prompt": "Hi", "max_tokens": 1}
+
+
+def test_rpm_limit_holds_across_both_router_replicas(tenants):
+    key = tenants["keys"]["limited"]
+    with httpx.Client(base_url=tenants["url"], timeout=120) as http, \
+            concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: http.post("/v1/completions", json=COMPLETION, headers=bearer(key)),
+                                  range(45)))
+    statuses = [r.status_code for r in responses]
+    accepted = statuses.count(200)
+    assert 29 <= accepted <= 31, statuses
+    assert statuses.count(429) == 45 - accepted, statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    error = rejected.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+    assert int(rejected.headers["retry-after"]) >= 1
+    assert rejected.headers["x-ratelimit-limit-requests"] == "30"
+    assert rejected.headers["x-ratelimit-remaining-requests"] == "0"
+    assert rejected.headers["x-ratelimit-reset-requests"]
+    assert rejected.headers["x-error-origin"] == "limit"
+    ok = next(r for r in responses if r.status_code == 200)
+    assert ok.headers["x-ratelimit-limit-requests"] == "30"
+
+
+def test_key_limited_to_one_model(tenants):
+    key = tenants["keys"]["chat-only"]
+    with httpx.Client(base_url=tenants["url"], timeout=120) as http:
+        listed = http.get("/v1/models", headers=bearer(key)).json()["data"]
+        assert {m.get("alias_of", m["id"]) for m in listed} == {CHAT_MODEL}
+        allowed = http.post("/v1/completions", json=COMPLETION, headers=bearer(key))
+        assert allowed.status_code == 200
+        denied = http.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": "x"}, headers=bearer(key))
+        assert denied.status_code == 403, denied.text
+        assert denied.json()["error"]["code"] == "model_not_allowed"
+        assert denied.headers["x-error-origin"] == "auth"
+        by_tag = http.post("/v1/embeddings", json={"model": "tag:small", "input": "x"}, headers=bearer(key))
+        assert by_tag.status_code == 403  # a tag never reaches a model the key may not use
+
+
+def test_usage_per_key_equals_what_its_responses_reported(tenants):
+    key = tenants["keys"]["plain"]
+    prompt = completion = 0
+    with httpx.Client(base_url=tenants["url"], timeout=120) as http:
+        for i in range(6):
+            body = {"model": CHAT_MODEL, "prompt": f"Count to {i}", "max_tokens": 3 + i, "ignore_eos": True}
+            response = http.post("/v1/completions", json=body, headers=bearer(key))
+            assert response.status_code == 200
+            prompt += response.json()["usage"]["prompt_tokens"]
+            completion += response.json()["usage"]["completion_tokens"]
+        denied = http.get("/v1/usage", headers=bearer(key))
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "admin_key_required"
+        deadline = time.monotonic() + 10
+        while True:  # other router replicas flush their share within a second
+            usage = http.get("/v1/usage", headers=bearer(tenants["keys"]["admin"])).json()
+            row = usage["keys"].get("team-plain", {}).get("models", {}).get(CHAT_MODEL, {})
+            if row.get("completion_tokens") == completion or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert row["requests"] == 6
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+    assert row["estimated_cost"] > 0
+
+
+def test_invalid_keys_are_401_and_no_key_material_leaks(tenants):
+    valid = list(tenants["keys"].values())
+    rng = random.Random(7)
+    sent = [rng.choice(valid) if i % 2 else "sk-" + secrets.token_urlsafe(32) for i in range(1000)]
+    with httpx.Client(base_url=tenants["url"], timeout=120) as http, \
+            concurrent.futures.ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda key: http.get("/v1/models", headers=bearer(key)).status_code, sent))
+        metrics = http.get("/metrics").text
+    for key, status in zip(sent, statuses):
+        assert status == (200 if key in valid else 401)
+    logs = tenants["log"].read_text() + tenants["request_log"].read_text()
+    for key in set(sent):
+        assert key not in logs and key not in metrics
+        assert key[3:20] not in logs and key[3:20] not in metrics
+
+
+def test_request_log_names_key_route_and_origin(tenants):
+    import json
+
+    with httpx.Client(base_url=tenants["url"], timeout=120) as http:
+        http.post("/v1/completions", json={**COMPLETION, "model": "nope"}, headers=bearer(tenants["keys"]["plain"]),
+                  params={}, extensions={})
+        answered = http.post("/v1/completions", json=COMPLETION, headers={**bearer(tenants["keys"]["plain"]),
+                                                                          "x-request-id": "log-check-1"})
+    assert answered.status_code == 200
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in tenants["request_log"].read_text().splitlines() if line.strip()]
+        mine = [line for line in lines if line["request_id"] == "log-check-1"]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    line = mine[0]
+    assert line["key"] == "team-plain" and line["served_model"] == CHAT_MODEL and line["status"] == 200
+    assert line["route_rule"] == "name" and line["replica"] and line["error_origin"] is None
+    assert line["prompt_tokens"] > 0 and line["completion_tokens"] == 1 and line["duration_ms"] > 0
+    missing = [line for line in lines if line["requested_model"] == "nope"]
+    assert missing and missing[-1]["status"] == 404 and missing[-1]["error_origin"] == "client"
