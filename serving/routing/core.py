@@ -222,8 +222,9 @@ def route(
         chain += [t for t in resolve(other, catalog)[1] if usable(t) and t not in fitting and t not in chain]
     scores = {t.name: score(loads.get(t.name, Load())) for t in fitting + chain}
     primary, rest = order(healthy), chain
+    asked = primary or order(fitting)  # what the request itself resolved to, before any fallback
     fallback_from = fallback_reason = None
-    requested = order(fitting)[0].name if fitting else model
+    requested = asked[0].name
     needed = (prompt_tokens or 0) + (max_tokens or 0)
     if prompt_tokens is not None and primary and not any(_fits(t, needed) for t in primary):
         longer = [t for t in chain if _fits(t, needed)]
@@ -243,7 +244,7 @@ def route(
     if fallback_from is not None:
         primary = order(primary) if fallback_reason != "context_window" else primary
     chosen = primary[0].name
-    reason = _reason(model, rule, chosen, primary, scores, chosen_route, side, difficulty)
+    reason = _reason(model, rule, asked[0].name, asked, scores, chosen_route, side, difficulty)
     if fallback_from is not None:
         reason += f"; fallback {fallback_from} -> {chosen} ({fallback_reason})"
     candidates = tuple(t.name for t in primary) + tuple(t.name for t in rest)
