@@ -148,3 +148,10 @@ def test_policy_validates():
         ReplicaPolicy("fastest")
     with pytest.raises(ValueError):
         ReplicaPolicy("prefix", imbalance=-1)
+
+
+def test_pending_prefill_tokens_count_as_load():
+    # One request still in a long prefill outweighs two short ones already streaming.
+    views = [ready("long-prefill", inflight=1, pending=1, pending_tokens=6000), ready("streaming", inflight=2)]
+    assert first(views) == "streaming"
+    assert ReplicaView("x", inflight=1, pending=1, pending_tokens=1000).load == 1 + 4.0

@@ -29,6 +29,12 @@ STRATEGIES = ("least_loaded", "power_of_two", "round_robin", "random", "prefix",
 # engine is already saturated; KV-cache use near 1.0 predicts preemption.
 WAITING_WEIGHT = 2.0
 KV_WEIGHT = 4.0
+# A new request's first token waits behind the prefills already queued on the replica (vLLM
+# chunks prefills first come, first served). The router knows exactly which of its requests have
+# not yet returned a first byte, and their prompt sizes: every 1000 such tokens weigh like this
+# many queued requests. The simulator shows why: counting requests alone ranks a replica busy
+# with one long prefill as idle.
+PENDING_WEIGHT = 4.0
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,15 @@ class ReplicaView:
     stale: bool = False  # reported before, but not within the staleness window
     inflight: int = 0  # requests this router process sent there and not finished
     max_ongoing: int = 32
+    pending: int = 0  # of `inflight`, those that have not returned their first byte yet
+    pending_tokens: int = 0  # their prompt tokens (an estimate is fine)
 
     @property
     def load(self) -> float:
         """Expected queueing; lower is better. The router's own in-flight count is exact but local,
         the engine's running+waiting global but one report old: the larger counts each request once."""
-        return max(self.inflight, self.running + self.waiting) + WAITING_WEIGHT * self.waiting + KV_WEIGHT * self.kv_cache_usage
+        return (max(self.inflight, self.running + self.waiting) + WAITING_WEIGHT * self.waiting
+                + KV_WEIGHT * self.kv_cache_usage + PENDING_WEIGHT * self.pending_tokens / 1000)
 
     @property
     def full(self) -> bool:
