@@ -155,3 +155,15 @@ def test_pending_prefill_tokens_count_as_load():
     views = [ready("long-prefill", inflight=1, pending=1, pending_tokens=6000), ready("streaming", inflight=2)]
     assert first(views) == "streaming"
     assert ReplicaView("x", inflight=1, pending=1, pending_tokens=1000).load == 1 + 4.0
+
+
+def test_policy_from_models_yaml_and_session_hash():
+    from serving.config import load_config
+    from pathlib import Path
+    from serving.routing.replicas import policy_from_spec, session_key
+    config = load_config(Path(__file__).resolve().parent.parent / "deploy" / "models.auto-cpu.yaml")
+    assert policy_from_spec(config.model("smollm2-135m").routing) == ReplicaPolicy("prefix", imbalance=8, prefix_chars=512)
+    assert policy_from_spec(config.model("all-minilm-l6-v2").routing) == ReplicaPolicy()
+    assert session_key(None) is None and session_key("") is None
+    assert session_key("user-42") == session_key("user-42") != session_key("user-43")
+    assert "user-42" not in session_key("user-42") and len(session_key("user-42")) == 16

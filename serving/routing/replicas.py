@@ -109,6 +109,18 @@ def prefix_key(text: str, chars: int) -> str | None:
     return hashlib.blake2b(text[:chars].encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
+def session_key(session: str | None) -> str | None:
+    """Hash of the `x-session-id` header or the body's `user` (never stored or traced in clear)."""
+    if not session:
+        return None
+    return hashlib.blake2b(("session\0" + session).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def policy_from_spec(routing) -> ReplicaPolicy:
+    """models.yaml `routing:` (serving.config.RoutingSpec) -> ReplicaPolicy."""
+    return ReplicaPolicy(routing.strategy, imbalance=routing.imbalance, prefix_chars=routing.prefix_chars)
+
+
 def _rendezvous(key: str, replica_id: str) -> int:
     digest = hashlib.blake2b(f"{key}\0{replica_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
