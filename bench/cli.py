@@ -128,7 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="plots from one or more sweep CSVs (overlaid)")
     pl.add_argument("inputs", nargs="+", help="sweep CSV files; label=path to name a series")
     pl.add_argument("--out", required=True, help="output prefix, e.g. results/stack-vs-vllm")
+
+    de = sub.add_parser("difficulty-eval", help="accuracy of the `auto` route's difficulty classifier (offline)")
+    de.add_argument("--mt-bench", help="FastChat's mt_bench question.jsonl (not shipped)")
+    de.add_argument("--max-large-share", type=float, default=0.5)
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--out", default="bench/results/difficulty.md")
+
+    from bench import simulate
+    simulate.add_parser(sub)
     return ap
+
+
+def cmd_difficulty_eval(args) -> int:
+    from bench import difficulty_eval
+    print(difficulty_eval.run(args.mt_bench, args.out, args.max_large_share, args.seed))
+    return 0
 
 
 def make_workload(args, counter):
@@ -324,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     return {"run": cmd_run, "ab": cmd_ab, "size": cmd_size, "compare": cmd_compare,
-            "plot": cmd_plot}[args.cmd](args)
+            "plot": cmd_plot, "difficulty-eval": cmd_difficulty_eval,
+            "simulate": lambda a: __import__("bench.simulate").simulate.cmd_simulate(a)}[args.cmd](args)
 
 
 if __name__ == "__main__":

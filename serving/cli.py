@@ -57,7 +57,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         engine = config.engine_spec(spec)
         replicas = spec.replicas.min if spec.replicas.fixed else f"{spec.replicas.min}-{spec.replicas.max}"
         print(f"  {spec.name:<28} {spec.task:<10} replicas={replicas} profile={engine.profile or '-'} "
-              f"tags={','.join(spec.tags) or '-'} aliases={','.join(spec.aliases) or '-'}")
+              f"tags={','.join(spec.tags) or '-'} aliases={','.join(spec.aliases) or '-'}"
+              + (f" routing={spec.routing.strategy}" if spec.routing.strategy != "least_loaded" else "")
+              + (f" fallbacks={','.join(spec.fallbacks)}" if spec.fallbacks else ""))
+    for name, route in config.routes.items():
+        print(f"  route {name:<22} {route.strategy:<10} small={route.small} large={route.large} "
+              f"max_large_share={route.max_large_share}")
     return 0
 
 

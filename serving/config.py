@@ -110,6 +110,27 @@ class Profile(_Strict):
     resources: Resources | None = None
 
 
+ReplicaStrategy = Literal["least_loaded", "power_of_two", "round_robin", "random", "prefix", "session"]
+
+
+class RoutingSpec(_Strict):
+    """How requests pick among the replicas of one deployment (serving/routing/replicas.py)."""
+
+    strategy: ReplicaStrategy = Field("least_loaded", description="prefix/session: affinity to a replica by prompt head or session id")
+    prefix_chars: int = Field(512, ge=1, le=1_000_000, description="characters of the prompt that key prefix affinity")
+    imbalance: float = Field(8.0, ge=0, description="affinity yields when its replica's load exceeds the least loaded one's by more")
+
+
+class RouteSpec(_Strict):
+    """A virtual model name (e.g. `auto`) that picks a real model per request."""
+
+    strategy: Literal["complexity"] = Field("complexity", description="complexity: score prompt difficulty, easy -> small, hard -> large")
+    small: str = Field(description="model name, alias or tag selector for easy requests, e.g. 'tag:small'")
+    large: str = Field(description="model name, alias or tag selector for hard requests, e.g. 'tag:large'")
+    max_large_share: float = Field(0.5, ge=0, le=1, description="at most this share of (exemplar-like) traffic goes large")
+    threshold: float | None = Field(None, ge=0, le=1, description="fixed difficulty threshold; unset: calibrated from max_large_share")
+
+
 class ModelSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     source: Source
@@ -124,6 +145,8 @@ class ModelSpec(_Strict):
     max_ongoing_requests: int = Field(32, ge=1, description="requests one replica works on at once")
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica before 503 (-1: unbounded)")
     price: Price | None = None
+    routing: RoutingSpec = RoutingSpec()
+    fallbacks: list[str] = Field(default_factory=list, description="ordered names, aliases or tag selectors tried when this model is down, overloaded or too short")
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -201,6 +224,7 @@ class ServingConfig(_Strict):
     profiles: dict[str, Profile] = Field(default_factory=dict)
     router: RouterSpec = RouterSpec()
     models: list[ModelSpec] = Field(min_length=1)
+    routes: dict[str, RouteSpec] = Field(default_factory=dict, description="virtual model names, e.g. auto")
 
     def model(self, name: str) -> ModelSpec:
         for spec in self.models:
@@ -270,14 +294,15 @@ def _key_path(loc: tuple[Any, ...], raw: Any) -> str:
 _FIELDS_BY_MODEL = {
     "": ServingConfig, "models": ModelSpec, "source": Source, "resources": Resources,
     "replicas": Replicas, "price": Price, "router": RouterSpec, "profiles": Profile,
+    "routing": RoutingSpec, "routes": RouteSpec,
 }
 
 
 def _unknown_key_hint(loc: tuple[Any, ...]) -> str:
     parents = [p for p in loc[:-1] if isinstance(p, str)]
     parent = parents[-1] if parents else ""
-    if len(parents) >= 2 and parents[-2] == "profiles":
-        parent = "profiles"
+    if len(parents) >= 2 and parents[-2] in ("profiles", "routes"):
+        parent = parents[-2]
     model = _FIELDS_BY_MODEL.get(parent)
     key = str(loc[-1])
     if model is None:
@@ -338,6 +363,79 @@ def _cross_checks(config: ServingConfig) -> list[Problem]:
         p.path == "default_profile" for p in problems
     ):
         problems.append(Problem("default_profile", f"unknown profile {config.default_profile!r}"))
+    problems += _routing_checks(config, names | set(seen_aliases))
+    return problems
+
+
+def select_models(config: ServingConfig, ref: str) -> list[ModelSpec]:
+    """The models a name, an alias or a tag selector ('tag:a,b': all tags) refers to."""
+    for spec in config.models:
+        if spec.name == ref:
+            return [spec]
+    for spec in config.models:
+        if ref in spec.aliases:
+            return [spec]
+    if ref.startswith(TAG_SELECTOR_PREFIX):
+        wanted = {t.strip() for t in ref[len(TAG_SELECTOR_PREFIX):].split(",") if t.strip()}
+        if wanted:
+            return [spec for spec in config.models if wanted <= set(spec.tags)]
+    return []
+
+
+def fallback_graph(config: ServingConfig) -> dict[str, list[str]]:
+    """model -> the models its `fallbacks` name, in order (itself excluded, duplicates dropped)."""
+    graph = {}
+    for spec in config.models:
+        out: list[str] = []
+        for ref in spec.fallbacks:
+            out += [m.name for m in select_models(config, ref) if m.name != spec.name and m.name not in out]
+        graph[spec.name] = out
+    return graph
+
+
+def _routing_checks(config: ServingConfig, taken: set[str]) -> list[Problem]:
+    """Fallbacks resolve to models of the same task without cycles; routes are free names that reach chat models."""
+    problems: list[Problem] = []
+    for i, spec in enumerate(config.models):
+        where = f"models[{i}] ({spec.name})"
+        for j, ref in enumerate(spec.fallbacks):
+            found = select_models(config, ref)
+            if not found or found == [spec]:
+                problems.append(Problem(f"{where}.fallbacks[{j}]", f"{ref!r} names no other model (use a model name, an alias or 'tag:<tag>')"))
+            elif any(m.task != spec.task for m in found):
+                tasks = ", ".join(sorted({m.task for m in found}))
+                problems.append(Problem(f"{where}.fallbacks[{j}]", f"{ref!r} reaches a {tasks} model; a {spec.task} model falls back to {spec.task} models only"))
+    graph = fallback_graph(config)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for nxt in graph[name]:
+            if state.get(nxt) == 1:
+                return path + [name, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [name])):
+                return cycle
+        state[name] = 2
+        return None
+
+    for i, spec in enumerate(config.models):
+        if spec.name not in state and (cycle := visit(spec.name, [])):
+            cycle = cycle[cycle.index(cycle[-1]):]
+            problems.append(Problem(f"models[{i}] ({spec.name}).fallbacks", "fallbacks form a cycle: " + " -> ".join(cycle)))
+            break
+    for name, route in config.routes.items():
+        where = f"routes.{name}"
+        if not re.fullmatch(NAME_PATTERN, name):
+            problems.append(Problem(where, "a route name uses letters, digits, '.', '_' or '-' and starts with a letter or digit"))
+        elif name in taken:
+            problems.append(Problem(where, f"route name {name!r} collides with a model name or alias; rename the route"))
+        for side in ("small", "large"):
+            ref = getattr(route, side)
+            found = select_models(config, ref)
+            if not found:
+                problems.append(Problem(f"{where}.{side}", f"{ref!r} names no model (use a model name, an alias or 'tag:<tag>')"))
+            elif not any(m.task == "chat" for m in found):
+                problems.append(Problem(f"{where}.{side}", f"{ref!r} reaches no chat model"))
     return problems
 
 

@@ -191,3 +191,97 @@ def test_check_command_names_the_key_path(tmp_path):
     result = run_check(path)  # now only the engine_args typo is left, caught against vLLM's own fields
     assert result.returncode == 2
     assert "engine_args.max_modle_len: not a vLLM engine argument; did you mean 'max_model_len'?" in result.stderr
+
+
+# --- routing: per-model replica policy, fallbacks, routes (`model: auto`) ---
+
+def with_routing(fn) -> dict:
+    def change(raw):
+        raw["models"].append({"name": "chat-big", "source": {"path": "/models/big"}, "tags": ["chat", "large"],
+                              "aliases": ["big"], "engine_args": {"max_model_len": 8192}})
+        raw["routes"] = {"auto": {"small": "tag:small", "large": "tag:large", "max_large_share": 0.4}}
+        fn(raw)
+    return mutate(change)
+
+
+def test_routing_defaults_and_a_valid_routes_section():
+    config = parse_config(with_routing(lambda raw: raw["models"][0].update(
+        fallbacks=["big"], routing={"strategy": "prefix", "prefix_chars": 256})))
+    chat = config.model("chat-a")
+    assert chat.routing.strategy == "prefix" and chat.routing.prefix_chars == 256 and chat.routing.imbalance == 8.0
+    assert config.model("chat-big").routing.strategy == "least_loaded" and config.model("chat-big").fallbacks == []
+    assert chat.fallbacks == ["big"]
+    auto = config.routes["auto"]
+    assert (auto.strategy, auto.small, auto.large, auto.max_large_share, auto.threshold) == ("complexity", "tag:small", "tag:large", 0.4, None)
+
+
+def test_replica_strategies_match_the_policy():
+    from serving.config import RoutingSpec
+    from serving.routing.replicas import STRATEGIES
+    assert set(RoutingSpec.model_fields["strategy"].annotation.__args__) == set(STRATEGIES)
+
+
+def test_unknown_routing_strategy_and_key():
+    found = problems(with_routing(lambda raw: raw["models"][0].update(routing={"strategy": "fastest"})))
+    assert len(found) == 1 and found[0].startswith("models[0] (chat-a).routing.strategy: Input should be 'least_loaded'")
+    found = problems(with_routing(lambda raw: raw["routes"]["auto"].update(larg="x")))
+    assert any("routes.auto.larg: unknown key 'larg'; did you mean 'large'?" in p for p in found)
+
+
+def test_route_refers_to_existing_chat_models():
+    found = problems(with_routing(lambda raw: raw["routes"]["auto"].update(large="tag:huge")))
+    assert found == ["routes.auto.large: 'tag:huge' names no model (use a model name, an alias or 'tag:<tag>')"]
+    found = problems(with_routing(lambda raw: raw["routes"]["auto"].update(small="embed-b")))
+    assert found == ["routes.auto.small: 'embed-b' reaches no chat model"]
+
+
+def test_route_name_may_not_shadow_a_model():
+    found = problems(with_routing(lambda raw: raw["routes"].update({"big": raw["routes"]["auto"]})))
+    assert found == ["routes.big: route name 'big' collides with a model name or alias; rename the route"]
+    found = problems(with_routing(lambda raw: raw["routes"].update({"tag:x": raw["routes"]["auto"]})))
+    assert len(found) == 1 and found[0].startswith("routes.tag:x: a route name uses letters")
+
+
+def test_share_bounds():
+    found = problems(with_routing(lambda raw: raw["routes"]["auto"].update(max_large_share=1.5)))
+    assert found == ["routes.auto.max_large_share: Input should be less than or equal to 1"]
+
+
+def test_fallbacks_resolve_to_other_models_of_the_same_task():
+    found = problems(with_routing(lambda raw: raw["models"][0].update(fallbacks=["nope", "chat-a", "embed-b", "tag:large"])))
+    assert found == [
+        "models[0] (chat-a).fallbacks[0]: 'nope' names no other model (use a model name, an alias or 'tag:<tag>')",
+        "models[0] (chat-a).fallbacks[1]: 'chat-a' names no other model (use a model name, an alias or 'tag:<tag>')",
+        "models[0] (chat-a).fallbacks[2]: 'embed-b' reaches a embed model; a chat model falls back to chat models only",
+    ]
+
+
+def test_fallback_cycles_are_rejected():
+    def cycle(raw):
+        raw["models"][0]["fallbacks"] = ["tag:large"]
+        raw["models"][2]["fallbacks"] = ["a"]
+    assert problems(with_routing(cycle)) == ["models[0] (chat-a).fallbacks: fallbacks form a cycle: chat-a -> chat-big -> chat-a"]
+
+
+def test_fallback_graph_expands_selectors_in_order():
+    from serving.config import fallback_graph
+    def change(raw):
+        raw["models"].append({"name": "chat-c", "source": {"path": "/c"}, "tags": ["chat", "large"]})
+        raw["models"][0]["fallbacks"] = ["chat-c", "tag:large"]
+    assert fallback_graph(parse_config(with_routing(change)))["chat-a"] == ["chat-c", "chat-big"]
+
+
+@pytest.mark.parametrize("name", ["models.yaml", "deploy/models.gpu.yaml", "deploy/models.auto-cpu.yaml"])
+def test_shipped_files_pass_check(name):
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "check", str(ROOT / name), "--skip-engine-args"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_shipped_auto_files_define_auto():
+    for name in ("deploy/models.gpu.yaml", "deploy/models.auto-cpu.yaml"):
+        config = load_config(ROOT / name)
+        auto = config.routes["auto"]
+        from serving.config import select_models
+        small, large = select_models(config, auto.small), select_models(config, auto.large)
+        assert small and large and not {m.name for m in small} & {m.name for m in large}, name

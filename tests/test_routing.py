@@ -148,3 +148,121 @@ def test_saturated_is_not_unhealthy():
     load = aggregate([{"healthy": True, "running": 32}], inflight=40, saturated=True)
     assert load.healthy is True and load.saturated
     assert route("small-a", "chat", CATALOG, all_ready(small_a=load)).candidates == ("small-a",)
+
+
+# --- routes (`model: auto`), fallbacks and the context window ---
+
+from dataclasses import dataclass
+
+from serving.routing import Decision, Route, known_model_ids, route_for, routes_from_config
+
+FB = {
+    "mini": Target("mini", "chat", frozenset({"chat", "small"}), ("m",), 0.1, max_model_len=1024, fallbacks=("mid", "long")),
+    "mid": Target("mid", "chat", frozenset({"chat", "small"}), (), 0.2, max_model_len=2048, fallbacks=("long",)),
+    "long": Target("long", "chat", frozenset({"chat", "large"}), (), 1.0, max_model_len=32768),
+    "emb": Target("emb", "embed", frozenset({"embed"}), ()),
+}
+ROUTES = {"auto": Route("auto", small="mini", large="tag:large", max_large_share=0.4)}
+
+
+@dataclass
+class Score:
+    score: float
+    hard: bool
+    reason: str = "rules"
+
+
+def fb_ready(**overrides) -> dict[str, Load]:
+    return {name: overrides.get(name, READY) for name in FB}
+
+
+def test_plain_names_keep_their_decision_without_fallbacks():
+    decision = route("long", "chat", FB, fb_ready())
+    assert decision.candidates == ("long",) and decision.primary is None and decision.fallback_from is None
+    assert decision.headers("long") == {"x-route-rule": "name", "x-route-reason": "name long"}
+
+
+def test_fallback_chain_follows_the_requested_model():
+    decision = route("m", "chat", FB, fb_ready())
+    assert decision.candidates == ("mini", "mid", "long") and decision.primary == 1
+    assert decision.fallback_from is None
+    # The router failed over before the first byte: the headers say so.
+    assert decision.headers("mid", "overloaded") == {
+        "x-route-rule": "alias", "x-route-reason": "alias m -> mini", "x-fallback-from": "mini", "x-fallback-reason": "overloaded"}
+    assert "x-fallback-from" not in decision.headers("mini")
+
+
+def test_down_model_falls_back():
+    decision = route("mini", "chat", FB, fb_ready(mini=Load(healthy=False)))
+    assert decision.candidates == ("mid", "long")
+    assert (decision.fallback_from, decision.fallback_reason) == ("mini", "down")
+    assert decision.reason == "name mini; fallback mini -> mid (down)"
+    assert decision.headers("mid")["x-fallback-reason"] == "down"
+
+
+def test_down_without_fallbacks_is_unavailable():
+    with pytest.raises(RoutingError) as caught:
+        route("long", "chat", FB, fb_ready(long=Load(healthy=False)))
+    assert caught.value.kind == "unavailable"
+
+
+def test_saturated_model_falls_back_to_one_with_room():
+    loads = fb_ready(mini=Load(replicas=1, healthy=True, saturated=True), mid=Load(replicas=1, healthy=True, saturated=True))
+    decision = route("mini", "chat", FB, loads)
+    assert decision.candidates == ("long", "mid", "mini")
+    assert (decision.fallback_from, decision.fallback_reason) == ("mini", "overloaded")
+
+
+def test_context_window_fallback_picks_the_first_long_enough():
+    decision = route("mini", "chat", FB, fb_ready(), prompt_tokens=1500, max_tokens=256)
+    assert decision.candidates[0] == "mid" and (decision.fallback_from, decision.fallback_reason) == ("mini", "context_window")
+    assert decision.headers("mid")["x-fallback-reason"] == "context_window"
+    decision = route("mini", "chat", FB, fb_ready(), prompt_tokens=5000)
+    assert decision.candidates[0] == "long"
+    # Fits: no fallback.
+    assert route("mini", "chat", FB, fb_ready(), prompt_tokens=500, max_tokens=100).fallback_from is None
+    # Fits nowhere: leave it to the engine's own context-length error.
+    assert route("mini", "chat", FB, fb_ready(), prompt_tokens=99999).candidates[0] == "mini"
+
+
+def test_auto_route_by_difficulty():
+    easy = route("auto", "chat", FB, fb_ready(), routes=ROUTES, difficulty=Score(0.12, False, "short lookup"))
+    assert easy.candidates[0] == "mini" and easy.rule == "route" and easy.side == "small" and easy.route == "auto"
+    assert easy.reason == "auto -> small mini (difficulty 0.12: short lookup)" and easy.difficulty == 0.12
+    hard = route("auto", "chat", FB, fb_ready(), routes=ROUTES, difficulty=Score(0.91, True, "code, multi-step"))
+    assert hard.candidates == ("long", "mini") and hard.side == "large"  # the other side is the last resort
+    assert hard.headers("long") == {"x-route-rule": "route", "x-route-reason": "auto -> large long (difficulty 0.91: code, multi-step)"}
+    unscored = route("auto", "chat", FB, fb_ready(), routes=ROUTES)
+    assert unscored.candidates[0] == "mini" and "no difficulty score" in unscored.reason
+
+
+def test_auto_route_small_side_still_gets_context_fallback():
+    decision = route("auto", "chat", FB, fb_ready(), routes=ROUTES, difficulty=Score(0.1, False), prompt_tokens=3000)
+    assert decision.candidates[0] == "long" and decision.fallback_reason == "context_window"
+
+
+def test_route_names_only_when_routes_given():
+    with pytest.raises(RoutingError):
+        route("auto", "chat", FB, fb_ready())
+    assert route_for("auto", ROUTES) is ROUTES["auto"] and route_for("mini", ROUTES) is None and route_for("auto", None) is None
+    assert "auto" in known_model_ids(FB, ROUTES) and "auto" not in known_model_ids(FB)
+
+
+def test_auto_route_task_mismatch_on_embed():
+    with pytest.raises(RoutingError) as caught:
+        route("auto", "embed", FB, fb_ready(), routes=ROUTES, difficulty=Score(0.1, False))
+    assert caught.value.kind == "task_mismatch"
+
+
+def test_catalog_and_routes_from_the_shipped_auto_file():
+    from pathlib import Path
+    from serving.config import load_config
+    config = load_config(Path(__file__).resolve().parent.parent / "deploy" / "models.auto-cpu.yaml")
+    catalog, routes = catalog_from_config(config), routes_from_config(config)
+    assert catalog["smollm2-135m"].max_model_len == 1024 and catalog["smollm2-135m"].fallbacks == ("smollm2-135m-large",)
+    assert catalog["smollm2-135m-large"].max_model_len == 2048
+    assert routes["auto"] == Route("auto", "tag:small", "tag:large", "complexity", 0.5, None)
+    loads = {name: READY for name in catalog}
+    assert route("auto", "chat", catalog, loads, routes=routes, difficulty=Score(0.9, True)).candidates[0] == "smollm2-135m-large"
+    long_easy = route("auto", "chat", catalog, loads, routes=routes, difficulty=Score(0.1, False), prompt_tokens=1200)
+    assert long_easy.candidates[0] == "smollm2-135m-large" and long_easy.fallback_from == "smollm2-135m"

@@ -1,0 +1,205 @@
+"""Which replica of one deployment takes a request: a pure policy over what replicas last reported.
+
+The lead's Ray Serve `RequestRouter` subclass (serving/replica_router.py) and the simulator
+(bench/simulate.py) both call `rank_replicas`; neither re-implements a policy.
+
+Eligibility comes first, whatever the strategy: replicas that reported healthy within the
+staleness window, then replicas that never reported (just started: they may be fine, but we know
+nothing), and only if neither exists, replicas whose last healthy report is stale. Unhealthy
+replicas are never returned. Full replicas (this router's in-flight count at max_ongoing) rank last.
+
+Affinity (prefix, session) uses rendezvous hashing: every key ranks all replicas by
+hash(key, replica) and prefers the top one. It needs no shared state, so several router
+processes agree on where a prefix lives, and adding or removing a replica moves only the keys
+that ranked it first. A load-imbalance guard (like Ray's PrefixCacheAffinityRouter and llm-d's
+prefix scorer) walks down that ranking to the first replica whose load is within `imbalance`
+of the least-loaded one: a hot prefix spills to a consistent second replica, not to a random one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+STRATEGIES = ("least_loaded", "power_of_two", "round_robin", "random", "prefix", "session")
+
+# Same weights as the deployment-level score in serving.routing: a waiting request means the
+# engine is already saturated; KV-cache use near 1.0 predicts preemption.
+WAITING_WEIGHT = 2.0
+KV_WEIGHT = 4.0
+# A new request's first token waits behind the prefills already queued on the replica (vLLM
+# chunks prefills first come, first served). The router knows exactly which of its requests have
+# not yet returned a first byte, and their prompt sizes: every 1000 such tokens weigh like this
+# many queued requests. The simulator shows why: counting requests alone ranks a replica busy
+# with one long prefill as idle.
+PENDING_WEIGHT = 4.0
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    replica_id: str
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    healthy: bool | None = None  # None: never reported yet (just started)
+    stale: bool = False  # reported before, but not within the staleness window
+    inflight: int = 0  # requests this router process sent there and not finished
+    max_ongoing: int = 32
+    pending: int = 0  # of `inflight`, those that have not returned their first byte yet
+    pending_tokens: int = 0  # their prompt tokens (an estimate is fine)
+
+    @property
+    def load(self) -> float:
+        """Expected queueing; lower is better. The router's own in-flight count is exact but local,
+        the engine's running+waiting global but one report old: the larger counts each request once."""
+        return (max(self.inflight, self.running + self.waiting) + WAITING_WEIGHT * self.waiting
+                + KV_WEIGHT * self.kv_cache_usage + PENDING_WEIGHT * self.pending_tokens / 1000)
+
+    @property
+    def full(self) -> bool:
+        return self.inflight >= self.max_ongoing
+
+
+@dataclass(frozen=True)
+class ReplicaPolicy:
+    """Per deployment, from models.yaml `routing:`."""
+
+    strategy: str = "least_loaded"
+    imbalance: float = 8.0  # affinity holds while the preferred replica's load <= least load + this
+    prefix_chars: int = 512  # characters of the prompt that make the prefix key
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown replica strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
+        if self.imbalance < 0 or self.prefix_chars < 1:
+            raise ValueError("imbalance must be >= 0 and prefix_chars >= 1")
+
+
+@dataclass(frozen=True)
+class Affinity:
+    prefix_key: str | None = None
+    session_key: str | None = None
+
+
+@dataclass
+class PolicyState:
+    """What a policy keeps between requests: the round-robin position, a seeded rng, and counters
+    of affinity outcomes (`hit`: the key's first choice took it; `spill`: the guard moved it)."""
+
+    seed: int | None = None
+    counter: int = 0
+    rng: random.Random = field(init=False)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    last: str = ""  # outcome of the latest ranking: hit | spill | no_key | load | rotate | random | sample
+
+    def __post_init__(self):
+        self.rng = random.Random(self.seed)
+
+    def note(self, outcome: str) -> None:
+        self.last = outcome
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+def prefix_key(text: str, chars: int) -> str | None:
+    """Stable hash (same in every process and run) of the prompt's first `chars` characters."""
+    if not text:
+        return None
+    return hashlib.blake2b(text[:chars].encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def session_key(session: str | None) -> str | None:
+    """Hash of the `x-session-id` header or the body's `user` (never stored or traced in clear)."""
+    if not session:
+        return None
+    return hashlib.blake2b(("session\0" + session).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def policy_from_spec(routing) -> ReplicaPolicy:
+    """models.yaml `routing:` (serving.config.RoutingSpec) -> ReplicaPolicy."""
+    return ReplicaPolicy(routing.strategy, imbalance=routing.imbalance, prefix_chars=routing.prefix_chars)
+
+
+def _rendezvous(key: str, replica_id: str) -> int:
+    digest = hashlib.blake2b(f"{key}\0{replica_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _eligible(views: Sequence[ReplicaView]) -> list[ReplicaView]:
+    fresh = [v for v in views if v.healthy is True and not v.stale]
+    new = [v for v in views if v.healthy is None]
+    if fresh or new:
+        return fresh + new
+    return [v for v in views if v.healthy is True and v.stale]
+
+
+def _by_load(views: Sequence[ReplicaView], state: PolicyState) -> list[ReplicaView]:
+    # Shuffle first so equal loads (an idle cluster) spread instead of piling on the first id.
+    shuffled = list(views)
+    state.rng.shuffle(shuffled)
+    return sorted(shuffled, key=lambda v: v.load)
+
+
+def _affinity(key: str | None, views: list[ReplicaView], policy: ReplicaPolicy, state: PolicyState) -> list[ReplicaView]:
+    if key is None:
+        state.note("no_key")
+        return _by_load(views, state)
+    ranked = sorted(views, key=lambda v: _rendezvous(key, v.replica_id), reverse=True)
+    least = min(v.load for v in views)
+    for i, view in enumerate(ranked):
+        if view.load <= least + policy.imbalance:
+            state.note("hit" if i == 0 else "spill")
+            rest = [v for v in ranked if v is not view]
+            return [view] + _by_load(rest, state)
+    raise AssertionError("the least-loaded replica is always within the guard")
+
+
+def _order(views: list[ReplicaView], affinity: Affinity, policy: ReplicaPolicy, state: PolicyState) -> list[ReplicaView]:
+    strategy = policy.strategy
+    if strategy == "prefix":
+        return _affinity(affinity.prefix_key, views, policy, state)
+    if strategy == "session":
+        # A session keeps its replica; requests without one fall back to their prefix.
+        return _affinity(affinity.session_key or affinity.prefix_key, views, policy, state)
+    if strategy == "round_robin":
+        state.note("rotate")
+        ids = sorted(views, key=lambda v: v.replica_id)
+        start = state.counter % len(ids)
+        state.counter += 1
+        return ids[start:] + ids[:start]
+    if strategy == "random":
+        state.note("random")
+        shuffled = list(views)
+        state.rng.shuffle(shuffled)
+        return shuffled
+    if strategy == "power_of_two":
+        state.note("sample")
+        if len(views) <= 2:
+            return _by_load(views, state)
+        pair = state.rng.sample(views, 2)
+        best, other = sorted(pair, key=lambda v: v.load)
+        return [best, other] + _by_load([v for v in views if v is not best and v is not other], state)
+    state.note("load")
+    return _by_load(views, state)
+
+
+def rank_replicas(views: Sequence[ReplicaView], affinity: Affinity, policy: ReplicaPolicy, state: PolicyState) -> list[list[str]]:
+    """Ranked tiers of replica ids, best first (one replica per tier: the order is the policy's).
+
+    Never returns unhealthy or stale replicas while a healthy one exists; never-reported replicas
+    rank after reported healthy ones. Empty list if nothing can take it.
+    """
+    eligible = _eligible(views)
+    if not eligible:
+        state.last = "none"
+        return []
+    known = [v for v in eligible if v.healthy is True and not v.stale]
+    unknown = [v for v in eligible if not (v.healthy is True and not v.stale)]
+    if known:  # the policy chooses among replicas it knows; the rest are a fallback, least loaded first
+        ordered = _order(known, affinity, policy, state) + sorted(unknown, key=lambda v: (v.load, v.replica_id))
+    else:
+        ordered = _order(unknown, affinity, policy, state)
+    # Replicas this router already filled go last: Ray Serve would reject them anyway.
+    ordered = [v for v in ordered if not v.full] + [v for v in ordered if v.full]
+    return [[v.replica_id] for v in ordered]

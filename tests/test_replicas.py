@@ -1,0 +1,169 @@
+"""The replica policy (one deployment's replicas), as a pure function: no Ray, no engine."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from serving.routing.replicas import STRATEGIES, Affinity, PolicyState, ReplicaPolicy, ReplicaView, prefix_key, rank_replicas
+
+
+def ready(rid: str, **kw) -> ReplicaView:
+    return ReplicaView(rid, healthy=True, **kw)
+
+
+def first(views, policy=ReplicaPolicy(), affinity=Affinity(), state=None) -> str:
+    tiers = rank_replicas(views, affinity, policy, state or PolicyState(seed=0))
+    return tiers[0][0]
+
+
+def flat(tiers) -> list[str]:
+    return [rid for tier in tiers for rid in tier]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_never_unhealthy_or_stale_while_a_healthy_one_exists(strategy):
+    views = [ReplicaView("down", healthy=False), ReplicaView("old", healthy=True, stale=True), ready("ok", running=30),
+             ReplicaView("new")]
+    state = PolicyState(seed=1)
+    for i in range(20):
+        tiers = rank_replicas(views, Affinity(prefix_key=f"k{i}", session_key=f"s{i}"), ReplicaPolicy(strategy), state)
+        assert flat(tiers) == ["ok", "new"]  # reported-healthy first, never-reported after, never down/stale
+
+
+def test_stale_only_when_nothing_else_and_never_unhealthy():
+    views = [ReplicaView("down", healthy=False), ReplicaView("old", healthy=True, stale=True)]
+    assert flat(rank_replicas(views, Affinity(), ReplicaPolicy(), PolicyState())) == ["old"]
+    assert rank_replicas([ReplicaView("down", healthy=False)], Affinity(), ReplicaPolicy(), PolicyState()) == []
+    assert rank_replicas([], Affinity(), ReplicaPolicy(), PolicyState()) == []
+
+
+def test_least_loaded_orders_by_load_and_weighs_waiting_and_kv():
+    views = [ready("a", running=4), ready("b", running=2, waiting=1), ready("c", running=3), ready("d", kv_cache_usage=0.9, running=1)]
+    # loads: a=4, b=3+2=5, c=3, d=1+3.6=4.6
+    assert flat(rank_replicas(views, Affinity(), ReplicaPolicy(), PolicyState(seed=0))) == ["c", "a", "d", "b"]
+
+
+def test_router_inflight_counts_before_the_engine_reports():
+    views = [ready("a", inflight=5), ready("b", running=1)]
+    assert first(views) == "b"
+
+
+def test_full_replicas_rank_last():
+    views = [ready("a", inflight=2, max_ongoing=2), ready("b", running=9)]
+    assert flat(rank_replicas(views, Affinity(), ReplicaPolicy(), PolicyState())) == ["b", "a"]
+
+
+def test_idle_ties_spread():
+    views = [ready(f"r{i}") for i in range(4)]
+    state = PolicyState(seed=3)
+    picks = collections.Counter(first(views, state=state) for _ in range(400))
+    assert set(picks) == {"r0", "r1", "r2", "r3"} and min(picks.values()) > 60
+
+
+def test_round_robin_cycles():
+    views = [ready("b"), ready("a", running=50), ready("c")]
+    state = PolicyState()
+    assert [first(views, ReplicaPolicy("round_robin"), state=state) for _ in range(6)] == ["a", "b", "c"] * 2
+
+
+def test_power_of_two_picks_the_less_loaded_of_its_sample():
+    views = [ready(f"r{i}", running=i) for i in range(8)]
+    state = PolicyState(seed=0)
+    picks = [first(views, ReplicaPolicy("power_of_two"), state=state) for _ in range(500)]
+    assert "r7" not in picks  # the most loaded can never win a pair
+    assert picks.count("r0") > picks.count("r6") and len(set(picks)) >= 5
+
+
+def test_random_spreads_regardless_of_load():
+    views = [ready("a", running=100), ready("b")]
+    state = PolicyState(seed=0)
+    picks = collections.Counter(first(views, ReplicaPolicy("random"), state=state) for _ in range(200))
+    assert picks["a"] > 50
+
+
+def test_prefix_is_consistent_and_spreads_keys():
+    views = [ready(f"r{i}") for i in range(8)]
+    policy = ReplicaPolicy("prefix")
+    state = PolicyState(seed=0)
+    homes = {f"key{k}": first(views, policy, Affinity(prefix_key=f"key{k}"), state) for k in range(200)}
+    again = {f"key{k}": first(views, policy, Affinity(prefix_key=f"key{k}"), PolicyState(seed=9)) for k in range(200)}
+    assert homes == again  # independent of rng and process: several routers agree
+    assert len(set(homes.values())) == 8
+    assert state.outcomes == {"hit": 200}
+
+
+def test_prefix_moves_only_keys_of_a_removed_replica():
+    views = [ready(f"r{i}") for i in range(8)]
+    policy = ReplicaPolicy("prefix")
+    before = {k: first(views, policy, Affinity(prefix_key=str(k))) for k in range(300)}
+    after = {k: first(views[1:], policy, Affinity(prefix_key=str(k))) for k in range(300)}
+    moved = {k for k in before if before[k] != after[k]}
+    assert moved == {k for k in before if before[k] == "r0"}
+
+
+def test_prefix_guard_spills_to_a_consistent_second_choice():
+    policy = ReplicaPolicy("prefix", imbalance=4)
+    views = [ready(f"r{i}") for i in range(6)]
+    home = first(views, policy, Affinity(prefix_key="hot"))
+    # Within the guard the home keeps it, even when busier than others.
+    busy = [ready(v.replica_id, running=4 if v.replica_id == home else 0) for v in views]
+    assert first(busy, policy, Affinity(prefix_key="hot")) == home
+    # Beyond the guard it goes elsewhere, to the same place every time.
+    hot = [ready(v.replica_id, running=5 if v.replica_id == home else 0) for v in views]
+    state = PolicyState(seed=0)
+    spills = {first(hot, policy, Affinity(prefix_key="hot"), state) for _ in range(20)}
+    assert len(spills) == 1 and home not in spills and state.outcomes == {"spill": 20}
+
+
+def test_prefix_without_a_key_is_least_loaded():
+    views = [ready("a", running=3), ready("b", running=1)]
+    state = PolicyState()
+    assert first(views, ReplicaPolicy("prefix"), Affinity(), state) == "b" and state.last == "no_key"
+
+
+def test_session_affinity_keys_on_session_then_prefix():
+    views = [ready(f"r{i}") for i in range(8)]
+    policy = ReplicaPolicy("session")
+    homes = {first(views, policy, Affinity(prefix_key=f"p{i}", session_key="user-1")) for i in range(30)}
+    assert len(homes) == 1
+    assert first(views, policy, Affinity(prefix_key="p1")) == first(views, ReplicaPolicy("prefix"), Affinity(prefix_key="p1"))
+
+
+def test_never_reported_replicas_still_take_work_when_alone():
+    views = [ReplicaView("new-1"), ReplicaView("new-2", inflight=3)]
+    assert first(views) == "new-1"
+
+
+def test_prefix_key_is_stable_and_bounded():
+    assert prefix_key("", 10) is None
+    assert prefix_key("system: be brief\nuser: hi", 16) == prefix_key("system: be brief\nuser: bye", 16)
+    assert prefix_key("abc", 16) != prefix_key("abd", 16)
+    assert prefix_key("abc", 16) == "d8bb14d833d59559"  # pinned: the same in every process, run and release
+
+
+def test_policy_validates():
+    with pytest.raises(ValueError):
+        ReplicaPolicy("fastest")
+    with pytest.raises(ValueError):
+        ReplicaPolicy("prefix", imbalance=-1)
+
+
+def test_pending_prefill_tokens_count_as_load():
+    # One request still in a long prefill outweighs two short ones already streaming.
+    views = [ready("long-prefill", inflight=1, pending=1, pending_tokens=6000), ready("streaming", inflight=2)]
+    assert first(views) == "streaming"
+    assert ReplicaView("x", inflight=1, pending=1, pending_tokens=1000).load == 1 + 4.0
+
+
+def test_policy_from_models_yaml_and_session_hash():
+    from serving.config import load_config
+    from pathlib import Path
+    from serving.routing.replicas import policy_from_spec, session_key
+    config = load_config(Path(__file__).resolve().parent.parent / "deploy" / "models.auto-cpu.yaml")
+    assert policy_from_spec(config.model("smollm2-135m").routing) == ReplicaPolicy("prefix", imbalance=8, prefix_chars=512)
+    assert policy_from_spec(config.model("all-minilm-l6-v2").routing) == ReplicaPolicy()
+    assert session_key(None) is None and session_key("") is None
+    assert session_key("user-42") == session_key("user-42") != session_key("user-43")
+    assert "user-42" not in session_key("user-42") and len(session_key("user-42")) == 16
