@@ -193,7 +193,7 @@ def test_gpu_models_file_is_valid_and_sized():
     assert any(not m.replicas.fixed for m in config.models), "at least one model autoscales"
     for spec in config.models:
         engine = config.engine_spec(spec)
-        assert spec.source.kind == "hub" and spec.price is not None and spec.aliases
+        assert spec.source.hub and spec.price is not None and spec.aliases
         parallel = engine.engine_args.get("tensor_parallel_size", 1) * engine.engine_args.get("pipeline_parallel_size", 1)
         assert engine.resources.gpus == parallel, f"{spec.name}: gpus {engine.resources.gpus} != TP x PP {parallel}"
     assert {4, 2} <= {config.engine_spec(m).engine_args.get("tensor_parallel_size", 1) for m in config.models}
