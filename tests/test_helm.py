@@ -359,7 +359,7 @@ def test_provisioning_init_container_runs_for_real(rendered, tmp_path):
         assert re.search(rf"^{re.escape(model['name'])}: (cached|provisioned) at ", result.stdout, re.M), result.stdout
 
 
-def test_images_hold_no_weights_and_follow_values(rendered):
+def test_pod_images_follow_the_values(rendered):  # no weights in them: tests/test_docker.py
     rayservice = one(rendered["gpu"], "RayService")
     for _, template in pod_templates(rayservice):
         assert ray_container(template)["image"] == "serving:0.1.0-gpu"
