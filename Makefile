@@ -9,7 +9,7 @@ VLLM   ?= cpu
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install provision serve test unit check status clean
+.PHONY: install provision serve test unit check status clean generate
 
 install: $(VENV)/.installed-$(VLLM)
 
@@ -42,3 +42,8 @@ status:
 
 clean:
 	rm -rf $(VENV)
+
+# Files generated from serving/config.py and the chart (README "Generated files"); tests compare them.
+generate:
+	$(BIN)/python deploy/schema.py
+	$(BIN)/python deploy/render.py

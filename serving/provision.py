@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from serving.config import ModelSpec, ServingConfig, Source
+from serving.config import ModelSpec, Source
 
 MARKER = ".serving-provisioned.json"
 
@@ -57,12 +57,6 @@ def _marker_matches(folder: Path, source: Source) -> bool:
         return json.loads((folder / MARKER).read_text()).get("source") == source.describe()
     except (OSError, ValueError):
         return False
-
-
-def is_provisioned(spec: ModelSpec) -> bool:
-    if spec.source.path:
-        return (model_dir(spec) / "config.json").is_file()
-    return _marker_matches(model_dir(spec), spec.source)
 
 
 @contextmanager
@@ -105,10 +99,6 @@ def provision_model(spec: ModelSpec, allow_download: bool = False, log: Callable
             _remove(staging)
             raise
     return Provisioned(spec.name, target, "provisioned", time.monotonic() - started)
-
-
-def provision_all(config: ServingConfig, allow_download: bool = False, log: Callable[[str], None] = print) -> list[Provisioned]:
-    return [provision_model(spec, allow_download, log) for spec in config.models]
 
 
 def _remove(path: Path) -> None:

@@ -34,7 +34,7 @@ def e2e_config(tmp: Path) -> Path:
 
     raw = yaml.safe_load((ROOT / "models.yaml").read_text())
     chat = next(m for m in raw["models"] if m["name"] == CHAT_MODEL)
-    spec = load_config(ROOT / "models.yaml").model(CHAT_MODEL)
+    spec = next(m for m in load_config(ROOT / "models.yaml").models if m.name == CHAT_MODEL)
     twin = {**chat, "name": SECOND_CHAT_MODEL, "aliases": ["smollm2-b"], "tags": ["chat", "small"],
             "source": {"path": str(model_dir(spec))}}
     raw["models"].append(twin)
@@ -72,9 +72,10 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
     from serving.config import load_config
-    from serving.provision import provision_all
+    from serving.provision import provision_model
 
-    provision_all(load_config(ROOT / "models.yaml"))  # the twin is served from the same folder
+    for spec in load_config(ROOT / "models.yaml").models:  # the twin is served from the same folder
+        provision_model(spec)
     tmp = tmp_path_factory.mktemp("stack")
     config = e2e_config(tmp)
     log = tmp / "serving-up.log"

@@ -123,3 +123,28 @@ def test_summary_table_mentions_errors_and_goodput():
     recs = [_rec(0, 0.1, 0.5), RequestRecord(index=1, outcome=ERROR, error_kind="429", status=429)]
     txt = report.summary_table(metrics.summarize(recs, 1.0, slos={"ttft": 0.2}), "x")
     assert "429=1" in txt and "goodput (ttft:200ms): 1.000 req/s, 50.0% of requests" in txt
+
+
+def test_format_table_aligns_numbers_right_and_shows_missing():
+    from bench import report
+    lines = report.format_table(["ms", "mean", "p99"], [["TTFT", 12.3456, None], ["TPOT", 1.5, 200.0]]).splitlines()
+    assert lines[0].split() == ["ms", "mean", "p99"]
+    assert lines[2].split() == ["TTFT", "12.3", "-"] and lines[3].split() == ["TPOT", "1.500", "200.0"]
+    assert len({len(line) for line in (lines[0], lines[2], lines[3])}) == 1  # right-aligned to one width
+    assert "\x1b[" not in "".join(lines)  # no colour codes in logs and files
+
+
+def test_progress_prints_one_final_line_off_a_terminal():
+    import io
+
+    from bench.progress import Progress
+    out = io.StringIO()
+    prog = Progress(3, "run", stream=out)
+    prog.update(True)
+    prog.update(False)
+    assert out.getvalue() == ""  # nothing live when stderr is not a terminal
+    prog.close()
+    assert out.getvalue().startswith("run: 2/3 done, 1 failed, ")
+    quiet = io.StringIO()
+    Progress(None, "q", duration_s=5, enabled=False, stream=quiet).close()
+    assert quiet.getvalue() == ""

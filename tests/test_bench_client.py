@@ -1,5 +1,5 @@
-"""SSE parsing and the streaming client against a real local HTTP server
-(stdlib, in a thread) that emits a scripted OpenAI-style stream."""
+"""The streaming client against a real local HTTP server (stdlib, in a thread) that emits a
+scripted OpenAI-style stream: SSE framing, per-event timestamps, errors."""
 
 import asyncio
 import json
@@ -9,17 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bench.client import Endpoint, SSEParser, build_payload, make_client, send
+from bench.client import Endpoint, build_payload, make_client, send
 from bench.records import ERROR, OK, RequestRecord
 from bench.workloads import Request
-
-
-def test_sse_parser_handles_split_events_crlf_comments_and_multiline():
-    p = SSEParser()
-    assert p.feed(b"data: {\"a\"") == []
-    assert p.feed(b": 1}\n\n: keep-alive\n\ndata: x\r\n\r\ndata: l1\ndata: l2\n\ndata: [DONE]") == \
-        ['{"a": 1}', "x", "l1\nl2"]
-    assert p.flush() == ["[DONE]"]
 
 
 def chat_chunk(content=None, role=None, finish=None):
@@ -42,6 +34,18 @@ SCRIPTS = {
 }
 
 
+# Raw writes (bytes, then seconds to sleep): an event split across writes, CRLF line ends, a
+# keep-alive comment, a data field over two lines, and two events in one write.
+FRAGMENTS = [
+    (b'data: {"choices": [{"index": 0, "delta": {"content": "Hel', 0.05),
+    (b'"}}]}\r\n\r\n: keep-alive\n\n', 0.05),
+    (b'data: {"choices": [{"index": 0,\ndata:  "delta": {"content": "lo"}}]}\n\n'
+     b'data: {"choices": [{"index": 0, "delta": {"content": "!"}}]}\n\n', 0.0),
+]
+# Seconds the server waits before each token event: the client's timestamps must show them.
+GAPS = [0.0, 0.25, 0.05, 0.3, 0.0, 0.15]
+
+
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
@@ -59,6 +63,21 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        if script == "fragments":
+            for raw, pause in FRAGMENTS:
+                self.wfile.write(raw)
+                self.wfile.flush()
+                time.sleep(pause)
+            self.wfile.write(b"data: [DONE]\n\n")
+            return
+        if script == "gaps":
+            for i, gap in enumerate(GAPS):
+                time.sleep(gap)
+                self.server.sent.append(time.perf_counter())
+                self.wfile.write(b"data: " + json.dumps(chat_chunk(f"t{i}")).encode() + b"\n\n")
+                self.wfile.flush()
+            self.wfile.write(b"data: [DONE]\n\n")
+            return
         for ev in SCRIPTS[script]:
             self.wfile.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
             self.wfile.flush()
@@ -70,20 +89,21 @@ class Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.bodies = []
+    srv.sent = []
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
     srv.shutdown()
 
 
-def run(server, script, count=None, api="chat", key=None):
+def run(server, script, count=None, api="chat", key=None, t0=None):
     ep = Endpoint(f"http://127.0.0.1:{server.server_port}", "m", api=api, api_key=key)
     req = Request(0, messages=[{"role": "user", "content": script}], max_tokens=3, prompt_tokens=99,
                   prompt_tokens_source="approx", tags={"class": "short"})
 
     async def go():
         async with make_client(1) as c:
-            return await send(c, ep, req, RequestRecord(index=0), time.perf_counter(), count)
+            return await send(c, ep, req, RequestRecord(index=0), t0 or time.perf_counter(), count)
     return asyncio.run(go())
 
 
@@ -102,6 +122,32 @@ def test_stream_timeline_and_usage(server):
     assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sekret"
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["max_completion_tokens"] == 3
+
+
+def test_sse_framing_split_events_crlf_comments_multiline(server):
+    r = run(server, "fragments")
+    assert r.outcome == OK and len(r.token_times) == 3 and r.output_chars == len("Hello!")
+    # the first event's bytes came in two writes: it is timed when its last byte arrived
+    assert r.ttft >= 0.05
+    # two events in one write arrive together
+    assert r.token_times[2] - r.token_times[1] < 0.02
+
+
+def test_timestamps_are_taken_per_event_as_it_arrives(server):
+    """The server sleeps known gaps between events; the client's token timestamps show the same
+    gaps (not all events stamped at the end of the stream or at one read)."""
+    server.sent.clear()
+    t0 = time.perf_counter()
+    r = run(server, "gaps", t0=t0)
+    assert r.outcome == OK and len(r.token_times) == len(GAPS)
+    got = [b - a for a, b in zip(r.token_times, r.token_times[1:])]
+    sent = [b - a for a, b in zip(server.sent, server.sent[1:])]
+    for i, (g, s_, want) in enumerate(zip(got, sent, GAPS[1:])):
+        assert abs(g - s_) < 0.02, f"gap {i}: client saw {g:.3f}s, server slept {s_:.3f}s (nominal {want}s)"
+    # absolute: each stamp within 20 ms of the server's send time (same clock, one machine)
+    request_start = t0 + r.start  # rec.start is relative to t0, token times to the request's start
+    for i, (stamp, sent_at) in enumerate(zip(r.token_times, server.sent)):
+        assert 0 <= request_start + stamp - sent_at < 0.02, f"event {i} stamped {request_start + stamp - sent_at:.3f}s after it was sent"
 
 
 def test_token_count_fallbacks(server):

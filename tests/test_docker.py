@@ -104,5 +104,8 @@ def test_chart_cache_dir_matches_the_images():
     import yaml
 
     values = yaml.safe_load((ROOT / "deploy" / "helm" / "serving" / "values.yaml").read_text())
-    assert values["modelCache"]["mountPath"] == "/var/cache/serving"
+    for variant in ("cpu", "gpu"):
+        env = " ".join(rest for w, rest in instructions(DOCKER / f"Dockerfile.{variant}") if w == "ENV")
+        image_cache = re.search(r"\bSERVING_CACHE_DIR=(\S+)", env).group(1)
+        assert values["modelCache"]["mountPath"] == image_cache, f"Dockerfile.{variant} caches in {image_cache}"
     assert values["rayVersion"] == next(d for d in pyproject()["project"]["dependencies"] if d.startswith("ray[")).split("==")[1]

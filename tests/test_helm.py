@@ -12,6 +12,7 @@ import copy
 import importlib
 import inspect
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 import helm_python
 import jsonschema
 import kubernetes_validate
+import promql_parser
 import pytest
 import yaml
 
@@ -151,11 +153,10 @@ def test_serve_config_is_the_serving_application(rendered, key):
     assert app["name"] == "serving"
     assert app["import_path"] == "serving.app:build_app"
     assert app["route_prefix"] == "/"
-    parsed = parse_config(app["args"], "serveConfigV2 args")
-    names = [d["name"] for d in app["deployments"]]
-    assert names == ["router"] + [m.name for m in parsed.models]
-    timeout = parsed.router.request_timeout_s
-    assert all(d["graceful_shutdown_timeout_s"] >= timeout for d in app["deployments"])
+    parse_config(app["args"], "serveConfigV2 args")
+    # Deployment options (graceful_shutdown_timeout_s, replicas, resources) are the builder's,
+    # computed from the args: an override here would be a second copy of the config.
+    assert "deployments" not in app
     configmap = one(rendered[key], "ConfigMap", "-config")
     assert yaml.safe_load(configmap["data"]["models.yaml"]) == app["args"]
 
@@ -193,7 +194,7 @@ def test_gpu_models_file_is_valid_and_sized():
     assert any(not m.replicas.fixed for m in config.models), "at least one model autoscales"
     for spec in config.models:
         engine = config.engine_spec(spec)
-        assert spec.source.kind == "hub" and spec.price is not None and spec.aliases
+        assert spec.source.hub and spec.price is not None and spec.aliases
         parallel = engine.engine_args.get("tensor_parallel_size", 1) * engine.engine_args.get("pipeline_parallel_size", 1)
         assert engine.resources.gpus == parallel, f"{spec.name}: gpus {engine.resources.gpus} != TP x PP {parallel}"
     assert {4, 2} <= {config.engine_spec(m).engine_args.get("tensor_parallel_size", 1) for m in config.models}
@@ -233,11 +234,35 @@ def test_gpu_worker_groups_hold_every_model(rendered):
 # --- pods: readiness, termination, secrets, provisioning ------------------------------------
 
 
+def drain_and_grace(template: dict[str, Any]) -> tuple[int, int]:
+    drain = " ".join(ray_container(template)["lifecycle"]["preStop"]["exec"]["command"])
+    return int(re.search(r'-lt (\d+)', drain).group(1)), template["spec"]["terminationGracePeriodSeconds"]
+
+
+def longest_graceful_shutdown(config) -> float:
+    return max([config.router.request_timeout_s] + [config.engine_spec(m).graceful_shutdown_timeout_s for m in config.models])
+
+
+@pytest.mark.parametrize("graceful", [{}, {"router": {"request_timeout_s": 120}}, {"model": 900}])
+def test_pod_drain_is_the_configs_graceful_shutdown(graceful):
+    """One value: the chart drains pods for the longest graceful_shutdown_timeout_s the config resolves."""
+    values = {"serving": copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text())["serving"])}
+    values["serving"]["router"].update(graceful.get("router", {}))
+    if "model" in graceful:
+        values["serving"]["models"][1]["graceful_shutdown_timeout_s"] = graceful["model"]
+    config = parse_config(values["serving"])
+    wanted = {(): 600, ("router",): 120, ("model",): 900}[tuple(graceful)]
+    assert longest_graceful_shutdown(config) == wanted
+    margin = helm_python.Chart.load(CHART).merge_values(None)["terminationGraceMarginSeconds"]
+    for _, template in pod_templates(one(render(values), "RayService")):
+        assert drain_and_grace(template) == (wanted, wanted + margin)
+
+
 @pytest.mark.parametrize("key", list(VALUE_SETS))
 def test_readiness_and_graceful_termination(rendered, key):
     rayservice = one(rendered[key], "RayService")
     values = helm_python.Chart.load(CHART).merge_values(values_for(key))
-    timeout = parse_config(values["serving"]).router.request_timeout_s
+    timeout = longest_graceful_shutdown(parse_config(values["serving"]))
     for group, template in pod_templates(rayservice):
         container = ray_container(template)
         if group == "head":
@@ -247,11 +272,10 @@ def test_readiness_and_graceful_termination(rendered, key):
             probe = container["readinessProbe"]["httpGet"]
             assert probe == {"path": "/health", "port": "serve"}
             assert {"name": "serve", "containerPort": 8000} in container["ports"]
-        drain = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
-        seconds = int(re.search(r'-lt (\d+)', drain).group(1))
-        assert seconds >= timeout, "pods must wait out a request that may still succeed"
-        assert template["spec"]["terminationGracePeriodSeconds"] > seconds
-        assert "/-/healthz" in drain
+        seconds, grace = drain_and_grace(template)
+        assert seconds == timeout, "pods must wait out a request that may still succeed"
+        assert grace > seconds
+        assert "/-/healthz" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert mounts["/dev/shm"] == "dshm"
         shm = next(v for v in template["spec"]["volumes"] if v["name"] == "dshm")
@@ -270,7 +294,9 @@ def test_api_keys_come_from_the_secret_reference(rendered):
         assert "MY_KEYS" in {e["name"] for e in ray_container(template)["env"]}
 
 
-def _run_cli(argv: list[str], monkeypatch) -> Any:
+def _parse_with_the_cli(argv: list[str], monkeypatch) -> Any:
+    """The arguments the real CLI parser makes of argv; the provisioning itself is stubbed out
+    (test_provisioning_init_container_runs_for_real runs it)."""
     import serving.cli as cli
 
     seen = {}
@@ -280,7 +306,7 @@ def _run_cli(argv: list[str], monkeypatch) -> Any:
 
 
 @pytest.mark.parametrize("key", list(VALUE_SETS))
-def test_model_provisioning_runs_the_real_cli(rendered, key, monkeypatch):
+def test_model_provisioning_command_parses_with_the_cli_and_matches_the_pod(rendered, key, monkeypatch):
     rayservice = one(rendered[key], "RayService")
     values = helm_python.Chart.load(CHART).merge_values(values_for(key))
     cache = values["modelCache"]["mountPath"]
@@ -299,7 +325,7 @@ def test_model_provisioning_runs_the_real_cli(rendered, key, monkeypatch):
         (init,) = inits
         assert init["image"] == container["image"]
         assert init["command"][0] == "serving"
-        args = _run_cli(init["command"][1:], monkeypatch)
+        args = _parse_with_the_cli(init["command"][1:], monkeypatch)
         assert args.command == "provision" and args.file == "/etc/serving/models.yaml"
         assert args.allow_download == values["huggingface"]["allowDownload"]
         init_env = {e["name"]: e for e in init["env"]}
@@ -316,7 +342,24 @@ def test_model_provisioning_runs_the_real_cli(rendered, key, monkeypatch):
     assert provisioned >= 1, "some pod must provision the weights its engines load"
 
 
-def test_images_hold_no_weights_and_follow_values(rendered):
+def test_provisioning_init_container_runs_for_real(rendered, tmp_path):
+    """The default pods' init container command, run as it is with the ConfigMap's models.yaml.
+
+    The cache is this machine's (SERVING_CACHE_DIR as the e2e tests use it): models already there
+    are found, missing ones are provisioned, exactly as in the pod."""
+    (init,) = pod_templates(one(rendered["default"], "RayService"))[1][1]["spec"]["initContainers"]
+    configmap = tmp_path / "models.yaml"
+    configmap.write_text(one(rendered["default"], "ConfigMap", "-config")["data"]["models.yaml"])
+    command = [str(configmap) if a == "/etc/serving/models.yaml" else a for a in init["command"]]
+    env = {**os.environ, **{e["name"]: e["value"] for e in init["env"] if "value" in e and e["name"] == "HF_HUB_OFFLINE"}}
+    result = subprocess.run([sys.executable, "-m", "serving.cli", *command[1:]], capture_output=True, text=True,
+                            timeout=1800, cwd=ROOT, env=env)
+    assert command[0] == "serving" and result.returncode == 0, result.stdout + result.stderr
+    for model in yaml.safe_load(configmap.read_text())["models"]:
+        assert re.search(rf"^{re.escape(model['name'])}: (cached|provisioned) at ", result.stdout, re.M), result.stdout
+
+
+def test_pod_images_follow_the_values(rendered):  # no weights in them: tests/test_docker.py
     rayservice = one(rendered["gpu"], "RayService")
     for _, template in pod_templates(rayservice):
         assert ray_container(template)["image"] == "serving:0.1.0-gpu"
@@ -348,24 +391,67 @@ def test_monitors_are_off_by_default_and_scrape_metrics(rendered):
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
 
 
+# What Grafana substitutes before a query reaches Prometheus: its interval variables, and the
+# dashboard's own variables at their "All" value.
+GRAFANA_BUILTINS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+
+
+def promql(expr: str, dashboard: dict[str, Any]) -> promql_parser.Expr:
+    """Parse a panel's query the way Prometheus will see it (raises ValueError if it is not PromQL)."""
+    for name, value in GRAFANA_BUILTINS.items():
+        expr = expr.replace(name, value)
+    for var in dashboard.get("templating", {}).get("list", []):
+        expr = re.sub(rf"\$\{{?{re.escape(var['name'])}\b}}?", var.get("allValue", ".*"), expr)
+    assert "$" not in expr, f"unknown Grafana variable in {expr}"
+    return promql_parser.parse(expr)
+
+
+def selected_metrics(tree: promql_parser.Expr) -> set[str]:
+    names: set[str] = set()
+    promql_parser.walk(tree, lambda node: names.add(node.name) if isinstance(node, promql_parser.VectorSelector) else None)
+    return names
+
+
+def test_promql_check_rejects_broken_queries():
+    """The parser used below rejects what Prometheus would (so a green dashboard test means something)."""
+    for broken in ('sum(rate(serving_requests_total[1m])', 'rate(serving_requests_total)',
+                   'histogram_quantile(0.9, rate(x_bucket[1m]) by (le))', 'serving_requests_total{model=~"a"',
+                   'rate(serving_requests_total[$__rate_interval]) +'):
+        with pytest.raises(ValueError):
+            promql(broken, {})
+    with pytest.raises(AssertionError, match="unknown Grafana variable"):
+        promql('sum(serving_requests_total{model=~"$nope"})', {})
+
+
 def test_grafana_dashboard_covers_the_serving_metrics(rendered):
     configmap = one(rendered["default"], "ConfigMap", "-grafana-dashboard")
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(configmap["data"]["serving.json"])
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    text = "\n".join(exprs)
-    for metric in (
+    assert dashboard == json.loads((CHART / "dashboards" / "serving.json").read_text())
+    queries = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+    metrics: set[str] = set()
+    for title, expr in queries:
+        tree = promql(expr, dashboard)  # raises on anything Prometheus would refuse
+        metrics |= selected_metrics(tree)
+        quantiles = []
+        promql_parser.walk(tree, lambda n: quantiles.append(n) if isinstance(n, promql_parser.Call) and n.func.name == "histogram_quantile" else None)
+        for call in quantiles:
+            inner = call.args[1]
+            assert isinstance(inner, promql_parser.AggregateExpr) and "le" in inner.modifier.labels, f"{title}: {expr} loses `le`"
+    assert metrics == {
         "serving_requests_total", "serving_time_to_first_token_seconds_bucket", "serving_request_duration_seconds_bucket",
         "serving_completion_tokens_total", "serving_prompt_tokens_total", "serving_inflight_requests",
         "serving_engine_waiting_requests", "serving_engine_running_requests", "serving_engine_kv_cache_usage_ratio",
-    ):
-        assert metric in text, metric
+        "serving_key_requests_total", "serving_key_tokens_total", "serving_key_estimated_cost_total",
+        "serving_overhead_seconds_bucket", "serving_engine_seconds_bucket",
+    }
+    exposed = router_metric_names()
+    assert metrics <= exposed, metrics - exposed  # the dashboard only queries what the router exports
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for word in ("request rate", "status", "first token", "end-to-end", "tokens per second", "in-flight", "queue", "kv-cache"):
         assert word in titles, word
-    for expr in exprs:
-        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
-    assert "by (status)" in text and "histogram_quantile(0.99" in text
+    by_status = [promql(e, dashboard) for t, e in queries if "status" in t.lower()]
+    assert any(isinstance(q, promql_parser.AggregateExpr) and q.modifier.labels == ["status"] for q in by_status)
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
 
@@ -379,6 +465,9 @@ def _models(*models: dict[str, Any]) -> dict[str, Any]:
     return {"serving": {"models": list(models)}}
 
 
+# Rejected by Helm itself: values.schema.json (generated from serving/config.py) or the chart's
+# checks of its own values. The third item: is the models config itself invalid (None: not a
+# models config case)? The chart must agree with serving/config.py on it.
 BAD_VALUES = {
     "model without source": (_models({"name": "m"}), ["/serving/models/0", "missing property 'source'"], True),
     "negative replicas": (_models({**MODEL, "replicas": -1}), ["/serving/models/0/replicas", "minimum"], True),
@@ -386,24 +475,27 @@ BAD_VALUES = {
     "pypi without file": (_models({**MODEL, "source": {"pypi": "pkg==1.0"}}), ["/serving/models/0/source", "'file'"], True),
     "unpinned pypi": (_models({**MODEL, "source": {"pypi": "pkg", "file": "x"}}), ["/serving/models/0/source/pypi"], True),
     "bad tag": (_models({**MODEL, "tags": ["Big!"]}), ["/serving/models/0/tags/0"], True),
+    "repeated tag": (_models({**MODEL, "tags": ["a", "a"]}), ["/serving/models/0/tags"], True),
+    "alias like a tag selector": (_models({**MODEL, "aliases": ["tag:x"]}), ["/serving/models/0/aliases/0"], True),
     "unknown task": (_models({**MODEL, "task": "vision"}), ["/serving/models/0/task", "chat"], True),
     "reserved engine arg": (_models({**MODEL, "engine_args": {"model": "x"}}), ["/serving/models/0/engine_args"], True),
+    "reserved engine arg in a profile": ({"serving": {"profiles": {"cpu": {"engine_args": {"served_model_name": "x"}}}}},
+                                         ["/serving/profiles/cpu/engine_args"], True),
     "unknown model key": (_models({**MODEL, "replica": 2}), ["/serving/models/0", "replica"], True),
+    "bad api keys variable": ({"serving": {"router": {"api_keys_env": "MY-KEYS"}}}, ["/serving/router/api_keys_env"], True),
     "no models": ({"serving": {"models": []}}, ["/serving/models", "minItems"], True),
-    "duplicate names": (_models(MODEL, MODEL), ["serving.models[1] (m).name", "duplicate model name"], True),
-    "alias is a name": (_models(MODEL, {**MODEL, "name": "n", "aliases": ["m"]}), ["serving.models[1] (n).aliases[0]", "collides"], True),
-    "unknown profile": (_models({**MODEL, "profile": "tpu"}), ["serving.models[0] (m).profile", "unknown profile \"tpu\""], True),
-    "replicas min over max": (_models({**MODEL, "replicas": {"min": 3, "max": 1}}), ["serving.models[0] (m).replicas", "min (3) must not exceed max (1)"], True),
-    "gpus below tensor parallel": (
-        _models({**MODEL, "profile": "gpu", "engine_args": {"tensor_parallel_size": 4}, "resources": {"gpus": 2}}),
-        ["serving.models[0] (m).resources.gpus", "tensor_parallel_size"], False),
     "no group with enough GPUs": (_models({**MODEL, "profile": "gpu"}), ["serving.models[0] (m)", "no worker group"], False),
     "worker group min over max": ({"workerGroups": [{"name": "cpu", "minReplicas": 3, "maxReplicas": 1}]}, ["workerGroups[0] (cpu)", "minReplicas (3)"], None),
     "negative worker replicas": ({"workerGroups": [{"name": "cpu", "minReplicas": -1, "maxReplicas": 1}]}, ["/workerGroups/0/minReplicas", "minimum"], None),
     "typo at top level": ({"ingres": {"enabled": True}}, ["ingres"], None),
-    "grace shorter than drain": ({"terminationGracePeriodSeconds": 30}, ["terminationGracePeriodSeconds (30) must exceed drainSeconds (600)"], None),
+    "removed drain value": ({"drainSeconds": 600}, ["drainSeconds"], None),
     "bad pull policy": ({"image": {"repository": "x", "tag": "1", "pullPolicy": "Sometimes"}}, ["/image/pullPolicy"], None),
 }
+
+
+def merged_serving(values: dict[str, Any]) -> dict[str, Any]:
+    """The models config Helm serves for these values (values.yaml's `serving:` under them)."""
+    return helm_python.Chart.load(CHART).merge_values(values)["serving"]
 
 
 @pytest.mark.parametrize("case", list(BAD_VALUES))
@@ -414,14 +506,38 @@ def test_bad_values_fail_to_render_with_a_clear_message(case):
     message = str(raised.value)
     for part in expected:
         assert part in message, f"{part!r} not in: {message}"
-    if config_invalid is not None and "serving" in values:
+    if config_invalid is not None:
         # the chart agrees with the models schema (serving/config.py) on the same config
-        raw = {**yaml.safe_load((CHART / "values.yaml").read_text())["serving"], **values["serving"]}
         if config_invalid:
             with pytest.raises(ConfigError):
-                parse_config(raw)
+                parse_config(merged_serving(values))
         else:
-            parse_config(raw)  # valid models config; the chart's cluster checks reject it
+            parse_config(merged_serving(values))  # valid models config; the chart's cluster checks reject it
+
+
+# Checks across keys of the models config that JSON schema cannot state: Helm renders these, and
+# `serving check` (run by this test on the rendered serveConfigV2 args, as the README says to do
+# before `helm upgrade`; the pods' provisioning and the Serve application refuse them too) names the key path.
+GPU_GROUPS = {"workerGroups": yaml.safe_load(GPU_VALUES.read_text())["workerGroups"]}
+CHECKED_BY_SERVING_CHECK = {
+    "duplicate names": (_models(MODEL, MODEL), "models[1] (m).name: duplicate model name 'm'"),
+    "alias is a name": (_models(MODEL, {**MODEL, "name": "n", "aliases": ["m"]}), "models[1] (n).aliases[0]: alias 'm' collides"),
+    "unknown profile": (_models({**MODEL, "profile": "tpu"}), "models[0] (m).profile: unknown profile 'tpu'"),
+    "replicas min over max": (_models({**MODEL, "replicas": {"min": 3, "max": 1}}), "models[0] (m).replicas: min (3) must not exceed max (1)"),
+    "gpus below tensor parallel": (
+        {**_models({**MODEL, "profile": "gpu", "engine_args": {"tensor_parallel_size": 4}, "resources": {"gpus": 2}}), **GPU_GROUPS},
+        "models[0] (m).resources.gpus: 2 GPUs per replica cannot hold tensor_parallel_size x pipeline_parallel_size = 4"),
+    "engine arg typo": (_models({**MODEL, "engine_args": {"max_modle_len": 512}}), "engine_args.max_modle_len: not a vLLM engine argument"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKED_BY_SERVING_CHECK))
+def test_cross_key_problems_are_caught_by_serving_check_on_the_render(case, tmp_path):
+    values, expected = CHECKED_BY_SERVING_CHECK[case]
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(serve_config(render(values))["applications"][0]["args"]))
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "check", str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0 and expected in result.stderr, result.stdout + result.stderr
 
 
 GOOD_CONFIGS = {
@@ -448,3 +564,21 @@ def test_models_changes_leave_the_cluster_spec_alone():
     changed = one(render(values), "RayService")
     assert changed["spec"]["serveConfigV2"] != base["spec"]["serveConfigV2"]
     assert changed["spec"]["rayClusterConfig"] == base["spec"]["rayClusterConfig"]
+
+
+def router_metric_names() -> set[str]:
+    """Sample names the router's registry really exposes (every labelled metric touched once)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.messages import RoutingStats
+    from serving.metrics import RouterMetrics
+
+    metrics = RouterMetrics()
+    metrics.engines.reports = lambda: {"m": [RoutingStats("r", "m", True)]}
+    for name in ("requests", "ttft", "duration", "engine_time", "overhead", "prompt_tokens", "completion_tokens",
+                 "cost", "inflight", "route_failovers", "key_requests", "key_tokens", "key_cost"):
+        metric = getattr(metrics, name)
+        labelled = metric.labels(*["x"] * len(metric._labelnames))
+        (labelled.observe if hasattr(labelled, "observe") else labelled.inc)(1)
+    text = metrics.exposition().decode()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}

