@@ -56,6 +56,11 @@ class RouterMetrics:
                                   ["key", "model", "kind"], registry=r)
         self.key_cost = Counter("serving_key_estimated_cost", "Usage priced with models.yaml `price`, per API key name.",
                                 ["key", "model"], registry=r)
+        self.auto_routes = Counter("serving_auto_routes", "Requests a route (e.g. `auto`) sent to its small or large side.",
+                                   ["route", "side"], registry=r)
+        self.classify_seconds = Histogram(
+            "serving_route_classify_seconds", "Time to score a request's difficulty (with the embedding, or rules only).",
+            ["route", "method"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.engines = EngineReportCollector()
         r.register(self.engines)
 

@@ -17,7 +17,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from serving.messages import EngineRequest, RoutingStats
-from serving.replica_policy import Affinity, PolicyState, ReplicaPolicy, ReplicaView, rank_replicas
+from serving.routing.replicas import Affinity, PolicyState, ReplicaPolicy, ReplicaView, rank_replicas
 
 # deployment name -> the request router of this process's handle to it (one per router replica)
 LOAD_VIEWS: dict[str, "EngineRequestRouter"] = {}

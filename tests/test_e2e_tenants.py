@@ -1,8 +1,9 @@
-"""Tenants against a real stack with 2 router replicas: keys created with the CLI, limits shared
-across both replicas, allow-lists, usage per key, and no key material anywhere.
+"""The second stack shape: deploy/models.auto-cpu.yaml (small/large pair + embeddings, `model: auto`)
+with 2 router replicas and a keys file.
 
-Its own stack (a second shape: two router replicas), started with `serving up` like the
-session's, from a config whose router points at a keys file.
+Tenants: keys created with the CLI, limits shared across both replicas, allow-lists, usage per
+key, no key material anywhere. Routing: `auto` by difficulty, context-window fallback.
+Started with `serving up` like the session's stack.
 """
 
 from __future__ import annotations
@@ -46,10 +47,15 @@ def tenants(tmp_path_factory):
         "plain": create_key(keys, "team-plain"),
     }
     assert all(key not in keys.read_text() for key in made.values())  # only hashes are stored
-    raw = yaml.safe_load((ROOT / "models.yaml").read_text())
+    from serving.config import load_config
+    from serving.provision import model_dir
+
+    raw = yaml.safe_load((ROOT / "deploy" / "models.auto-cpu.yaml").read_text())
+    chat = next(m for m in load_config(ROOT / "models.yaml").models if m.name == CHAT_MODEL)
     for model in raw["models"]:
-        model["resources"] = {"cpus": 0.4}
-    raw["router"] = {**raw.get("router", {}), "port": PORT, "cpus": 0.2, "replicas": 2, "keys_file": str(keys),
+        if "path" in model["source"]:  # the large twin reads the folder provisioning filled
+            model["source"] = {"path": str(model_dir(chat))}
+    raw["router"] = {**raw.get("router", {}), "port": PORT, "replicas": 2, "cpus": 0.1, "keys_file": str(keys),
                      "request_log_file": str(tmp / "requests.jsonl")}
     config = tmp / "models.tenants.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -116,7 +122,7 @@ def test_key_limited_to_one_model(tenants):
         assert denied.status_code == 403, denied.text
         assert denied.json()["error"]["code"] == "model_not_allowed"
         assert denied.headers["x-error-origin"] == "auth"
-        by_tag = http.post("/v1/embeddings", json={"model": "tag:small", "input": "x"}, headers=bearer(key))
+        by_tag = http.post("/v1/embeddings", json={"model": "tag:embed", "input": "x"}, headers=bearer(key))
         assert by_tag.status_code == 403  # a tag never reaches a model the key may not use
 
 
@@ -182,3 +188,60 @@ def test_request_log_names_key_route_and_origin(tenants):
     assert line["prompt_tokens"] > 0 and line["completion_tokens"] == 1 and line["duration_ms"] > 0
     missing = [line for line in lines if line["requested_model"] == "nope"]
     assert missing and missing[-1]["status"] == 404 and missing[-1]["error_origin"] == "client"
+
+
+EASY = ["Hi there! How are you today?", "What is the capital of Italy?", "Rewrite this more politely: send me the file now.",
+        "Give me a synonym for happy.", "Say good morning in Spanish.", "What colour is the sky on a clear day?",
+        "Summarise in one line: the meeting moved to Tuesday at 3pm.", "Thanks, that was helpful!",
+        "Translate 'cat' into French.", "Who wrote Romeo and Juliet?"]
+HARD = ["Prove that there are infinitely many prime numbers, step by step.",
+        "Write a Python function that parses a CSV file, validates each row against a schema and reports errors "
+        "with line numbers; include unit tests.",
+        "Solve for x and y: 3x + 2y = 16 and 5x - 4y = 2. Show every step of the derivation.",
+        "Design a migration plan for moving a monolithic Django app to microservices with zero downtime: phases, "
+        "risks, rollback strategy.",
+        "Implement Dijkstra's shortest path algorithm in C++ with a binary heap and analyse its complexity.",
+        "A train leaves at 9:40 going 84 km/h; another leaves the same station at 10:15 going 105 km/h. When and "
+        "where does the second overtake the first? Reason carefully.",
+        "Derive the closed form of the sum of k^2 for k = 1..n and prove it by induction.",
+        "Debug this code and explain the race condition: two threads increment a shared counter without a lock "
+        "and the total is wrong; propose three fixes and compare them.",
+        "Compare the time and space complexity of quicksort, mergesort and heapsort, and prove a lower bound for "
+        "comparison sorting.",
+        "Plan a 12-week study schedule for learning linear algebra, probability and optimisation for machine "
+        "learning, with weekly milestones and exercises."]
+
+
+def test_auto_routes_easy_prompts_small_and_hard_prompts_large(tenants):
+    key = bearer(tenants["keys"]["plain"])
+    with httpx.Client(base_url=tenants["url"], timeout=300) as http:
+        deadline = time.monotonic() + 120  # the exemplars are embedded in the background after start
+        while "method=\"embedding\"" not in http.get("/metrics").text and time.monotonic() < deadline:
+            http.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 1,
+                                                    "messages": [{"role": "user", "content": "warm up"}]}, headers=key)
+            time.sleep(2)
+        served = {}
+        for kind, prompts in (("easy", EASY), ("hard", HARD)):
+            for prompt in prompts:
+                response = http.post("/v1/chat/completions", headers=key, json={
+                    "model": "auto", "max_tokens": 1, "messages": [{"role": "user", "content": prompt}]})
+                assert response.status_code == 200, response.text
+                assert response.headers["x-route-rule"] == "route"
+                assert "auto" in response.headers["x-route-reason"]
+                served.setdefault(kind, []).append(response.headers["x-served-model"])
+        metrics = http.get("/metrics").text
+    small, large = "smollm2-135m", "smollm2-135m-large"
+    assert served["easy"].count(small) >= 7, served
+    assert served["hard"].count(large) >= 9, served
+    assert 'serving_auto_routes_total{route="auto",side="small"}' in metrics
+
+
+def test_context_window_fallback_to_the_longer_model(tenants):
+    long_prompt = "Summarise the following notes. " + "The quarterly numbers were stable and on plan. " * 130
+    with httpx.Client(base_url=tenants["url"], timeout=300) as http:
+        response = http.post("/v1/chat/completions", headers=bearer(tenants["keys"]["plain"]), json={
+            "model": "smollm2-135m", "max_tokens": 8, "messages": [{"role": "user", "content": long_prompt}]})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-served-model"] == "smollm2-135m-large"
+    assert response.headers["x-fallback-from"] == "smollm2-135m"
+    assert response.headers["x-fallback-reason"] == "context_window"

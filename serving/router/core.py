@@ -26,7 +26,11 @@ from serving.metrics import RouterMetrics
 from serving.router.accounting import Accounting, RequestRecord
 from serving.router.forward import Forwarder
 from serving.router.loads import LoadView
-from serving.routing import Decision, RoutingError, catalog_from_config, known_model_ids, route
+from serving.routing import (Decision, RoutingError, catalog_from_config, known_model_ids, route, route_for,
+                             routes_from_config)
+from serving.routing.replicas import policy_from_spec, prefix_key, session_key
+from serving.routing.text import estimate_tokens, prompt_text
+from serving.router.auto import AutoRouter
 from serving.tenants import KeyRecord, KeyStore, key_label, require_admin, require_allowed, visible_models
 
 logger = logging.getLogger("serving.router")
@@ -44,6 +48,10 @@ class Router:
             from serving.replica_router import LOAD_VIEWS as load_views
         self.config: ServingConfig = parse_config(config)
         self.catalog = catalog_from_config(self.config)
+        self.routes = routes_from_config(self.config)
+        self.policies = {spec.name: policy_from_spec(spec.routing) for spec in self.config.models}
+        # Context-window fallback needs a prompt-length estimate: only pay for it when configured.
+        self.needs_prompt_tokens = any(t.fallbacks for t in self.catalog.values())
         router = self.config.router
         self.metrics = RouterMetrics()
         self.loads = LoadView(list(self.catalog), load_views, router.report_stale_after_s)
@@ -58,6 +66,7 @@ class Router:
         streams = {name: handle.options(stream=True) for name, handle in engines.items()}
         self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s)
         self.engines = engines
+        self.auto = AutoRouter(self.config, self.catalog, self.routes, engines, self.metrics)
         self._engine_metrics_task: asyncio.Task | None = None
         self._engine_metrics_at = 0.0
         self.open_paths = set(router.open_paths)
@@ -87,18 +96,27 @@ class Router:
                 raise errors.invalid_request("`model` is required: a model name, an alias, or 'tag:<tag>'", "model",
                                              "missing_model")
             record.requested_model = model
-            decision = self.decide(model, ENDPOINTS[path])
+            endpoint = ENDPOINTS[path]
+            source = body.get("messages") if endpoint == "chat" else body.get("prompt")
+            difficulty = None
+            chosen_route = route_for(model, self.routes)
+            if chosen_route is not None:
+                difficulty = await self.auto.classify(chosen_route, source, body.get("max_tokens"))
+            prompt_tokens = estimate_tokens(source) if self.needs_prompt_tokens and source else None
+            decision = self.decide(model, endpoint, difficulty, prompt_tokens, body.get("max_tokens"))
+            if chosen_route is not None:
+                self.auto.count(decision)
             record.rule = decision.rule
+            record.fallback_from = decision.fallback_from
             headers.update(route_headers(decision))
             allowed = require_allowed(key, model, list(decision.candidates), self.catalog)
             if len(allowed) != len(decision.candidates):  # a tag matched models this key may not use
                 decision = dataclasses.replace(decision, candidates=tuple(allowed))
             record.admission = await self.limiter.admit(key, decision.candidates[0])
             headers.update(record.admission.headers)
-            session = request.headers.get("x-session-id") or (body.get("user") if isinstance(body.get("user"), str)
-                                                              else None)
-            response = await self.forwarder.forward(record, decision, ENDPOINTS[path], raw, headers,
-                                                    session_key=session)
+            prefix, session = self.affinity_keys(decision, request, body, source)
+            response = await self.forwarder.forward(record, decision, endpoint, raw, headers,
+                                                    prefix_key=prefix, session_key=session)
         except Exception as failure:  # every failure answers in the API's shape, with provenance
             error = failure if isinstance(failure, errors.ServingError) else None
             if error is None:
@@ -115,14 +133,28 @@ class Router:
     def _id_header(self, request_id: str) -> dict[str, str]:
         return {"x-request-id": errors.header_safe(request_id)} if self.echo_request_id else {}
 
-    def decide(self, model: str, endpoint: str) -> Decision:
+    def affinity_keys(self, decision: Decision, request: Request, body: dict, source) -> tuple[str | None, str | None]:
+        """Prefix and session keys, computed only when a candidate deployment routes by them."""
+        strategies = {self.policies[name].strategy for name in decision.candidates}
+        prefix = session = None
+        if "prefix" in strategies and source:
+            chars = max(self.policies[n].prefix_chars for n in decision.candidates if self.policies[n].strategy == "prefix")
+            prefix = prefix_key(prompt_text(source), chars)
+        if "session" in strategies or "prefix" in strategies:
+            user = body.get("user")
+            session = session_key(request.headers.get("x-session-id") or (user if isinstance(user, str) else None))
+        return prefix, session
+
+    def decide(self, model: str, endpoint: str, difficulty=None, prompt_tokens: int | None = None,
+               max_tokens=None) -> Decision:
         try:
-            return route(model, endpoint, self.catalog, self.loads.loads())
+            return route(model, endpoint, self.catalog, self.loads.loads(), routes=self.routes, difficulty=difficulty,
+                         prompt_tokens=prompt_tokens, max_tokens=max_tokens if isinstance(max_tokens, int) else None)
         except RoutingError as error:
             if error.kind == "bad_selector":
                 raise errors.invalid_request(error.message, "model", "invalid_model_selector") from None
             if error.kind == "unknown_model":
-                raise errors.model_not_found(model, known_model_ids(self.catalog)) from None
+                raise errors.model_not_found(model, known_model_ids(self.catalog, self.routes)) from None
             if error.kind == "task_mismatch":
                 raise errors.invalid_request(error.message, "model", "model_task_mismatch") from None
             raise errors.unavailable(error.message) from None

@@ -105,6 +105,10 @@ class Forwarder:
                     self.accounting.metrics.route_failovers.labels(name).inc()
                     continue
                 served = {**headers, "x-served-model": name, "x-served-replica": errors.header_safe(head.replica)}
+                failover = "overloaded" if any(why == "overloaded" for _, why in attempts.tried) else "down"
+                served.update({k: errors.header_safe(v) for k, v in decision.headers(name, failover).items()})
+                if "x-fallback-from" in served:
+                    record.fallback_from = served["x-fallback-from"]
                 if attempts.tried:
                     served["x-route-attempts"] = errors.header_safe(attempts.describe())
                 if not head.stream:
