@@ -218,6 +218,9 @@ class RouterSpec(_Strict):
     max_ongoing_requests: int = Field(1024, ge=1)
     keys_file: str | None = Field(None, description="YAML file of API key records (`serving keys create`); reloaded when it changes; with api_keys_env keys")
     limits_fail_open: bool = Field(True, description="when the shared limits actor is unreachable, admit requests without limits (false: 503)")
+    trace_file: str | None = Field(None, description="record a routing trace (JSONL, serving/routing/trace.py) for "
+                                   "`python -m bench simulate --trace`; prompts only with trace_prompts")
+    trace_prompts: bool = Field(False, description="include prompt text in the routing trace (off: hashes only)")
     request_log_file: str | None = Field(None, description="also append the JSON request log (one line per request) to this file")
     request_timeout_s: float = Field(600, gt=0, description="end-to-end limit for one request")
     api_keys_env: str = Field("SERVING_API_KEYS", pattern=ENV_NAME_PATTERN, description="env var holding comma-separated API keys; unset or empty: no auth")

@@ -447,3 +447,17 @@ def test_engine_reports_become_metrics(client):
     assert 'serving_engine_running_requests{model="a",replica="a-1"} 3.0' in text
     assert 'serving_engine_kv_cache_usage_ratio{model="a",replica="a-1"} 0.5' in text
     assert 'serving_engine_healthy{model="b",replica="b-1"} 1.0' in text
+
+
+def test_routing_trace_is_recorded_for_replay(client, tmp_path):
+    """Issue 9 item 5: one TraceRecord line per request, readable by the simulator's reader; no prompt text."""
+    from serving.routing.trace import read_trace
+
+    trace = tmp_path / "trace.jsonl"
+    config = {**CONFIG, "router": {"trace_file": str(trace)}}
+    router, http = client({"a": FakeHandle("a", ok("a")), "b": FakeHandle("b", ok("b"))}, config=config)
+    assert http.post("/v1/chat/completions", json={"model": "tag:small", **CHAT}).status_code == 200
+    router.accounting.trace.close()
+    [line] = read_trace(str(trace))
+    assert (line.requested, line.model, line.replica, line.decision, line.status) == ("tag:small", "a", "a-1", "tag", 200)
+    assert line.prompt_tokens == 2 and line.prompt is None and "hi" not in trace.read_text()

@@ -35,6 +35,13 @@ class RequestRecord:
     engine_s: float | None = None
     fallback_from: str | None = None
     admission: Any = None  # serving.limiter.Admission once limits admitted the request
+    endpoint: str = ""
+    arrived: float = field(default_factory=time.time)
+    decision: Any = None  # serving.routing.Decision once routed
+    prefix_key: str | None = None
+    session_key: str | None = None
+    prompt: str | None = None  # only when the trace records prompts
+    max_tokens: int | None = None
     closed: bool = False
 
     def elapsed(self) -> float:
@@ -42,11 +49,12 @@ class RequestRecord:
 
 
 class Accounting:
-    def __init__(self, metrics: RouterMetrics, prices: dict, request_log=None, limiter=None):
+    def __init__(self, metrics: RouterMetrics, prices: dict, request_log=None, limiter=None, trace=None):
         self.metrics = metrics
         self.prices = prices  # model name -> Price
         self.request_log = request_log  # serving.requestlog.RequestLog or None
         self.limiter = limiter  # serving.limiter.Limiter or None
+        self.trace = trace  # a RequestLog writing serving.routing.trace.TraceRecord lines, or None
 
     def first_token(self, record: RequestRecord) -> None:
         if record.ttft_s is None:
@@ -88,6 +96,8 @@ class Accounting:
                     m.key_cost.labels(record.key_name, record.model).inc(cost)
         if self.limiter is not None and record.admission is not None:
             self._settle(record, usage, cost)
+        if self.trace is not None and record.decision is not None:
+            self.trace.write(self._trace_line(record, duration))
         if self.request_log is not None:
             try:
                 self.request_log.write(self._log_line(record, duration))
@@ -107,6 +117,23 @@ class Accounting:
             asyncio.get_running_loop().create_task(coro)
         except RuntimeError:  # no loop (closing): the lease expires on its own
             coro.close()
+
+    @staticmethod
+    def _trace_line(record: RequestRecord, duration: float):
+        from serving.routing.trace import TraceRecord
+
+        decision, usage = record.decision, record.usage
+        features = {"max_tokens": record.max_tokens}
+        if decision.difficulty is not None:
+            features.update(difficulty=decision.difficulty, side=decision.side)
+        return TraceRecord(
+            t=record.arrived, request_id=record.request_id, endpoint=record.endpoint,
+            requested=record.requested_model or "", model=record.model if record.replica else None,
+            replica=record.replica, decision=decision.rule, reason=decision.reason, prefix_key=record.prefix_key,
+            session_key=record.session_key, prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0, ttft=record.ttft_s, duration=duration,
+            status=record.status, fallback_from=record.fallback_from, fallback_reason=decision.fallback_reason,
+            features=features, prompt=record.prompt)
 
     @staticmethod
     def _log_line(record: RequestRecord, duration: float):

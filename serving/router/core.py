@@ -59,8 +59,10 @@ class Router:
         prices = {spec.name: spec.price for spec in self.config.models if spec.price}
         self.keys = KeyStore(router.keys_file, os.environ.get(router.api_keys_env, ""))
         self.limiter = make_limiter(router)
+        self.trace_prompts = router.trace_prompts
+        trace = make_request_log(router, path=router.trace_file, stdout=False) if router.trace_file else None
         self.accounting = Accounting(self.metrics, prices, request_log=make_request_log(router),
-                                     limiter=self.limiter)
+                                     limiter=self.limiter, trace=trace)
         # One streaming handle per deployment, made once: this also starts each handle's
         # request router, so the load view fills before the first request.
         streams = {name: handle.options(stream=True) for name, handle in engines.items()}
@@ -106,8 +108,9 @@ class Router:
             decision = self.decide(model, endpoint, difficulty, prompt_tokens, body.get("max_tokens"))
             if chosen_route is not None:
                 self.auto.count(decision)
-            record.rule = decision.rule
+            record.rule, record.decision, record.endpoint = decision.rule, decision, endpoint
             record.fallback_from = decision.fallback_from
+            record.max_tokens = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else None
             headers.update(route_headers(decision))
             allowed = require_allowed(key, model, list(decision.candidates), self.catalog)
             if len(allowed) != len(decision.candidates):  # a tag matched models this key may not use
@@ -115,6 +118,9 @@ class Router:
             record.admission = await self.limiter.admit(key, decision.candidates[0])
             headers.update(record.admission.headers)
             prefix, session = self.affinity_keys(decision, request, body, source)
+            record.prefix_key, record.session_key = prefix, session
+            if self.trace_prompts and source:
+                record.prompt = prompt_text(source)
             response = await self.forwarder.forward(record, decision, endpoint, raw, headers,
                                                     prefix_key=prefix, session_key=session)
         except Exception as failure:  # every failure answers in the API's shape, with provenance
@@ -223,10 +229,10 @@ def make_limiter(router_spec):
     return Limiter.from_config(router_spec)
 
 
-def make_request_log(router_spec):
+def make_request_log(router_spec, path: str | None = None, stdout: bool = True):
     from serving.requestlog import RequestLog
 
-    return RequestLog(stdout=True, path=router_spec.request_log_file)
+    return RequestLog(stdout=stdout, path=path or router_spec.request_log_file)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
