@@ -5,7 +5,7 @@ window, classify each process by its role in the serving path (Ray proxy, router
 engine replica frontend, vLLM engine core, bare vLLM api_server, GCS, raylet, Serve
 controller, Ray's agents, the bench client itself, other) and report CPU seconds per role,
 plus CPU ms per streamed output token for the path around the engine (every serving process
-but the engine core) and for the engine core.
+but the engine core) and for the engine core (with vLLM's executor workers, if any).
 
 Caveats the report states: a process that exits inside the window loses the CPU it spent
 after the first snapshot (it is listed as `exited`); a process that starts inside it is
@@ -33,6 +33,7 @@ ROLES = (
     "router",           # router / ingress replica (ray::ServeReplica:<app>:router, OpenAiIngress)
     "engine_frontend",  # engine replica: the Python process around AsyncLLM (or the null engine)
     "engine_core",      # VLLM::EngineCore: the model itself
+    "engine_worker",    # VLLM::Worker: vLLM's multiproc executor worker (Ray Serve LLM on CPU forces it)
     "vllm_api_server",  # bare `python -m vllm.entrypoints.openai.api_server` frontend
     "controller",       # ray::ServeController
     "gcs",              # gcs_server
@@ -44,7 +45,8 @@ ROLES = (
     "other",            # everything else on the machine
 )
 # "Around the engine": every process of the serving path except the model's engine core.
-AROUND_ENGINE = tuple(r for r in ROLES if r not in ("engine_core", "bench_client", "other"))
+ENGINE = ("engine_core", "engine_worker")
+AROUND_ENGINE = tuple(r for r in ROLES if r not in ENGINE + ("bench_client", "other"))
 
 _INGRESS = re.compile(r"router|ingress", re.I)
 _DRIVER = re.compile(r"serving(\.cli)? up|bin/serving up|null_stack\.py|ray_serve_llm\.py|serve run|"
@@ -89,6 +91,8 @@ def classify(comm: str, cmd: str) -> str:
         return "router" if _INGRESS.search(deployment) else "engine_frontend"
     if line.startswith("VLLM::EngineCore") or comm.startswith("VLLM::EngineCor"):
         return "engine_core"
+    if line.startswith("VLLM::Worker") or comm.startswith("VLLM::Worker"):
+        return "engine_worker"
     if line.startswith("ray::ProxyActor") or comm.startswith("ray::ProxyActor"):
         return "proxy"
     if line.startswith("ray::ServeController") or comm.startswith("ray::ServeContr"):
@@ -181,7 +185,7 @@ def aggregate(deltas: list[Delta], wall_s: float, output_tokens: int | None,
         roles["bench_client"]["cpu_s"] = client_cpu_s
         roles["bench_client"]["processes"] = max(roles["bench_client"]["processes"], 1)
     around = sum(roles[r]["cpu_s"] for r in AROUND_ENGINE)
-    core = roles["engine_core"]["cpu_s"]
+    core = sum(roles[r]["cpu_s"] for r in ENGINE)
 
     def per_token(cpu_s: float) -> float | None:
         return cpu_s * 1000.0 / output_tokens if output_tokens else None
@@ -382,7 +386,8 @@ def format_report(rep: dict[str, Any]) -> str:
     lines.append(f"around the engine ({'+'.join(r for r in AROUND_ENGINE if rep['roles'][r]['processes'])}): "
                  f"{rep['around_engine_cpu_s']:.2f} CPU-s"
                  + (f" = {rep['around_engine_ms_per_token']:.3f} ms/token" if tokens else ""))
-    lines.append(f"engine core: {rep['engine_core_cpu_s']:.2f} CPU-s"
+    lines.append(f"engine ({'+'.join(r for r in ENGINE if rep['roles'][r]['processes']) or 'engine_core'}): "
+                 f"{rep['engine_core_cpu_s']:.2f} CPU-s"
                  + (f" = {rep['engine_core_ms_per_token']:.3f} ms/token" if tokens else ""))
     exited = sum(r["exited"] for r in rep["roles"].values())
     if exited:
