@@ -75,7 +75,8 @@ def main() -> int:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=256 * 2**20)
+    # address="local": always a fresh cluster of our own, never attach to one another job started.
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=256 * 2**20)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
