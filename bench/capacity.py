@@ -11,10 +11,12 @@ Phases (each `--duration` seconds, after a short warm-up):
 3. `python-streams` (with `--python-client`): the same streams through bench's own Python
    client (bench/client.py), which parses every SSE event and so gives TTFT; on 2 cores it
    is itself a bottleneck long before the path is (its CPU is reported beside the rest).
+4. `profile-*` (with `--profile-dir`): the wrk loads again while py-spy samples the proxy,
+   router and engine replica: collapsed stacks to files, top frames into the JSON.
 
 Load for phases 1-2 comes from `wrk` (C, epoll; Debian package `wrk`), one thread, because
 the Python client spends more CPU per request than the path it measures: at 1,000+ req/s on
-two cores it would be the bottleneck (measured: see bench/results/README.md). wrk's Lua
+two cores it would be the bottleneck (measured: see bench/README.md, "Why wrk"). wrk's Lua
 `done()` hook reports counts and latency percentiles as JSON.
 
 "Added" latency = observed - what the null engine itself takes (`--engine-ttft-ms` +
@@ -31,6 +33,7 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -217,6 +220,77 @@ def phase_python(args, port: int) -> dict:
     return out
 
 
+# --- where the path's CPU goes: py-spy on the path's Python processes during load ------------
+
+PROFILED_ROLES = ("proxy", "router", "engine_frontend")
+
+
+def top_frames(collapsed: str, n: int = 15) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's raw (collapsed) output: the `n` frames with the most samples on top of the
+    stack (self) and anywhere in it (inclusive), as shares of all samples."""
+    self_c: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        c = int(count)
+        total += c
+        frames = stack.split(";")
+        self_c[frames[-1]] = self_c.get(frames[-1], 0) + c
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + c
+
+    def top(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(f, round(c / total, 4)) for f, c in sorted(d.items(), key=lambda kv: -kv[1])[:n]] if total else []
+    return {"samples": total, "self": top(self_c), "inclusive": top(incl)}
+
+
+def phase_profile(args, url: str, port: int, stream: bool) -> dict:
+    """Load as in the matching phase while py-spy samples each path process (not measured:
+    sampling costs CPU). Collapsed stacks go to --profile-dir, the top frames into the JSON."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        raise SystemExit("py-spy is not installed (pip install py-spy)")
+    snap = cpuprof.read_snapshot()
+    pids, _ = cpuprof.scope_pids(snap, port=port)
+    targets = [(s.pid, cpuprof.classify(s.comm, s.cmd)) for s in snap.values()
+               if s.pid in pids and cpuprof.classify(s.comm, s.cmd) in PROFILED_ROLES]
+    name = "streams" if stream else "nonstream"
+    os.makedirs(args.profile_dir, exist_ok=True)
+    procs = []
+    dur = max(int(args.profile_s), 1)
+    for pid, role in targets:
+        out = os.path.join(args.profile_dir, f"{args.name}-{name}-{role}-{pid}.txt")
+        procs.append((pid, role, out, subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--duration", str(dur), "--rate", "200", "--nonblocking",
+             "--format", "raw", "--output", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+    body = chat_body(args.model, args.stream_max_tokens if stream else args.nonstream_max_tokens, stream)
+    run_wrk(url, body, args.streams if stream else args.nonstream_concurrency, dur + 1, args.wrk_threads,
+            args.api_key)
+    result = {}
+    for pid, role, out, p in procs:
+        _, err = p.communicate(timeout=60)
+        try:
+            with open(out) as fh:
+                result[f"{role}:{pid}"] = {"file": out, **top_frames(fh.read())}
+        except FileNotFoundError:
+            result[f"{role}:{pid}"] = {"file": None, "error": (err or "")[-500:]}
+    return {"phase": f"profile-{name}", "load": name, "seconds": dur, "processes": result}
+
+
+def format_profile(p: dict) -> str:
+    lines = [f"== {p['phase']}: py-spy, {p['seconds']} s, top frames by own samples (share of the process's samples)"]
+    for key, r in p["processes"].items():
+        if r.get("error"):
+            lines.append(f"{key}: py-spy failed: {r['error']}")
+            continue
+        lines.append(f"{key} ({r['samples']} samples) -> {r['file']}")
+        lines += [f"   {share:6.1%}  {frame[:150]}" for frame, share in r["self"][:10]]
+    return "\n".join(lines)
+
+
 def format_phase(p: dict) -> str:
     from bench.report import format_table
 
@@ -260,6 +334,9 @@ def add_parser(sub) -> None:
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--stream-max-tokens", type=int, default=256)
     p.add_argument("--wrk-threads", type=int, default=1)
+    p.add_argument("--profile-dir", default=None, help="also profile the proxy, router and engine replica "
+                   "with py-spy under each wrk load (after the measured phases) and write collapsed stacks here")
+    p.add_argument("--profile-s", type=float, default=8.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-results")
     p.add_argument("--name", default="capacity")
@@ -288,6 +365,12 @@ def cmd_capacity(args) -> int:
             raise SystemExit(f"unknown phase {ph!r}")
         print(format_phase(r), flush=True)
         results.append(r)
+    if args.profile_dir:
+        for ph in phases:
+            if ph in ("nonstream", "streams"):
+                r = phase_profile(args, chat_url, port, ph == "streams")
+                print(format_profile(r), flush=True)
+                results.append(r)
     doc = {"schema": "bench.capacity/1", "config": {k: v for k, v in vars(args).items() if k != "api_key"},
            "environment": envinfo.collect(), "phases": results,
            "headline": _headline(results)}

@@ -85,3 +85,13 @@ def test_wrk_with_our_lua_hook_against_a_local_server():
     assert raw["requests"] >= 2 and seen and seen[0]["model"] == "m" and seen[0]["max_tokens"] == 3
     s = capacity.wrk_summary(raw, 3, 0.0)
     assert raw["status"] >= 1 and s["ok"] == raw["requests"] - raw["status"]  # 503s are not good answers
+
+
+def test_top_frames_from_collapsed_stacks():
+    raw = ("main (a.py:1);loop (b.py:2);parse (c.py:3) 60\n"
+           "main (a.py:1);loop (b.py:2);send (d.py:4) 30\n"
+           "main (a.py:1);idle (e.py:5) 10\n")
+    t = capacity.top_frames(raw, n=2)
+    assert t["samples"] == 100
+    assert t["self"] == [("parse (c.py:3)", 0.6), ("send (d.py:4)", 0.3)]
+    assert t["inclusive"][0] == ("main (a.py:1)", 1.0) and t["inclusive"][1] == ("loop (b.py:2)", 0.9)
