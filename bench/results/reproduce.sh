@@ -129,7 +129,8 @@ capacity() {
 capacity_inner() {
     settle "$1"
     "$PY" -m bench capacity --base-url http://127.0.0.1:18300 --model smollm2-135m \
-        --engine-tokens-per-s "$NULL_RATE" --duration 20 --python-client --out "$OUT" --name "$1" \
+        --engine-tokens-per-s "$NULL_RATE" --duration 20 --python-client --profile-dir "$OUT/profiles" \
+        --out "$OUT" --name "$1" \
         | tee "$OUT/$1.txt"
 }
 
