@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the committed results in bench/results/ (see README.md here).
-#   bench/results/reproduce.sh            # measure + extra + offline (~20 min)
+#   bench/results/reproduce.sh            # measure + extra + sides + capacity + offline + sides_offline (~50 min)
 #   bench/results/reproduce.sh measure    # sweeps of each server alone + A/B with both up
 #   bench/results/reproduce.sh extra      # low-rate points for sizing (stack alone)
 #   bench/results/reproduce.sh offline    # only sizing / compare / overlay plots from the JSON+CSV
@@ -148,5 +148,5 @@ offline() {
         --out "$OUT/stack-vs-vllm"
 }
 
-if [[ $# -eq 0 ]]; then set -- measure extra offline; fi
+if [[ $# -eq 0 ]]; then set -- measure extra sides capacity offline sides_offline; fi
 for step in "$@"; do "$step"; done
