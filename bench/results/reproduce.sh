@@ -148,5 +148,6 @@ offline() {
         --out "$OUT/stack-vs-vllm"
 }
 
+case "${1:-}" in side|capacity_inner) "$@"; exit $? ;; esac  # steps that take arguments
 if [[ $# -eq 0 ]]; then set -- measure extra sides capacity offline sides_offline; fi
 for step in "$@"; do "$step"; done
