@@ -1,4 +1,4 @@
-"""Command line: run / ab / size / compare / plot. See bench/README.md."""
+"""Command line: run / ab / size / compare / plot / cpu / capacity. See bench/README.md."""
 
 from __future__ import annotations
 
@@ -135,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--out", default="bench/results/difficulty.md")
 
-    from bench import simulate
+    from bench import capacity, cpuprof, simulate
     simulate.add_parser(sub)
+    cpuprof.add_parser(sub)
+    capacity.add_parser(sub)
     return ap
 
 
@@ -340,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     return {"run": cmd_run, "ab": cmd_ab, "size": cmd_size, "compare": cmd_compare,
             "plot": cmd_plot, "difficulty-eval": cmd_difficulty_eval,
-            "simulate": lambda a: __import__("bench.simulate").simulate.cmd_simulate(a)}[args.cmd](args)
+            "simulate": lambda a: __import__("bench.simulate").simulate.cmd_simulate(a),
+            "cpu": lambda a: __import__("bench.cpuprof").cpuprof.cmd_cpu(a),
+            "capacity": lambda a: __import__("bench.capacity").capacity.cmd_capacity(a)}[args.cmd](args)
 
 
 if __name__ == "__main__":

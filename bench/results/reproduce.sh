@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Reproduce the committed results in bench/results/ (see README.md here).
-#   bench/results/reproduce.sh            # measure + extra + offline (~20 min)
+#   bench/results/reproduce.sh            # measure + extra + sides + capacity + offline + sides_offline (~50 min)
 #   bench/results/reproduce.sh measure    # sweeps of each server alone + A/B with both up
 #   bench/results/reproduce.sh extra      # low-rate points for sizing (stack alone)
 #   bench/results/reproduce.sh offline    # only sizing / compare / overlay plots from the JSON+CSV
+#   bench/results/reproduce.sh sides      # bare vLLM, Ray Serve LLM, this stack side by side (each alone):
+#                                         # 1-32 sweep + a CPU-profiled c8 run each (~25 min)
+#   bench/results/reproduce.sh capacity   # router capacity against the null engine (~3 min)
+#   bench/results/reproduce.sh sides_offline   # compare tables + overlay plots of the sides
 # `measure` takes the machine-wide heavy-job lock once; runs the bare-vLLM
 # sweep (vLLM on :8100 with the stack's engine settings, alone), then starts
 # the stack (`serving up` on :8000, unless something already serves there) for
@@ -74,6 +78,74 @@ measure() {  # one lock for the whole measurement; each server runs alone for it
         bench/scripts/with_stack.sh 8000 -- "$0" stack_then_ab' "$0"
 }
 
+# --- side by side: bare vLLM (:8100), Ray Serve LLM (:18200), this stack (:8000) --------------
+# Same engine settings everywhere (models.yaml cpu profile), issue 7's workload: 128 random
+# tokens in, exactly 64 out. Each server runs alone; each gets the 1-32 sweep and one c8 run
+# wrapped in `bench cpu` (CPU per process role per output token, scoped to its port's tree).
+SIDE_SWEEP=(--concurrency 1,2,4,8,16,32 --num-requests 24 --min-waves 3 --warmup 2)
+wl64() {
+    echo --model smollm2-135m --tokenizer "$TOK" --workload random --input-len 128 --output-len 64 \
+        --ignore-eos --no-progress --slo "$SLO" --out "$OUT"
+}
+
+side() {  # side NAME PORT: the server on PORT is up and alone
+    local name=$1 port=$2 url=http://127.0.0.1:$2
+    settle "side-$name"
+    "$PY" -m bench run --base-url "$url" $(wl64) --seed 10 "${SIDE_SWEEP[@]}" --name "side-$name"
+    settle "side-$name-cpu"
+    "$PY" -m bench cpu --port "$port" --out "$OUT" --name "cpu-side-$name-c8" -- \
+        "$PY" -m bench run --base-url "$url" $(wl64) --seed 11 --concurrency 8 --num-requests 48 --warmup 2 \
+        --name "side-$name-cpurun"
+}
+
+sides() {
+    # the stack serves the chat model only, as the peers do
+    STACK_CONFIG=$(mktemp --suffix .yaml)
+    "$PY" - "$STACK_CONFIG" <<'PYEOF'
+import sys, yaml
+raw = yaml.safe_load(open("models.yaml"))
+raw["models"] = [m for m in raw["models"] if m["name"] == "smollm2-135m"]
+raw.pop("routes", None)
+for m in raw["models"]:
+    m.pop("fallbacks", None)
+yaml.safe_dump(raw, open(sys.argv[1], "w"), sort_keys=False)
+PYEOF
+    export STACK_CONFIG
+    flock /tmp/serving-heavy.lock bash -c '
+        bench/scripts/bare_vllm.sh 8100 -- "$0" side vllm 8100 &&
+        bench/scripts/with_ray_serve_llm.sh 18200 -- "$0" side ray-serve-llm 18200 &&
+        bench/scripts/with_stack.sh 8000 -- "$0" side stack 8000' "$0"
+}
+
+sides_offline() {
+    for c in 1 8 32; do
+        echo "== concurrency $c =="
+        "$PY" -m bench compare "$OUT/side-vllm-c$c.json" "$OUT/side-ray-serve-llm-c$c.json" "$OUT/side-stack-c$c.json" \
+            --labels vllm,ray-serve-llm,stack
+    done | tee "$OUT/compare-sides.txt"
+    "$PY" -m bench plot "vllm=$OUT/side-vllm-sweep.csv" "ray-serve-llm=$OUT/side-ray-serve-llm-sweep.csv" \
+        "stack=$OUT/side-stack-sweep.csv" --out "$OUT/sides"
+}
+
+# --- router capacity: the stack's path in front of bench's null engine (:18300) -------------
+# 400 tok/s per stream x 64 streams offers 25,600 tok/s. Two runs: the config's
+# router.stream_flush_ms, and 0 (one Ray item per token) for comparison.
+NULL_RATE=400
+capacity() {
+    flock /tmp/serving-heavy.lock bash -c '
+        bench/scripts/with_null_stack.sh 18300 --tokens-per-s '"$NULL_RATE"' -- "$0" capacity_inner capacity-null &&
+        bench/scripts/with_null_stack.sh 18300 --tokens-per-s '"$NULL_RATE"' --flush-ms 0 -- \
+            "$0" capacity_inner capacity-null-flush0' "$0"
+}
+
+capacity_inner() {
+    settle "$1"
+    "$PY" -m bench capacity --base-url http://127.0.0.1:18300 --model smollm2-135m \
+        --engine-tokens-per-s "$NULL_RATE" --duration 20 --python-client --profile-dir "$OUT/profiles" \
+        --out "$OUT" --name "$1" \
+        | tee "$OUT/$1.txt"
+}
+
 offline() {
     "$PY" -m bench size "$OUT/stack-rate-low-sweep.csv" "$OUT/stack-rate-sweep.csv" --slo "$SLO" --goodput-fraction 0.9 \
         --target-rate 20 --headroom 0.3 --gpus-per-replica 0 --out "$OUT/sizing-stack-rate.json" | tee "$OUT/sizing-stack-rate.txt"
@@ -88,5 +160,6 @@ offline() {
         --out "$OUT/stack-vs-vllm"
 }
 
-if [[ $# -eq 0 ]]; then set -- measure extra offline; fi
+case "${1:-}" in side|capacity_inner) "$@"; exit $? ;; esac  # steps that take arguments
+if [[ $# -eq 0 ]]; then set -- measure extra sides capacity offline sides_offline; fi
 for step in "$@"; do "$step"; done

@@ -3,6 +3,7 @@
 # /v1/models answers, run the given command, then stop the stack again if we
 # started it (SIGINT = the documented Ctrl-C shutdown).
 #   bench/scripts/with_stack.sh PORT -- COMMAND...
+# STACK_CONFIG=path/to/models.yaml serves that config instead of the default one.
 # On this 2-core machine wrap the whole thing in `flock /tmp/serving-heavy.lock`.
 set -euo pipefail
 PORT=${1:-8000}; shift; [[ "${1:-}" == "--" ]] && shift
@@ -17,7 +18,7 @@ ready() {
 if ready; then
     "$@"; exit $?
 fi
-setsid "$SERVING" up --port "$PORT" >"$LOG" 2>&1 &
+setsid "$SERVING" up ${STACK_CONFIG:+"$STACK_CONFIG"} --port "$PORT" >"$LOG" 2>&1 &
 SPID=$!
 stop() {
     kill -INT "$SPID" 2>/dev/null || true
