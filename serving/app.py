@@ -66,6 +66,8 @@ def engine_options(engine: EngineSpec) -> dict[str, Any]:
         options["placement_group_strategy"] = "STRICT_PACK"
     elif res.gpus:
         actor["num_gpus"] = res.gpus
+    if spec.max_replicas_per_node:
+        options["max_replicas_per_node"] = spec.max_replicas_per_node
     if spec.replicas.fixed:
         options["num_replicas"] = spec.replicas.min
     else:

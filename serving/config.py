@@ -123,6 +123,7 @@ class ModelSpec(_Strict):
     resources: Resources | None = None
     max_ongoing_requests: int = Field(32, ge=1, description="requests one replica works on at once")
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica before 503 (-1: unbounded)")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="spread replicas: at most this many on one Ray node")
     price: Price | None = None
 
     @field_validator("replicas", mode="before")
@@ -176,6 +177,7 @@ class RouterSpec(_Strict):
     request_timeout_s: float = Field(600, gt=0, description="end-to-end limit for one request")
     api_keys_env: str = Field("SERVING_API_KEYS", description="env var holding comma-separated API keys; unset or empty: no auth")
     load_poll_interval_s: float = Field(1.0, gt=0, description="how often engines report their load")
+    drain_timeout_s: float = Field(30, ge=0, description="on stop: how long requests in flight may take to finish")
 
 
 class ServingConfig(_Strict):
