@@ -13,12 +13,15 @@ from ray import serve
 from ray.serve import Application
 
 from serving import router as router_module
+from serving.drain import DrainMiddleware
 from serving.config import EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
 from serving.engine import EngineDeployment
 from serving.router import Router
 
 APP_NAME = "serving"
 ROUTER_DEPLOYMENT = "router"
+# On stop, `serving up` flags the app as draining: new requests get 503 while in-flight ones finish.
+router_module.app.add_middleware(DrainMiddleware, app_name=APP_NAME)
 
 
 @serve.deployment(name=ROUTER_DEPLOYMENT)
@@ -98,7 +101,7 @@ def build(config: ServingConfig) -> Application:
         num_replicas=router.replicas,
         max_ongoing_requests=router.max_ongoing_requests,
         ray_actor_options={"num_cpus": router.cpus},
-        graceful_shutdown_timeout_s=router.request_timeout_s,
+        graceful_shutdown_timeout_s=router.drain_timeout_s,
     ).bind(config_to_dict(config), engines)
 
 
