@@ -237,7 +237,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     port = args.port or config.router.port
     host = args.host or config.router.host
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]}}
-    stop = _Stop()
     if args.address:
         ray.init(address=args.address, logging_level="WARNING", runtime_env=env)
     else:
@@ -247,6 +246,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ray.init(include_dashboard=False, num_cpus=num_cpus, logging_level="WARNING",
                  object_store_memory=256 * 2**20, runtime_env=env)
     own_cluster = not args.address
+    stop = _Stop()  # after ray.init: Ray installs its own SIGTERM handler, which would kill us undrained
 
     nodes = capacity.nodes_from_ray(ray.nodes())
     report = capacity.check(config, nodes)
