@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="plots from one or more sweep CSVs (overlaid)")
     pl.add_argument("inputs", nargs="+", help="sweep CSV files; label=path to name a series")
     pl.add_argument("--out", required=True, help="output prefix, e.g. results/stack-vs-vllm")
+
+    from bench import chaos  # starts and breaks a real stack; needs the serving package
+    chaos.add_parser(sub)
     return ap
 
 
@@ -323,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     # Per-point tables should show up in logs as each point finishes.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
+    if args.cmd == "chaos":
+        return args.func(args)
     return {"run": cmd_run, "ab": cmd_ab, "size": cmd_size, "compare": cmd_compare,
             "plot": cmd_plot}[args.cmd](args)
 
