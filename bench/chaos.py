@@ -75,7 +75,7 @@ class Stack:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"`serving up` exited with {self.proc.returncode}; see {self.log}")
-            if "READY" in self.log.read_text(errors="replace"):
+            if any(line.startswith("READY") for line in self.log.read_text(errors="replace").splitlines()):
                 return
             time.sleep(2)
         raise RuntimeError(f"stack not READY after {timeout}s; see {self.log}")

@@ -266,10 +266,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     _run(build(config), name=APP_NAME, route_prefix="/", _blocking=False)
     base = f"http://127.0.0.1:{port}"
     print(f"deploying {len(config.models)} models at http://{host}:{port}/v1 "
-          f"(READY once each answers; --start-timeout {args.start_timeout:g}s)", flush=True)
+          f"(ready once each model answers; --start-timeout {args.start_timeout:g}s)", flush=True)
 
     seen: dict[str, str] = {}
-    ready = False
+    ready = failed_start = False
     deadline = started + args.start_timeout
     last_probe: dict[str, str] = {}
     while not stop.requested:
@@ -280,6 +280,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"FAILED: {name} cannot start: {dep.message or dep.status}", file=sys.stderr, flush=True)
             if not failed:
                 print(f"FAILED: application: {app.message}", file=sys.stderr, flush=True)
+            failed_start = True
             break
         if all_models_ready(base):
             last_probe = probe_models(base, config)
@@ -296,6 +297,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     print(f"  {spec.name}: {why}", file=sys.stderr, flush=True)
             if "router" in deps and deps["router"].status != "HEALTHY":
                 print(f"  router: {deps['router'].line()}", file=sys.stderr, flush=True)
+            failed_start = True
             break
         stop.sleep(2)
 
@@ -305,7 +307,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         while not stop.sleep(5):
             seen, _ = _print_changes(seen, APP_NAME)  # replica crashes and restarts show up here
     _stop_app(config, stop, own_cluster, args.shutdown_cluster)
-    return 0 if ready else 1
+    return 1 if failed_start else 0  # a stop asked for (Ctrl-C, SIGTERM) is a clean exit
 
 
 def cmd_status(args: argparse.Namespace) -> int:
