@@ -261,7 +261,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 3
 
     started = time.monotonic()
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": config.router.request_timeout_s})
+    serve.start(proxy_location=args.proxy_location,
+                http_options={"host": host, "port": port, "request_timeout_s": config.router.request_timeout_s})
     set_draining(APP_NAME, False)  # a previous stop may have left the flag on this cluster
     _run(build(config), name=APP_NAME, route_prefix="/", _blocking=False)
     base = f"http://127.0.0.1:{port}"
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--num-cpus", type=float, default=None, help="logical CPUs Ray may hand out (default: cores)")
     up.add_argument("--address", help="deploy onto this existing Ray cluster (e.g. 10.0.0.1:6379) instead of starting one")
     up.add_argument("--shutdown-cluster", action="store_true", help="with --address: on stop, shut Serve down, not only the app")
+    up.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
+                    help="HTTP proxies on every Ray node (each node answers on the port) or the head only")
     up.add_argument("--start-timeout", type=float, default=600, help="seconds for every model to answer before giving up")
     up.add_argument("--skip-capacity-check", action="store_true", help="deploy even if the requests exceed the cluster")
     up.set_defaults(func=cmd_up)
