@@ -240,10 +240,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.address:
         ray.init(address=args.address, logging_level="WARNING", runtime_env=env)
     else:
-        num_cpus = args.num_cpus
-        if num_cpus is not None and float(num_cpus).is_integer():
-            num_cpus = int(num_cpus)
-        ray.init(include_dashboard=False, num_cpus=num_cpus, logging_level="WARNING",
+        ray.init(include_dashboard=False, num_cpus=args.num_cpus, logging_level="WARNING",
                  object_store_memory=256 * 2**20, runtime_env=env)
     own_cluster = not args.address
     stop = _Stop()  # after ray.init: Ray installs its own SIGTERM handler, which would kill us undrained
@@ -358,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("file", nargs="?", default=DEFAULT_CONFIG)
     up.add_argument("--port", type=int)
     up.add_argument("--host")
-    up.add_argument("--num-cpus", type=float, default=None, help="logical CPUs Ray may hand out (default: cores)")
+    up.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray may hand out (default: cores)")
     up.add_argument("--address", help="deploy onto this existing Ray cluster (e.g. 10.0.0.1:6379) instead of starting one")
     up.add_argument("--shutdown-cluster", action="store_true", help="with --address: on stop, shut Serve down, not only the app")
     up.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
