@@ -300,7 +300,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop.sleep(2)
 
     if ready:
-        _print_models(base)
+        try:
+            _print_models(base)
+        except (OSError, KeyError, TypeError, ValueError) as error:  # a display problem must not stop a ready stack
+            print(f"  (cannot show /v1/status: {type(error).__name__}: {error})")
         print(f"READY in {time.monotonic() - started:.0f}s at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
         while not stop.sleep(5):
             seen, _ = _print_changes(seen, APP_NAME)  # replica crashes and restarts show up here
