@@ -232,8 +232,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = _load(args.file)
-    if not args.address and cmd_provision(argparse.Namespace(file=args.file, allow_download=False)) != 0:
-        return 1  # on a cluster, each engine replica provisions its model on its own node
     port = args.port or config.router.port
     host = args.host or config.router.host
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]}}
@@ -256,6 +254,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                   "--skip-capacity-check deploys anyway, e.g. when a Ray autoscaler adds nodes", file=sys.stderr)
             ray.shutdown()
             return 3
+    # after the capacity check (a refusal should not wait for downloads); on a cluster each
+    # engine replica provisions its model on its own node
+    if not args.address and cmd_provision(argparse.Namespace(file=args.file, allow_download=False)) != 0:
+        ray.shutdown()
+        return 1
 
     started = time.monotonic()
     serve.start(proxy_location=args.proxy_location,
