@@ -138,3 +138,20 @@ def test_nodes_from_ray_reads_totals_and_skips_dead_nodes():
         {"Alive": False, "NodeManagerAddress": "10.0.0.2", "NodeID": "x", "Resources": {"CPU": 8.0}},
     ])
     assert nodes == [Node("10.0.0.1:abcdef01", 8.0, 2.0, 16.0, frozenset({"A100"}))]
+
+
+def test_serving_check_cpus_refuses_and_accepts(tmp_path, capsys):
+    import yaml
+
+    from serving.cli import main
+
+    raw = {"default_profile": "cpu", "profiles": CPU_PROFILE,
+           "models": [model("chat-a"), model("chat-b"), model("embed", task="embed", resources={"cpus": 0.5})]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["check", str(path), "--skip-engine-args", "--cpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "start with --num-cpus 3" in err
+    assert main(["check", str(path), "--skip-engine-args", "--cpus", "3"]) == 0
+    assert "chat-a" in capsys.readouterr().out
+    assert main(["check", str(path), "--skip-engine-args"]) == 0  # no size given: schema only
