@@ -13,15 +13,12 @@ from ray import serve
 from ray.serve import Application
 
 from serving import router as router_module
-from serving.drain import DrainMiddleware
 from serving.config import EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
 from serving.engine import EngineDeployment
 from serving.router import Router
 
 APP_NAME = "serving"
 ROUTER_DEPLOYMENT = "router"
-# On stop, `serving up` flags the app as draining: new requests get 503 while in-flight ones finish.
-router_module.app.add_middleware(DrainMiddleware, app_name=APP_NAME)
 
 
 @serve.deployment(name=ROUTER_DEPLOYMENT)

@@ -91,9 +91,9 @@ def wait_drained(app_name: str, deployment: str, timeout_s: float, log=print) ->
 class DrainMiddleware:
     """ASGI middleware for the router: while the app is draining, answer 503 before routing."""
 
-    def __init__(self, app, app_name: str):
+    def __init__(self, app, app_name: str | None = None):
         self.app = app
-        self.app_name = app_name
+        self.app_name = app_name  # None: the Serve application this replica belongs to
         self._draining = False
         self._checked_at = 0.0
         self._lock = asyncio.Lock()
@@ -101,6 +101,15 @@ class DrainMiddleware:
     async def _is_draining(self) -> bool:
         if self._draining:  # one way: once draining, the replica is going away
             return True
+        if self.app_name is None:
+            try:
+                from ray import serve
+
+                self.app_name = serve.get_replica_context().app_name
+            except Exception:  # not in a Serve replica (tests, a plain uvicorn): nothing drains it
+                self.app_name = ""
+        if not self.app_name:
+            return False
         if time.monotonic() - self._checked_at >= CHECK_INTERVAL_S and not self._lock.locked():
             async with self._lock:
                 self._checked_at = time.monotonic()

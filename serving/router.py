@@ -24,6 +24,7 @@ from serving import errors
 from serving.config import ServingConfig, parse_config
 from serving.metrics import RouterMetrics
 from serving.routing import Decision, Load, RoutingError, aggregate, catalog_from_config, known_model_ids, route
+from serving.drain import DrainMiddleware
 
 logger = logging.getLogger("serving.router")
 
@@ -32,6 +33,7 @@ DOWN_FOR_S = 5.0  # how long a deployment that failed a forward is skipped
 METRICS_EVERY_POLLS = 5  # vLLM's metric families are bulky: fetch them every 5th load poll
 
 app = FastAPI(title="serving router", docs_url=None, redoc_url=None)
+app.add_middleware(DrainMiddleware)  # on stop: 503 to new requests while in-flight ones finish
 
 
 class Router:

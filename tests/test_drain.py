@@ -47,3 +47,15 @@ def test_flag_read_failure_keeps_serving(monkeypatch):
     client = app_with_drain(monkeypatch, {"on": False})
     monkeypatch.setattr(drain, "is_draining", broken)
     assert client.post("/v1/chat/completions", json={}).status_code == 200
+
+
+def test_outside_a_serve_replica_nothing_drains(monkeypatch):
+    monkeypatch.setattr(drain, "is_draining", lambda app_name: True)  # would drain if asked
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"ok": True}
+
+    app.add_middleware(drain.DrainMiddleware)  # app name from the replica context: none here
+    assert TestClient(app).get("/health").status_code == 200
