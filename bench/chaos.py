@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,13 +328,28 @@ def _under_load_with_kill(stack: Stack, args, kill, settle_s: float, after_s: fl
     return asyncio.run(drive()), killed
 
 
-def _wait(pred, timeout: float) -> float | None:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if pred():
-            return time.monotonic() - start
-        time.sleep(1)
-    return None
+class Watch(threading.Thread):
+    """Polls `pred` every second from the moment of a kill; `.after` = seconds until it held."""
+
+    def __init__(self, pred, timeout: float):
+        super().__init__(daemon=True)
+        self.pred, self.timeout, self.after = pred, timeout, None
+        self.start_at = time.monotonic()
+        self.start()
+
+    def run(self):
+        while time.monotonic() - self.start_at < self.timeout:
+            try:
+                if self.pred():
+                    self.after = time.monotonic() - self.start_at
+                    return
+            except Exception:  # a process vanished mid-read: poll again
+                pass
+            time.sleep(1)
+
+    def result(self) -> float | None:
+        self.join(max(0.0, self.timeout - (time.monotonic() - self.start_at)) + 5)
+        return self.after
 
 
 def s_kill_engine(stack: Stack, args) -> dict:
@@ -342,18 +358,24 @@ def s_kill_engine(stack: Stack, args) -> dict:
     if victim_replica is None:
         return {"criteria": [check("found an engine core", False, f"replicas {before}")]}
 
+    watch: list[Watch] = []
+
+    def replaced() -> bool:
+        now = _replica_pids(stack)
+        return (len(now) >= len(before) and victim_replica not in now and all(now.values())
+                and status_models(stack.url).get(MODEL, {}).get("state") == "ready")
+
     def kill():
         core = before[victim_replica][0]
         os.kill(core, signal.SIGKILL)
+        watch.append(Watch(replaced, 240))
         return {"engine_core_pid": core, "replica_pid": victim_replica}
 
     results, killed = _under_load_with_kill(stack, args, kill, 10, 60)
     at = killed["at"]
     in_flight = [r for r in results if r.sent_at < at <= r.sent_at + r.seconds]
     after = [r for r in results if r.sent_at >= at]
-    replaced = _wait(lambda: (lambda now: len(now) >= len(before) and victim_replica not in now
-                              and all(now.values()) and status_models(stack.url).get(MODEL, {}).get("state") == "ready")(
-        _replica_pids(stack)), 180)
+    replaced = watch[0].result()
     criteria = [
         check("no request hangs past its timeout", not any(r.status == "timeout" for r in results),
               f"{sum(1 for r in results if r.status == 'timeout')} timed out of {len(results)}"),
@@ -363,7 +385,8 @@ def s_kill_engine(stack: Stack, args) -> dict:
               all(r.status == 200 or (isinstance(r.status, int) and r.status >= 500 and r.shaped) for r in in_flight),
               f"{counts(in_flight)}"),
         check("the killed replica is replaced", replaced is not None,
-              f"replaced after {replaced:.0f} s" if replaced is not None else "not within 180 s"),
+              f"a new replica with a live engine core, model ready, {replaced:.0f} s after the kill"
+              if replaced is not None else "not within 240 s of the kill"),
     ]
     return {"killed": killed, "counts": counts(results), "in_flight": counts(in_flight), "after": counts(after),
             "replaced_after_s": replaced, "criteria": criteria,
@@ -375,28 +398,36 @@ def s_kill_router(stack: Stack, args) -> dict:
     if not before:
         return {"criteria": [check("found the router replica", False, "none")]}
 
+    watch: list[Watch] = []
+
     def kill():
         os.kill(before[0], signal.SIGKILL)
+        watch.append(Watch(lambda: any(p.pid not in before for p in stack.find("ray::ServeReplica:serving:router"))
+                           and status_models(stack.url).get(MODEL, {}).get("state") == "ready", 120))
         return {"router_pid": before[0]}
 
     results, killed = _under_load_with_kill(stack, args, kill, 10, 45)
     at = killed["at"]
+    in_flight = [r for r in results if r.sent_at < at <= r.sent_at + r.seconds]
     after = [r for r in results if r.sent_at >= at]
     ok_after = [r for r in after if r.status == 200]
-    recovered_at = min((r.sent_at for r in ok_after), default=None)
+    recovered_at = min((r.sent_at + r.seconds for r in ok_after), default=None)
     late = [r for r in after if recovered_at is not None and r.sent_at > recovered_at + 5]
-    replaced = _wait(lambda: any(p.pid not in before for p in stack.find("ray::ServeReplica:serving:router"))
-                     and status_models(stack.url).get(MODEL, {}).get("state") == "ready", 120)
+    replaced = watch[0].result()
     criteria = [
         check("no request hangs past its timeout", not any(r.status == "timeout" for r in results),
               f"{sum(1 for r in results if r.status == 'timeout')} timed out of {len(results)}"),
         check("the router replica is replaced", replaced is not None,
-              f"new router replica after {replaced:.0f} s" if replaced is not None else "not within 120 s"),
+              f"new router replica answering {replaced:.0f} s after the kill" if replaced is not None else "not within 120 s"),
         check("answered again after the kill", recovered_at is not None,
-              f"first 200 sent {recovered_at - at:.1f} s after the kill" if recovered_at is not None else "never"),
+              f"first 200 (of a request sent after the kill) returned {recovered_at - at:.1f} s after the kill"
+              if recovered_at is not None else "never"),
         check("every request from 5 s after recovery is 200", all(r.status == 200 for r in late), f"{counts(late)}"),
     ]
-    return {"killed": killed, "counts": counts(results), "after": counts(after), "criteria": criteria,
+    # requests inside the killed replica are lost with it; the proxy answers them itself
+    # (plain-text 500 in Ray 2.60): reported, not judged, since no router code runs for them
+    return {"killed": killed, "counts": counts(results), "in_flight": counts(in_flight),
+            "in_flight_shaped": sum(1 for r in in_flight if r.shaped), "after": counts(after), "criteria": criteria,
             "failures": [r.__dict__ for r in results if r.status != 200][:50]}
 
 
