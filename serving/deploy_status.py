@@ -88,7 +88,7 @@ def app_state(app_name: str, timeout_s: float = 10) -> AppState:
 async def app_state_async(app_name: str, timeout_s: float = 10) -> AppState:
     import asyncio
 
-    controller = _controller()  # cached after the first call in a replica: no blocking lookup
+    controller = await asyncio.to_thread(_controller)  # the first lookup is a blocking GCS call
     if controller is None:
         return AppState("NOT_STARTED", "Ray Serve is not running on this cluster", {})
     details = await asyncio.wait_for(controller.get_serve_instance_details.remote(), timeout_s)
