@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_parser(sub)
     cpuprof.add_parser(sub)
     capacity.add_parser(sub)
+    from bench import chaos  # starts and breaks a real stack; needs the serving package
+    chaos.add_parser(sub)
     return ap
 
 
@@ -340,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     # Per-point tables should show up in logs as each point finishes.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
+    if args.cmd == "chaos":
+        return args.func(args)
     return {"run": cmd_run, "ab": cmd_ab, "size": cmd_size, "compare": cmd_compare,
             "plot": cmd_plot, "difficulty-eval": cmd_difficulty_eval,
             "simulate": lambda a: __import__("bench.simulate").simulate.cmd_simulate(a),

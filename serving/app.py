@@ -12,6 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from serving.capacity import gpu_workers
 from serving.config import EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
 from serving.engine import EngineDeployment
 from serving.router import Router, activate
@@ -30,14 +31,6 @@ class RouterIngress(Router):
         if not self.keys.open:  # keys mean limits and usage: have the shared counters up before traffic
             await self.limiter.warm_up()
         activate(self)
-
-
-def _gpu_workers(engine: EngineSpec) -> int:
-    """GPUs vLLM spreads one replica over (tensor x pipeline parallel); 0 on CPU."""
-    if not engine.resources.gpus:
-        return 0
-    args = engine.engine_args
-    return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
 
 
 def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
@@ -71,13 +64,15 @@ def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
             request_routing_stats_timeout_s=max(2.0, config.router.load_report_interval_s * 2),
         ),
     }
-    parallel = _gpu_workers(engine)
+    parallel = gpu_workers(engine)
     if parallel > 1:
         # vLLM places its own GPU workers: reserve them as one placement group beside the replica.
         options["placement_group_bundles"] = [{"CPU": res.cpus}] + [{"GPU": 1}] * parallel
         options["placement_group_strategy"] = "STRICT_PACK"
     elif res.gpus:
         actor["num_gpus"] = res.gpus
+    if spec.max_replicas_per_node:
+        options["max_replicas_per_node"] = spec.max_replicas_per_node
     if spec.replicas.fixed:
         options["num_replicas"] = spec.replicas.min
     else:
@@ -92,7 +87,7 @@ def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
 
 def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
     args = dict(engine.engine_args)
-    if _gpu_workers(engine) > 1:  # workers live in the replica's placement group, placed by Ray
+    if gpu_workers(engine) > 1:  # workers live in the replica's placement group, placed by Ray
         args.setdefault("distributed_executor_backend", "ray")
     return {"model": engine.model.model_dump(mode="json"), "engine_args": args, "env": dict(engine.env),
             "stream_flush_ms": config.router.stream_flush_ms}
@@ -112,7 +107,7 @@ def build(config: ServingConfig, engine_cls: type = EngineDeployment) -> Applica
         max_queued_requests=router.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": 1},
         ray_actor_options={"num_cpus": router.cpus},
-        graceful_shutdown_timeout_s=router.request_timeout_s,
+        graceful_shutdown_timeout_s=router.drain_timeout_s,
     ).bind(config_to_dict(config), engines)
 
 

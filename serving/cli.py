@@ -63,7 +63,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name, route in config.routes.items():
         print(f"  route {name:<22} {route.strategy:<10} small={route.small} large={route.large} "
               f"max_large_share={route.max_large_share}")
-    return 0
+    if args.cpus is None:
+        return 0
+    from serving import capacity
+
+    nodes = [capacity.Node(f"node{i + 1}" if args.nodes > 1 else "node", args.cpus, args.gpus or 0.0, args.memory_gib,
+                           frozenset(args.accelerator_type or ()))
+             for i in range(args.nodes)]
+    report = capacity.check(config, nodes)
+    print(f"placement on {args.nodes} x ({args.cpus:g} CPU" + (f", {args.gpus:g} GPU" if args.gpus else "")
+          + (f", {args.memory_gib:g} GiB" if args.memory_gib else "") + "):")
+    for line in capacity.describe(report):
+        print(f"  {line}")
+    if report.ok:
+        return 0
+    print(f"{args.file} does not fit:", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  - {problem}", file=sys.stderr)
+    return 2
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
@@ -114,75 +131,225 @@ def _print_models(base: str) -> dict:
     return body
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+PROBES = {  # one tiny real request per task: READY means each model answered one
+    "chat": ("/v1/chat/completions", lambda m: {"model": m, "max_tokens": 1,
+                                                "messages": [{"role": "user", "content": "Hi"}]}),
+    "completion": ("/v1/completions", lambda m: {"model": m, "max_tokens": 1, "prompt": "Hi"}),
+    "embed": ("/v1/embeddings", lambda m: {"model": m, "input": "Hi"}),
+}
+
+
+def api_key(config: ServingConfig) -> str | None:
+    keys = [k.strip() for k in os.environ.get(config.router.api_keys_env, "").split(",") if k.strip()]
+    return keys[0] if keys else None
+
+
+def probe_models(base: str, config: ServingConfig, timeout: float = 60) -> dict[str, str]:
+    """Send each model one tiny request by its name; returns model -> error for those that failed."""
+    key = api_key(config)
+    failed = {}
+    for spec in config.models:
+        path, body = PROBES[spec.task]
+        request = urllib.request.Request(f"{base}{path}", data=json.dumps(body(spec.name)).encode(), method="POST",
+                                         headers={"content-type": "application/json",
+                                                  **({"authorization": f"Bearer {key}"} if key else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code == 401 and not key:  # keys file only (hashes): /health already said ready
+                continue
+            failed[spec.name] = f"HTTP {error.code}: {error.read()[:300].decode(errors='replace')}"
+        except (OSError, ValueError) as error:
+            failed[spec.name] = f"{type(error).__name__}: {error}"
+    return failed
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag the main loop reads; a second one skips the drain."""
+
+    def __init__(self):
+        self.requested = 0
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.requested += 1
+        if self.requested > 1:
+            print(f"\n{signal.Signals(signum).name} again: stopping without waiting for requests", flush=True)
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep unless asked to stop; True when a stop was requested."""
+        end = time.monotonic() + seconds
+        while not self.requested and time.monotonic() < end:
+            time.sleep(min(0.2, end - time.monotonic()))
+        return bool(self.requested)
+
+
+def _print_changes(seen: dict[str, str], app_name: str) -> tuple[dict[str, str], object]:
+    from serving.deploy_status import app_state, changes
+
+    try:
+        app = app_state(app_name)
+    except Exception as error:  # the controller is busy or restarting: say so, try again
+        print(f"  (Ray Serve status unavailable: {type(error).__name__}: {error})", flush=True)
+        return seen, None
+    seen, lines = changes(seen, app)
+    for line in lines:
+        print(line, flush=True)
+    return seen, app
+
+
+def _stop_app(config: ServingConfig, stop: _Stop, own_cluster: bool, shutdown_cluster: bool) -> None:
     import ray
     from ray import serve
 
-    from serving.app import APP_NAME, build
+    from serving.app import APP_NAME, ROUTER_DEPLOYMENT
+    from serving.drain import set_draining, wait_drained
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = _load(args.file)
-    if cmd_provision(argparse.Namespace(file=args.file, allow_download=False)) != 0:
-        return 1
-    os.environ.update(config.router.serve_env)  # read by every Ray process at import: set before Ray starts
-    port = args.port or config.router.port
-    host = args.host or config.router.host
-    ray.init(include_dashboard=False, num_cpus=args.num_cpus, logging_level="WARNING",
-             object_store_memory=256 * 2**20, runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]}})
-    stopping = False
-
-    def stop(*_):
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
-        print("\nstopping: draining requests, shutting down engines and Ray...", flush=True)
+    drain = config.router.drain_timeout_s
+    if stop.requested <= 1:
+        print(f"stopping: new requests get 503; waiting up to {drain:g}s for requests in flight", flush=True)
+        try:
+            set_draining(APP_NAME)
+            left = wait_drained(APP_NAME, ROUTER_DEPLOYMENT, drain, log=lambda m: print(m, flush=True))
+            if left:
+                print(f"  drain timeout: {left} request(s) still in flight are cut", flush=True)
+        except Exception as error:  # never let the drain keep us from stopping
+            print(f"  drain skipped: {type(error).__name__}: {error}", flush=True)
+    try:
         from serving.limiter import kill_actor
 
         kill_actor()  # the shared limits actor is detached: it would outlive the app
+    except Exception as error:
+        print(f"  limits actor not stopped: {type(error).__name__}", flush=True)
+    if own_cluster or shutdown_cluster:
+        print("shutting down engines and Ray...", flush=True)
         serve.shutdown()
+        if shutdown_cluster and not own_cluster:
+            # `ray stop` on every node is the operator's job; here: stop what the cluster runs for Serve.
+            print("  (--shutdown-cluster: Serve is shut down; stop the Ray nodes with `ray stop` on each)", flush=True)
+    else:
+        print(f"removing application {APP_NAME!r} (the Ray cluster keeps running)...", flush=True)
+        serve.delete(APP_NAME)
+        set_draining(APP_NAME, False)
+    ray.shutdown()
+    print("stopped", flush=True)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+    from ray.serve.api import _run
+
+    from serving import capacity
+    from serving.app import APP_NAME, build
+    from serving.drain import set_draining
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = _load(args.file)
+    os.environ.update(config.router.serve_env)  # read by every Ray process at import: set before Ray starts
+    port = args.port or config.router.port
+    host = args.host or config.router.host
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]}}
+    if args.address:
+        ray.init(address=args.address, logging_level="WARNING", runtime_env=env)
+    else:
+        ray.init(address="local", include_dashboard=False, num_cpus=args.num_cpus, logging_level="WARNING",
+                 object_store_memory=256 * 2**20, runtime_env=env)
+    own_cluster = not args.address
+    stop = _Stop()  # after ray.init: Ray installs its own SIGTERM handler, which would kill us undrained
+
+    nodes = capacity.nodes_from_ray(ray.nodes())
+    report = capacity.check(config, nodes)
+    if not report.ok:
+        print(f"{args.file} does not fit on this {'cluster' if args.address else 'machine'}:", file=sys.stderr)
+        for problem in report.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        if not args.skip_capacity_check:
+            print("refusing to deploy (Ray Serve would wait forever for the missing resources); "
+                  "--skip-capacity-check deploys anyway, e.g. when a Ray autoscaler adds nodes", file=sys.stderr)
+            ray.shutdown()
+            return 3
+    # after the capacity check (a refusal should not wait for downloads); on a cluster each
+    # engine replica provisions its model on its own node
+    if not args.address and cmd_provision(argparse.Namespace(file=args.file, allow_download=False)) != 0:
         ray.shutdown()
-        print("stopped", flush=True)
-        sys.exit(0)
+        return 1
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     started = time.monotonic()
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": config.router.request_timeout_s})
-    serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.start(proxy_location=args.proxy_location,
+                http_options={"host": host, "port": port, "request_timeout_s": config.router.request_timeout_s})
+    set_draining(APP_NAME, False)  # a previous stop may have left the flag on this cluster
+    _run(build(config), name=APP_NAME, route_prefix="/", _blocking=False)
     base = f"http://127.0.0.1:{port}"
-    print(f"serving {len(config.models)} models at http://{host}:{port}/v1 (ready in {time.monotonic() - started:.0f}s)")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not all_models_ready(base):
-        time.sleep(1)
-    _print_models(base)
-    print("READY (Ctrl-C to stop)", flush=True)
-    while True:
-        time.sleep(3600)
+    print(f"deploying {len(config.models)} models at http://{host}:{port}/v1 "
+          f"(ready once each model answers; --start-timeout {args.start_timeout:g}s)", flush=True)
 
+    seen: dict[str, str] = {}
+    ready = failed_start = False
+    deadline = started + args.start_timeout
+    last_probe: dict[str, str] = {}
+    while not stop.requested:
+        seen, app = _print_changes(seen, APP_NAME)
+        failed = {} if app is None else {n: d for n, d in app.deployments.items() if d.status == "DEPLOY_FAILED"}
+        if app is not None and (failed or app.status == "DEPLOY_FAILED"):
+            for name, dep in failed.items():
+                print(f"FAILED: {name} cannot start: {dep.message or dep.status}", file=sys.stderr, flush=True)
+            if not failed:
+                print(f"FAILED: application: {app.message}", file=sys.stderr, flush=True)
+            failed_start = True
+            break
+        if all_models_ready(base):
+            last_probe = probe_models(base, config)
+            if not last_probe:
+                ready = True
+                break
+        if time.monotonic() > deadline:
+            print(f"FAILED: not every model answers after {args.start_timeout:g}s:", file=sys.stderr, flush=True)
+            deps = {} if app is None else app.deployments
+            for spec in config.models:
+                dep = deps.get(spec.name)
+                if spec.name in last_probe or dep is None or dep.status != "HEALTHY":
+                    why = last_probe.get(spec.name) or (dep.line() if dep else "not deployed")
+                    print(f"  {spec.name}: {why}", file=sys.stderr, flush=True)
+            if "router" in deps and deps["router"].status != "HEALTHY":
+                print(f"  router: {deps['router'].line()}", file=sys.stderr, flush=True)
+            failed_start = True
+            break
+        stop.sleep(2)
 
-def _plain(value) -> str:
-    return str(getattr(value, "value", value))
+    if ready:
+        try:
+            _print_models(base)
+        except (OSError, KeyError, TypeError, ValueError) as error:  # a display problem must not stop a ready stack
+            print(f"  (cannot show /v1/status: {type(error).__name__}: {error})")
+        print(f"READY in {time.monotonic() - started:.0f}s at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+        while not stop.sleep(5):
+            seen, _ = _print_changes(seen, APP_NAME)  # replica crashes and restarts show up here
+    _stop_app(config, stop, own_cluster, args.shutdown_cluster)
+    return 1 if failed_start else 0  # a stop asked for (Ctrl-C, SIGTERM) is a clean exit
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
+    body: dict = {}
     try:
         print(f"router {base}:")
         body = _print_models(base)
     except (urllib.error.URLError, ConnectionError) as error:
-        print(f"no router answers at {base}: {error}", file=sys.stderr)
-        return 1
+        print(f"  no router answers: {error}")
     try:
         import ray
-        from ray import serve
 
-        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-        for app_name, app in serve.status().applications.items():
-            print(f"application {app_name}: {_plain(app.status)}")
-            for name, dep in app.deployments.items():
-                replicas = ", ".join(f"{_plain(state)}={n}" for state, n in dep.replica_states.items())
-                print(f"  {name:<28} {_plain(dep.status):<10} {replicas}")
+        from serving.app import APP_NAME
+        from serving.deploy_status import app_state
+
+        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+        app = app_state(APP_NAME)
+        print(f"application {APP_NAME}: {app.status}" + (f": {app.message}" if app.message else ""))
+        for name, dep in app.deployments.items():
+            print(f"  {name:<28} {dep.line()}")
     except Exception as error:  # Ray not reachable from here: the router's view is still useful
         print(f"(Ray cluster not reachable from here: {type(error).__name__})")
     return 0 if body.get("status") == "ok" else 1
@@ -195,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="validate a models file")
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG)
     check.add_argument("--skip-engine-args", action="store_true", help="do not check engine_args against vLLM")
+    check.add_argument("--cpus", type=float, help="also check that it fits nodes of this many (logical) CPUs")
+    check.add_argument("--gpus", type=float, help="with --cpus: GPUs per node")
+    check.add_argument("--memory-gib", type=float, help="with --cpus: memory per node Ray may hand out")
+    check.add_argument("--accelerator-type", action="append", help="with --cpus: accelerator type of the nodes")
+    check.add_argument("--nodes", type=int, default=1, help="with --cpus: how many such nodes")
     check.set_defaults(func=cmd_check)
 
     provision = sub.add_parser("provision", help="make every model's weights present locally (idempotent)")
@@ -206,11 +378,18 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("file", nargs="?", default=DEFAULT_CONFIG)
     up.add_argument("--port", type=int)
     up.add_argument("--host")
-    up.add_argument("--num-cpus", type=float, default=None, help="logical CPUs Ray may hand out (default: cores)")
+    up.add_argument("--num-cpus", type=int, default=None, help="logical CPUs Ray may hand out (default: cores)")
+    up.add_argument("--address", help="deploy onto this existing Ray cluster (e.g. 10.0.0.1:6379) instead of starting one")
+    up.add_argument("--shutdown-cluster", action="store_true", help="with --address: on stop, shut Serve down, not only the app")
+    up.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
+                    help="HTTP proxies on every Ray node (each node answers on the port) or the head only")
+    up.add_argument("--start-timeout", type=float, default=600, help="seconds for every model to answer before giving up")
+    up.add_argument("--skip-capacity-check", action="store_true", help="deploy even if the requests exceed the cluster")
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="show deployments, replicas and load")
     status.add_argument("--url", default="http://127.0.0.1:8000")
+    status.add_argument("--address", default="auto", help="Ray cluster to read Ray Serve's states from")
     status.set_defaults(func=cmd_status)
 
     from serving import keys_cli

@@ -169,6 +169,7 @@ class ModelSpec(_Strict):
     resources: Resources | None = None
     max_ongoing_requests: int = Field(32, ge=1, description="requests one replica works on at once")
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica before 503 (-1: unbounded)")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="spread replicas: at most this many on one Ray node")
     price: Price | None = None
     routing: RoutingSpec = RoutingSpec()
     fallbacks: list[str] = Field(default_factory=list, description="ordered names, aliases or tag selectors tried when this model is down, overloaded or too short")
@@ -240,6 +241,7 @@ class RouterSpec(_Strict):
     open_paths: list[str] = Field(
         default_factory=lambda: ["/health", "/metrics"],
         description="paths answered without an API key when keys are set (probes and Prometheus scrapes)")
+    drain_timeout_s: float = Field(30, ge=0, description="on stop: how long requests in flight may take to finish")
 
 
 class ServingConfig(_Strict):

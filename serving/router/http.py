@@ -6,10 +6,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from serving import errors
+from serving.drain import DrainMiddleware
 from serving.router.core import Router
 from serving.tenants import require_admin
 
 app = FastAPI(title="serving router", docs_url=None, redoc_url=None, openapi_url=None)
+app.add_middleware(DrainMiddleware)  # on stop: new requests get an OpenAI-shaped 503, requests in flight finish
 
 _active: Router | None = None  # one router per replica process
 
