@@ -94,6 +94,9 @@ def test_health_and_status(http):
     models = health.json()["models"]
     assert set(models) == {CHAT_MODEL, SECOND_CHAT_MODEL, "all-minilm-l6-v2"}
     assert all(m["state"] == "ready" and m["replicas"] == 1 for m in models.values())
+    deployments = http.get("/v1/status").json()["deployments"]  # Ray Serve's own view, with its messages
+    assert {name: d["status"] for name, d in deployments.items() if name in models} == {n: "HEALTHY" for n in models}
+    assert deployments["router"]["replicas"] == {"RUNNING": 1}
 
 
 def scrape(http) -> dict[tuple, float]:

@@ -10,6 +10,7 @@
 #                direct ingress on 30000 behind the Python proxy, GC frozen, buffered logs)
 #   hap          opt + RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy instead of the Python proxy on the port
 #   hap-flushN   hap with router.stream_flush_ms N
+#   ...-lean     also Serve's metrics export every 2 s (not 0.1 s) and its control loop every 0.5 s
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-$PWD/.venv/bin/python}
@@ -47,6 +48,10 @@ if variant != "default":
     env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
 if variant.startswith("hap"):
     env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+if variant.endswith("-lean"):
+    env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] = "2000"
+    env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] = "0.5"
+    variant = variant[: -len("-lean")]
 if "flush" in variant:
     router["stream_flush_ms"] = float(variant.rsplit("flush", 1)[1])
 else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -13,6 +15,7 @@ from serving.tenants import require_admin
 app = FastAPI(title="serving router", docs_url=None, redoc_url=None, openapi_url=None)
 app.add_middleware(DrainMiddleware)  # on stop: new requests get an OpenAI-shaped 503, requests in flight finish
 
+STATUS_TIMEOUT_S = 2.0
 _active: Router | None = None  # one router per replica process
 
 
@@ -87,12 +90,24 @@ async def health(request: Request) -> Response:
 
 @app.get("/v1/status")
 async def status(request: Request) -> Response:
+    """The router's view per model plus Ray Serve's own deployment status and message (unschedulable,
+    the replica's Python error, failing health checks), so a model that cannot start says why."""
     router = _router()
     try:
         router.authenticate(request)
     except errors.ServingError as error:
         return _error(error, router, request)
-    return JSONResponse(router.status_report())
+    report = router.status_report()
+    try:
+        from serving.app import APP_NAME
+        from serving.deploy_status import deployment_states_async
+
+        states = await asyncio.wait_for(deployment_states_async(APP_NAME), STATUS_TIMEOUT_S)
+        report["deployments"] = {name: {"status": dep.status, "message": dep.message, "replicas": dep.replicas}
+                                 for name, dep in states.items()}
+    except Exception as error:  # outside Ray Serve, or the controller is busy: the router's view still helps
+        report["deployments_error"] = type(error).__name__
+    return JSONResponse(report)
 
 
 @app.get("/metrics")

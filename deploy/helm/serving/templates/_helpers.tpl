@@ -269,6 +269,11 @@ spec:
               name: {{ $v.apiKeys.existingSecret }}
               key: {{ $v.apiKeys.key }}
         {{- end }}
+        {{- /* Ray Serve knobs from the models config (router.serve_env): read by every Ray process */}}
+        {{- range $name, $value := ($router.serve_env | default dict) }}
+        - name: {{ $name }}
+          value: {{ $value | quote }}
+        {{- end }}
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
