@@ -93,6 +93,20 @@ def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any
             "stream_flush_ms": config.router.stream_flush_ms}
 
 
+def ray_env(config: ServingConfig, port: int) -> dict[str, str]:
+    """Environment for every Ray process of this stack: the config's Ray Serve knobs, plus the ports
+    HAProxy and direct ingress bind, derived from the router port so two stacks on one machine
+    (tests, benchmarks) never fight over Ray's fixed defaults (8404, 9101, 30000, 40000).
+    Block of 16 ports at 20000 + (port % 2800) * 16: up to 7 router replicas per node."""
+    base = 20000 + (port % 2800) * 16
+    derived = {
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": base, "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": base + 6,
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": base + 7, "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": base + 13,
+        "RAY_SERVE_HAPROXY_METRICS_PORT": base + 14, "RAY_SERVE_HAPROXY_STATS_PORT": base + 15,
+    }
+    return {**{k: str(v) for k, v in derived.items()}, **config.router.serve_env}
+
+
 def build(config: ServingConfig, engine_cls: type = EngineDeployment) -> Application:
     """The application graph. `engine_cls` is replaceable only for bench's null engine."""
     engines = {}

@@ -243,13 +243,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     from ray.serve.api import _run
 
     from serving import capacity
-    from serving.app import APP_NAME, build
+    from serving.app import APP_NAME, build, ray_env
     from serving.drain import set_draining
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = _load(args.file)
-    os.environ.update(config.router.serve_env)  # read by every Ray process at import: set before Ray starts
     port = args.port or config.router.port
+    os.environ.update(ray_env(config, port))  # read by every Ray process at import: set before Ray starts
     host = args.host or config.router.host
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]}}
     if args.address:

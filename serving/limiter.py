@@ -95,6 +95,10 @@ def get_or_create_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE
     replica's (a replica that dies must not take every key's counters with it). `serving up`
     ends it with the cluster; on Kubernetes a new RayCluster (upgrade) starts a fresh one.
     """
+    import ray
+
+    if not ray.is_initialized():  # never start a Ray cluster from here (e.g. a router built outside Serve)
+        raise RuntimeError("Ray is not running: no shared limits actor")
     return _actor_class().options(
         name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
         num_cpus=0, max_restarts=-1, max_concurrency=1,

@@ -102,7 +102,9 @@ def main() -> int:
     import ray
     from ray import serve
 
-    os.environ.update(config.router.serve_env)  # read by every Ray process at import: before Ray starts
+    from serving.app import ray_env
+
+    os.environ.update(ray_env(config, args.port))  # read by every Ray process at import: before Ray starts
     # The replicas import bench.null_engine: ship this checkout on their PYTHONPATH.
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     # address="local": always a fresh cluster of our own, never attach to one another job started.

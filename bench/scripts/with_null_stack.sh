@@ -16,19 +16,9 @@ if curl -sf -m 2 "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
     echo "something already serves on port $PORT: stop it first (the null stack's settings must be ours)" >&2
     exit 1
 fi
-setsid "$PY" "$HERE/null_stack.py" --port "$PORT" "${OPTS[@]}" >"$LOG" 2>&1 &
-NPID=$!
-stop() {
-    kill -INT "$NPID" 2>/dev/null || true
-    for _ in $(seq 1 60); do kill -0 "$NPID" 2>/dev/null || return 0; sleep 1; done
-    kill -TERM -- "-$NPID" 2>/dev/null || true
-}
-trap stop EXIT
-for _ in $(seq 1 180); do
-    if grep -q "null stack READY" "$LOG" 2>/dev/null; then break; fi
-    kill -0 "$NPID" 2>/dev/null || { echo "null_stack.py exited; see $LOG" >&2; tail -30 "$LOG" >&2; exit 1; }
-    sleep 1
-done
-grep -q "null stack READY" "$LOG" || { echo "null stack not ready; see $LOG" >&2; exit 1; }
+source "$(dirname "$0")/serve_lib.sh"
+null_ready() { grep -q "null stack READY" "$LOG" 2>/dev/null; }
+start_server "$LOG" "$PY" "$HERE/null_stack.py" --port "$PORT" "${OPTS[@]}"
+wait_until "null_stack.py" 180 1 null_ready
 grep "null stack READY" "$LOG" >&2
 "$@"

@@ -9,26 +9,11 @@ PORT=${1:-18200}; shift; [[ "${1:-}" == "--" ]] && shift
 PY=${PYTHON:-/work/main/.venv/bin/python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOG=${PEER_LOG:-/tmp/bench-ray-serve-llm-$PORT.log}
-ready() {
-    curl -sf -m 120 -H 'Content-Type: application/json' \
-        -d '{"model":"smollm2-135m","messages":[{"role":"user","content":"hi"}],"max_tokens":1}' \
-        "http://127.0.0.1:$PORT/v1/chat/completions" >/dev/null
-}
+source "$(dirname "$0")/serve_lib.sh"
+ready() { chat_ready "$PORT"; }
 if ready; then
     "$@"; exit $?
 fi
-setsid "$PY" "$HERE/ray_serve_llm.py" --port "$PORT" >"$LOG" 2>&1 &
-RPID=$!
-stop() {
-    kill -INT "$RPID" 2>/dev/null || true
-    for _ in $(seq 1 60); do kill -0 "$RPID" 2>/dev/null || return 0; sleep 1; done
-    kill -TERM -- "-$RPID" 2>/dev/null || true
-}
-trap stop EXIT
-for _ in $(seq 1 300); do
-    if ready; then break; fi
-    kill -0 "$RPID" 2>/dev/null || { echo "ray_serve_llm.py exited; see $LOG" >&2; tail -30 "$LOG" >&2; exit 1; }
-    sleep 2
-done
-ready || { echo "Ray Serve LLM not ready; see $LOG" >&2; exit 1; }
+start_server "$LOG" "$PY" "$HERE/ray_serve_llm.py" --port "$PORT"
+wait_until "ray_serve_llm.py" 300 2 ready
 "$@"

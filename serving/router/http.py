@@ -55,67 +55,66 @@ async def embeddings(request: Request) -> Response:
     return await _router().inference(request, "/v1/embeddings")
 
 
-@app.get("/v1/models")
-async def list_models(request: Request) -> Response:
+async def _keyed(request: Request, answer) -> Response:
+    """Authenticate (a 401/403 answers in the API's shape), then `await answer(router, key)`."""
     router = _router()
     try:
-        key = router.authenticate(request)
+        return await answer(router, router.authenticate(request))
     except errors.ServingError as error:
         return _error(error, router, request)
-    return JSONResponse(router.models_listing(key))
+
+
+@app.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    async def answer(router: Router, key) -> Response:
+        return JSONResponse(router.models_listing(key))
+    return await _keyed(request, answer)
 
 
 @app.get("/v1/usage")
 async def usage(request: Request) -> Response:
     """Totals per key and model across every router replica (admin keys only; open API: open)."""
-    router = _router()
-    try:
-        require_admin(router.authenticate(request))
+    async def answer(router: Router, key) -> Response:
+        require_admin(key)
         return JSONResponse(await router.limiter.snapshot())
-    except errors.ServingError as error:
-        return _error(error, router, request)
+    return await _keyed(request, answer)
 
 
 @app.get("/health")
 async def health(request: Request) -> Response:
     """200 while at least one engine is ready (load balancers and k8s readiness use this)."""
-    router = _router()
-    try:
-        router.authenticate(request)
-    except errors.ServingError as error:
-        return _error(error, router, request)
-    report = router.status_report()
-    return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+    async def answer(router: Router, key) -> Response:
+        report = router.status_report()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+    return await _keyed(request, answer)
 
 
 @app.get("/v1/status")
 async def status(request: Request) -> Response:
     """The router's view per model plus Ray Serve's own deployment status and message (unschedulable,
     the replica's Python error, failing health checks), so a model that cannot start says why."""
-    router = _router()
-    try:
-        router.authenticate(request)
-    except errors.ServingError as error:
-        return _error(error, router, request)
-    report = router.status_report()
-    try:
-        from serving.app import APP_NAME
-        from serving.deploy_status import deployment_states_async
+    async def answer(router: Router, key) -> Response:
+        report = router.status_report()
+        try:
+            import ray
 
-        states = await asyncio.wait_for(deployment_states_async(APP_NAME), STATUS_TIMEOUT_S)
-        report["deployments"] = {name: {"status": dep.status, "message": dep.message, "replicas": dep.replicas}
-                                 for name, dep in states.items()}
-    except Exception as error:  # outside Ray Serve, or the controller is busy: the router's view still helps
-        report["deployments_error"] = type(error).__name__
-    return JSONResponse(report)
+            from serving.app import APP_NAME
+            from serving.deploy_status import deployment_states_async
+
+            if not ray.is_initialized():  # a router outside Ray (tests): never start a cluster from here
+                raise RuntimeError("not in a Ray cluster")
+            states = await asyncio.wait_for(deployment_states_async(APP_NAME), STATUS_TIMEOUT_S)
+            report["deployments"] = {name: {"status": dep.status, "message": dep.message, "replicas": dep.replicas}
+                                     for name, dep in states.items()}
+        except Exception as error:  # outside Ray Serve, or the controller is busy: the router's view still helps
+            report["deployments_error"] = type(error).__name__
+        return JSONResponse(report)
+    return await _keyed(request, answer)
 
 
 @app.get("/metrics")
 async def metrics(request: Request) -> Response:
-    router = _router()
-    try:
-        router.authenticate(request)
-    except errors.ServingError as error:
-        return _error(error, router, request)
-    router.refresh_engine_metrics()
-    return Response(router.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def answer(router: Router, key) -> Response:
+        router.refresh_engine_metrics()
+        return Response(router.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return await _keyed(request, answer)
