@@ -251,7 +251,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     port = args.port or config.router.port
     os.environ.update(ray_env(config, port))  # read by every Ray process at import: set before Ray starts
     host = args.host or config.router.host
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"]}}
+    # also as the job's runtime env: on an existing cluster (--address) the Serve controller and
+    # proxies are started by that cluster's raylets, which never saw this process's environment
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"], **ray_env(config, port)}}
     if args.address:
         ray.init(address=args.address, logging_level="WARNING", runtime_env=env)
     else:

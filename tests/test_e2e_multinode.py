@@ -95,9 +95,10 @@ def test_two_nodes_placement_and_node_loss(tmp_path):
     from ray.cluster_utils import Cluster
 
     from serving.config import parse_config
-    from serving.provision import provision_all
+    from serving.provision import provision_model
 
-    provision_all(parse_config(CONFIG))  # one machine: both "nodes" share the cache
+    for spec in parse_config(CONFIG).models:  # one machine: both "nodes" share the cache
+        provision_model(spec)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False, "object_store_memory": 150 * 2**20})
     worker = cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
