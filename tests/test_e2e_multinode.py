@@ -74,11 +74,17 @@ class Trickle(threading.Thread):
                 self.stop.wait(max(0.0, 0.5 - (time.monotonic() - sent)))
 
 
-def _replica_nodes() -> dict[str, str]:
-    from serving.deploy_status import deployment_states
-
-    state = deployment_states("serving").get(MODEL)
-    return dict(state.replica_nodes) if state else {}
+def _replica_nodes(address: str) -> dict[str, str]:
+    """Replica id -> Ray node id of the model's RUNNING replicas, asked from a fresh process: this
+    pytest process may hold Ray/Serve state of other tests' clusters."""
+    code = ("import json, ray; from serving.deploy_status import deployment_states; "
+            "ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "s = deployment_states('serving').get(%r); print(json.dumps(dict(s.replica_nodes) if s else {}))"
+            % (address, MODEL))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _wait(predicate, timeout: float, what: str, log: Path):
@@ -116,8 +122,13 @@ def test_two_nodes_placement_and_node_loss(tmp_path):
         _wait(lambda: up.poll() is not None or any(l.startswith("READY") for l in log.read_text().splitlines()),
               600, "READY", log)
         assert up.poll() is None, f"serving up exited {up.returncode}:\n{log.read_text()[-3000:]}"
+        if ray.is_initialized():  # another test's local Ray: talk to this cluster instead
+            ray.shutdown()
+        from ray.serve.context import _set_global_client
+
+        _set_global_client(None)  # forget any Serve controller an earlier test of this process found
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-        nodes = _replica_nodes()
+        nodes = _replica_nodes(cluster.address)
         assert sorted(nodes.values()) == sorted([head_id, worker_id]), f"replicas not on both nodes: {nodes}"
         on_worker = [rid for rid, node in nodes.items() if node == worker_id]
 
@@ -127,7 +138,7 @@ def test_two_nodes_placement_and_node_loss(tmp_path):
         cluster.remove_node(worker, allow_graceful=False)
 
         def moved():
-            now = _replica_nodes()
+            now = _replica_nodes(cluster.address)
             return len(now) == 2 and set(now.values()) == {head_id} and not set(on_worker) & set(now)
 
         _wait(moved, 300, "the worker's replica re-created on the head", log)
