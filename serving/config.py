@@ -228,6 +228,8 @@ class RouterSpec(_Strict):
     cpus: float = Field(0.5, ge=0, description="logical CPUs per router replica")
     max_ongoing_requests: int = Field(1024, ge=1)
     keys_file: str | None = Field(None, description="YAML file of API key records (`serving keys create`); reloaded when it changes; with api_keys_env keys")
+    limits_timeout_s: float = Field(2.0, gt=0, description="how long a request waits for the shared limits actor "
+                                    "before limits_fail_open decides")
     limits_fail_open: bool = Field(True, description="when the shared limits actor is unreachable, admit requests without limits (false: 503)")
     trace_file: str | None = Field(None, description="record a routing trace (JSONL, serving/routing/trace.py) for "
                                    "`python -m bench simulate --trace`; prompts only with trace_prompts")

@@ -146,7 +146,8 @@ class Limiter:
     @classmethod
     def from_config(cls, router: Any, **overrides: Any) -> "Limiter":
         """From models.yaml's RouterSpec: fail-open knob; leases outlive the longest request by 60 s."""
-        options = {"fail_open": router.limits_fail_open, "lease_ttl_s": router.request_timeout_s + 60, **overrides}
+        options = {"fail_open": router.limits_fail_open, "call_timeout_s": router.limits_timeout_s,
+                   "lease_ttl_s": router.request_timeout_s + 60, **overrides}
         return cls(**options)
 
     # --- the actor -------------------------------------------------------------------------
