@@ -240,7 +240,8 @@ class RouterSpec(_Strict):
     load_report_interval_s: float = Field(
         1.0, gt=0, description="how often each engine replica reports load and health (Ray Serve routing stats)")
     report_stale_after_s: float = Field(
-        5.0, gt=0, description="a replica whose last report is older than this gets no traffic while others report")
+        15.0, gt=0, description="a replica whose last report is older than this gets no traffic while others report "
+        "(15 s: after a node loss Ray's controller delivers reports late for several seconds)")
     stream_flush_ms: float = Field(
         20.0, ge=0, description="engines send the first stream chunk at once, then what is ready at most once per "
                                 "this interval (0: every chunk as it comes); 20 measured best in "
