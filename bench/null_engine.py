@@ -182,7 +182,7 @@ class NullEngine:
                "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}}
         return json.dumps(doc, separators=(",", ":")).encode()
 
-    # --- load, health, metrics ------------------------------------------------------------
+    # --- load, health ------------------------------------------------------------
 
     def record_routing_stats(self) -> dict[str, Any]:
         return RoutingStats(replica=self.replica, model=self.name, healthy=True, running=self.running,
@@ -191,6 +191,3 @@ class NullEngine:
 
     async def check_health(self) -> None:
         return None
-
-    def metrics_text(self) -> tuple[str, str]:
-        return self.replica, ""

@@ -324,6 +324,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if ready:
         try:
             _print_models(base)
+            import ray
+
+            from serving.deploy_status import metrics_endpoints
+
+            print(f"  vLLM and Ray metrics (ray_vllm_*, per node): {' '.join(metrics_endpoints(ray.nodes())) or 'none'}")
         except (OSError, KeyError, TypeError, ValueError) as error:  # a display problem must not stop a ready stack
             print(f"  (cannot show /v1/status: {type(error).__name__}: {error})")
         print(f"READY in {time.monotonic() - started:.0f}s at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)

@@ -109,3 +109,10 @@ def changes(before: dict[str, str], app: AppState) -> tuple[dict[str, str], list
     now.update({name: dep.line() for name, dep in app.deployments.items()})
     lines = [f"  {name}: {line}" for name, line in now.items() if before.get(name) != line]
     return now, lines
+
+
+def metrics_endpoints(nodes: list[dict[str, Any]]) -> list[str]:
+    """Ray's per-node Prometheus endpoints (vLLM's `ray_vllm_*` metrics, Ray's and Ray Serve's own)
+    from `ray.nodes()`: one per alive node."""
+    return sorted(f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+                  for n in nodes if n.get("Alive") and n.get("MetricsExportPort"))

@@ -69,6 +69,7 @@ class EngineDeployment:
         os.environ.update(expand_thread_binding(env))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         spec = ModelSpec.model_validate(model)
         self.name = name = spec.name
@@ -91,7 +92,9 @@ class EngineDeployment:
         self._stats = _LatestStats()
         self.engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(model=model_path, served_model_name=[name], **args),
-            stat_loggers=[self._stats.factory],
+            # vLLM's own metrics leave through Ray's per-node metrics port (labelled ReplicaId),
+            # as in Ray Serve LLM; being a PrometheusStatLogger it replaces vLLM's default one.
+            stat_loggers=[self._stats.factory, RayPrometheusStatLogger],
         )
         self._handlers = await _openai_handlers(self.engine, model_path, name)
         self._parsers = _request_parsers()
@@ -215,12 +218,6 @@ class EngineDeployment:
         if self.engine.errored:
             raise RuntimeError(f"vLLM engine of {self.name} is dead: {self.engine.dead_error!r}")
         await self.engine.check_health()
-
-    def metrics_text(self) -> tuple[str, str]:
-        """(replica, vLLM's own `vllm:*` metric families of this replica as Prometheus text)."""
-        from serving.metrics import engine_metrics_text
-
-        return self.replica, engine_metrics_text()
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -105,14 +105,25 @@ def get_or_create_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE
     ).remote(**init)
 
 
-def kill_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE) -> bool:
+def kill_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE, wait_s: float = 10.0) -> bool:
+    """End the shared actor; returns once it no longer answers (ray.kill only sends the kill:
+    calls made right after it could still be counted by the dying actor)."""
     import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     try:
-        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        return True
+        actor = ray.get_actor(name, namespace=namespace)
     except ValueError:
         return False
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except (RayActorError, GetTimeoutError):
+            break
+        time.sleep(0.05)
+    return True
 
 
 @dataclass(eq=False)

@@ -2,8 +2,9 @@
 
 The router's own metrics live in a private registry (the Ray worker process's default
 registry holds Ray's internals). Engine load gauges come from the same routing-stats reports
-the replica choice uses, read at scrape time, with a `replica` label; vLLM's own `vllm:*`
-families are fetched from the engines at most every few seconds and re-exposed the same way.
+the replica choice uses, read at scrape time, with a `replica` label. vLLM's own metrics are
+not here: each engine exports them through Ray's metrics port of its node (`ray_vllm_*`,
+labelled `ReplicaId`); /v1/status lists those endpoints.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
 
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300)
@@ -73,7 +73,6 @@ class EngineReportCollector:
 
     def __init__(self) -> None:
         self.reports: Callable[[], Mapping[str, Iterable[Any]]] = dict
-        self.engine_texts: Mapping[str, str] = {}  # replica -> its latest vLLM metrics text
 
     def describe(self) -> list:
         return []  # families vary with what engines report; skip registry-time description
@@ -99,32 +98,3 @@ class EngineReportCollector:
                 healthy.add_metric(labels, 1.0 if report.healthy else 0.0)
                 age.add_metric(labels, max(now - report.at, 0.0))
         yield from (running, waiting, kv, healthy, age)
-        merged: dict[str, Metric] = {}
-        for replica, text in self.engine_texts.items():
-            _merge_engine_text(merged, text, replica)
-        yield from merged.values()
-
-
-def _merge_engine_text(merged: dict[str, Metric], text: str, replica: str) -> None:
-    """Add one replica's vLLM exposition to `merged`, labelling every sample with the replica."""
-    if not text:
-        return
-    for family in text_string_to_metric_families(text):
-        target = merged.get(family.name)
-        if target is None:
-            target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
-        for sample in family.samples:
-            target.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value, sample.timestamp)
-
-
-def engine_metrics_text(prefix: str = "vllm:") -> str:
-    """This process's metric families whose names start with `prefix` (vLLM's own), as text."""
-    from prometheus_client import REGISTRY
-
-    class _Only:
-        def collect(self) -> Iterable[Metric]:
-            return [m for m in REGISTRY.collect() if m.name.startswith(prefix)]
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Only())  # type: ignore[arg-type]
-    return generate_latest(registry).decode()

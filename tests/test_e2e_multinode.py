@@ -74,17 +74,23 @@ class Trickle(threading.Thread):
                 self.stop.wait(max(0.0, 0.5 - (time.monotonic() - sent)))
 
 
+LAST_APP_STATE: list[str] = []
+
+
 def _replica_nodes(address: str) -> dict[str, str]:
     """Replica id -> Ray node id of the model's RUNNING replicas, asked from a fresh process: this
     pytest process may hold Ray/Serve state of other tests' clusters."""
-    code = ("import json, ray; from serving.deploy_status import deployment_states; "
-            "ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-            "s = deployment_states('serving').get(%r); print(json.dumps(dict(s.replica_nodes) if s else {}))"
+    code = ("import json, ray; from serving.deploy_status import app_state; "
+            "ray.init(address=%r, logging_level='ERROR', log_to_driver=False); a = app_state('serving'); "
+            "print(a.status, a.message, {n: d.line() for n, d in a.deployments.items()}); "
+            "s = a.deployments.get(%r); print(json.dumps(dict(s.replica_nodes) if s else {}))"
             % (address, MODEL))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    LAST_APP_STATE[:] = lines[-2:-1]  # Serve's view, for failure messages
+    return json.loads(lines[-1])
 
 
 def _wait(predicate, timeout: float, what: str, log: Path):
@@ -93,7 +99,7 @@ def _wait(predicate, timeout: float, what: str, log: Path):
         if predicate():
             return
         time.sleep(2)
-    pytest.fail(f"{what} not within {timeout}s; serving up log tail:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"{what} not within {timeout}s; Serve: {LAST_APP_STATE}; serving up log tail:\n{log.read_text()[-3000:]}")
 
 
 def test_two_nodes_placement_and_node_loss(tmp_path):
@@ -128,8 +134,10 @@ def test_two_nodes_placement_and_node_loss(tmp_path):
 
         _set_global_client(None)  # forget any Serve controller an earlier test of this process found
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        # READY means each model answers; the second replica may still be starting
+        _wait(lambda: len(_replica_nodes(cluster.address)) == 2, 180, "both replicas RUNNING", log)
         nodes = _replica_nodes(cluster.address)
-        assert sorted(nodes.values()) == sorted([head_id, worker_id]), f"replicas not on both nodes: {nodes}"
+        assert sorted(nodes.values()) == sorted([head_id, worker_id]), f"replicas not on both nodes: {nodes}; {LAST_APP_STATE}"
         on_worker = [rid for rid, node in nodes.items() if node == worker_id]
 
         trickle.start()

@@ -135,18 +135,37 @@ def test_metrics_count_the_requests_just_made(http):
     assert value(after, "serving_engine_healthy", model=CHAT_MODEL) == 1
 
 
-def test_metrics_include_vllm_engine_metrics_per_replica(http):
-    http.get("/metrics")  # engine metrics are fetched in the background, at most every 5 s
-    deadline = time.monotonic() + 20
-    while "vllm:num_requests_running" not in (text := http.get("/metrics").text):
-        assert time.monotonic() < deadline, "no vLLM engine metrics"
-        time.sleep(1)
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert "serving_requests" in families and families["serving_requests"].type == "counter"
-    assert families["serving_time_to_first_token_seconds"].type == "histogram"
-    vllm = [f for name, f in families.items() if name.startswith("vllm:")]
-    assert vllm, "no vLLM engine metrics"
-    running = families["vllm:num_requests_running"]
-    models = {s.labels["model_name"] for s in running.samples}
-    assert {CHAT_MODEL, SECOND_CHAT_MODEL} <= models
-    assert all(s.labels.get("replica") for s in running.samples)
+def test_vllm_engine_metrics_per_replica_on_rays_metrics_port(http):
+    """vLLM's own metrics leave through Ray's per-node metrics port (vLLM's Ray stat logger, as in
+    Ray Serve LLM), labelled with the replica id the router reports; /v1/status says where."""
+    endpoints = http.get("/v1/status").json()["metrics_endpoints"]
+    assert endpoints and all(e.startswith("http://") and e.endswith("/metrics") for e in endpoints)
+    router_text = http.get("/metrics").text
+    assert "vllm" not in router_text.replace("serving_", "")  # the router re-exposes none of them
+    replicas = {s.labels["replica"] for f in text_string_to_metric_families(router_text)
+                if f.name == "serving_engine_running_requests" for s in f.samples}
+
+    def success_count(families) -> float:
+        return sum(s.value for s in families["ray_vllm_request_success"].samples
+                   if s.labels.get("model_name") == CHAT_MODEL and s.name.endswith("_total"))
+
+    def scrape() -> dict:
+        families = {}
+        for endpoint in endpoints:
+            families.update({f.name: f for f in text_string_to_metric_families(httpx.get(endpoint, timeout=10).text)})
+        return families
+
+    deadline = time.monotonic() + 60  # Ray exports every 10 s (RAY_metrics_report_interval_ms)
+    while "ray_vllm_num_requests_running" not in (families := scrape()) or "ray_vllm_request_success" not in families:
+        assert time.monotonic() < deadline, "no vLLM metrics on Ray's metrics port"
+        time.sleep(2)
+    running = families["ray_vllm_num_requests_running"]
+    assert {CHAT_MODEL, SECOND_CHAT_MODEL} <= {s.labels["model_name"] for s in running.samples}
+    assert replicas <= {s.labels["ReplicaId"] for s in running.samples}, "engine replicas missing from vLLM's metrics"
+    before = success_count(families)
+    r = http.post("/v1/completions", json={"model": CHAT_MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200
+    deadline = time.monotonic() + 60
+    while success_count(scrape()) < before + 1:
+        assert time.monotonic() < deadline, "the answered request was not counted by vLLM's metrics"
+        time.sleep(2)

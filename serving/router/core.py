@@ -35,8 +35,6 @@ from serving.tenants import KeyRecord, KeyStore, key_label, require_admin, requi
 
 logger = logging.getLogger("serving.router")
 
-ENGINE_METRICS_EVERY_S = 5.0
-ENGINE_METRICS_TIMEOUT_S = 3.0
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embed"}
 
 
@@ -69,8 +67,6 @@ class Router:
         self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s)
         self.engines = engines
         self.auto = AutoRouter(self.config, self.catalog, self.routes, engines, self.metrics)
-        self._engine_metrics_task: asyncio.Task | None = None
-        self._engine_metrics_at = 0.0
         self.open_paths = set(router.open_paths)
         # Behind Ray Serve's proxy, its middleware fills in x-request-id and echoes it on every response.
         self.echo_request_id = True
@@ -164,32 +160,6 @@ class Router:
             if error.kind == "task_mismatch":
                 raise errors.invalid_request(error.message, "model", "model_task_mismatch") from None
             raise errors.unavailable(error.message) from None
-
-    # --- engine metrics ------------------------------------------------------------------
-
-    def refresh_engine_metrics(self) -> None:
-        """Fetch vLLM's metric text from every engine replica in the background, at most every
-        ENGINE_METRICS_EVERY_S: scrapes are served from the last copy, never wait on a busy engine."""
-        now = time.monotonic()
-        if now - self._engine_metrics_at < ENGINE_METRICS_EVERY_S or (
-                self._engine_metrics_task and not self._engine_metrics_task.done()):
-            return
-        self._engine_metrics_at = now
-        self._engine_metrics_task = asyncio.get_running_loop().create_task(self._fetch_engine_metrics())
-
-    async def _fetch_engine_metrics(self) -> None:
-        texts: dict[str, str] = {}
-        for name, handle in self.engines.items():
-            try:
-                results = await handle.broadcast("metrics_text").results_async(
-                    timeout_s=ENGINE_METRICS_TIMEOUT_S, return_exceptions=True)
-            except Exception as error:  # busy or gone: keep the previous copy of its replicas
-                logger.debug("engine metrics of %s not fetched: %r", name, error)
-                texts.update({r: t for r, t in self.metrics.engines.engine_texts.items()
-                              if r in {s.replica for s in self.loads.reports(name)}})
-                continue
-            texts.update(dict(r for r in results if isinstance(r, tuple)))
-        self.metrics.engines.engine_texts = texts
 
     # --- catalog and health ---------------------------------------------------------------
 

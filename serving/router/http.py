@@ -99,13 +99,15 @@ async def status(request: Request) -> Response:
             import ray
 
             from serving.app import APP_NAME
-            from serving.deploy_status import deployment_states_async
+            from serving.deploy_status import deployment_states_async, metrics_endpoints
 
             if not ray.is_initialized():  # a router outside Ray (tests): never start a cluster from here
                 raise RuntimeError("not in a Ray cluster")
             states = await asyncio.wait_for(deployment_states_async(APP_NAME), STATUS_TIMEOUT_S)
             report["deployments"] = {name: {"status": dep.status, "message": dep.message, "replicas": dep.replicas}
                                      for name, dep in states.items()}
+            nodes = await asyncio.wait_for(asyncio.to_thread(ray.nodes), STATUS_TIMEOUT_S)
+            report["metrics_endpoints"] = metrics_endpoints(nodes)  # where vLLM's own metrics are scraped
         except Exception as error:  # outside Ray Serve, or the controller is busy: the router's view still helps
             report["deployments_error"] = type(error).__name__
         return JSONResponse(report)
@@ -115,6 +117,5 @@ async def status(request: Request) -> Response:
 @app.get("/metrics")
 async def metrics(request: Request) -> Response:
     async def answer(router: Router, key) -> Response:
-        router.refresh_engine_metrics()
         return Response(router.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
     return await _keyed(request, answer)
