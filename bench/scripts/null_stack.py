@@ -20,7 +20,6 @@ import argparse
 import importlib
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -31,6 +30,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from bench.stack_process import serve_until_signal  # noqa: E402  (needs REPO on sys.path)
 
 
 def null_config(raw: dict, model: str, env: dict[str, str], engine_cpus: float | None,
@@ -111,10 +112,7 @@ def main() -> int:
     ray.init(address="local", include_dashboard=False, num_cpus=args.num_cpus, logging_level="WARNING",
              object_store_memory=256 * 2**20,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}})
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
+    with serve_until_signal("null stack") as stop:
         serve.start(http_options={"host": args.host, "port": args.port,
                                   "request_timeout_s": config.router.request_timeout_s})
         serve.run(build(config, engine_cls=engine_cls), name=APP_NAME, route_prefix="/", blocking=False)
@@ -123,12 +121,6 @@ def main() -> int:
               f"{args.tokens_per_s:g} tok/s per stream, flush {config.router.stream_flush_ms:g} ms, "
               f"{config.router.replicas} router replica(s), serve_env {config.router.serve_env}", flush=True)
         stop.wait()
-    finally:
-        print("null stack: shutting down", flush=True)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
     return 0
 
 

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench.stack_process import serve_until_signal  # noqa: E402  (needs REPO on sys.path)
 
 
 def engine_settings(config_path: str, model: str) -> tuple[str, dict, dict]:
     """(model folder, engine kwargs, env) exactly as the stack would start this model."""
-    sys.path.insert(0, str(REPO))
     from serving.config import load_config
     from serving.engine import expand_thread_binding
     from serving.provision import model_dir
@@ -77,21 +77,12 @@ def main() -> int:
 
     # address="local": always a fresh cluster of our own, never attach to one another job started.
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=256 * 2**20)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
+    with serve_until_signal("ray-serve-llm peer") as stop:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build(args.model, path, engine_kwargs, env), name="ray-serve-llm", route_prefix="/",
                   blocking=False)
         print(f"ray-serve-llm peer deployed on http://{args.host}:{args.port}", flush=True)
         stop.wait()
-    finally:
-        print("ray-serve-llm peer: shutting down", flush=True)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
     return 0
 
 

@@ -25,6 +25,7 @@ from serving.config import ServingConfig, parse_config
 from serving.metrics import RouterMetrics
 from serving.router.accounting import Accounting, RequestRecord
 from serving.router.forward import Forwarder
+from serving.router.listing import model_list
 from serving.router.loads import LoadView
 from serving.routing import (Decision, RoutingError, catalog_from_config, known_model_ids, route, route_for,
                              routes_from_config)
@@ -164,22 +165,10 @@ class Router:
     # --- catalog and health ---------------------------------------------------------------
 
     def models_listing(self, key: KeyRecord | None = None) -> dict[str, Any]:
-        """Every model (and alias) this key may use, with task, tags, state, replicas and price."""
-        states = self.status_report()["models"]
-        visible = set(visible_models(key, self.catalog))
-        data = []
-        for spec in self.config.models:
-            if spec.name not in visible:
-                continue
-            entry = {"id": spec.name, "object": "model", "created": 0, "owned_by": "serving", "task": spec.task,
-                     "tags": spec.tags, "aliases": spec.aliases, "status": states[spec.name]["state"],
-                     "replicas": states[spec.name]["replicas"]}
-            if spec.price:
-                entry["price"] = spec.price.model_dump()
-            data.append(entry)
-            data.extend({"id": alias, "object": "model", "created": 0, "owned_by": "serving", "task": spec.task,
-                         "alias_of": spec.name} for alias in spec.aliases)
-        return {"object": "list", "data": data}
+        """Every model (and alias) this key may use: vLLM's ModelList shape plus task, tags, state, price."""
+        listing = model_list(self.config, self.catalog, set(visible_models(key, self.catalog)),
+                             self.status_report()["models"])
+        return listing.model_dump(mode="json")
 
     def status_report(self) -> dict[str, Any]:
         """Per-model state and live load, as the router sees it (also backs /health)."""
