@@ -140,14 +140,7 @@ def test_vllm_engine_metrics_per_replica_on_rays_metrics_port(http):
     Ray Serve LLM), labelled with the replica id the router reports; /v1/status says where."""
     endpoints = http.get("/v1/status").json()["metrics_endpoints"]
     assert endpoints and all(e.startswith("http://") and e.endswith("/metrics") for e in endpoints)
-    router_text = http.get("/metrics").text
-    assert "vllm" not in router_text.replace("serving_", "")  # the router re-exposes none of them
-    replicas = {s.labels["replica"] for f in text_string_to_metric_families(router_text)
-                if f.name == "serving_engine_running_requests" for s in f.samples}
-
-    def success_count(families) -> float:
-        return sum(s.value for s in families["ray_vllm_request_success"].samples
-                   if s.labels.get("model_name") == CHAT_MODEL and s.name.endswith("_total"))
+    assert "vllm" not in http.get("/metrics").text.replace("serving_", "")  # the router re-exposes none
 
     def scrape() -> dict:
         families = {}
@@ -155,17 +148,31 @@ def test_vllm_engine_metrics_per_replica_on_rays_metrics_port(http):
             families.update({f.name: f for f in text_string_to_metric_families(httpx.get(endpoint, timeout=10).text)})
         return families
 
+    def successes(families, model: str, replica: str) -> float:
+        family = families.get("ray_vllm_request_success")
+        return sum(s.value for s in (family.samples if family else []) if s.name.endswith("_total")
+                   and s.labels.get("model_name") == model and s.labels.get("ReplicaId") == replica)
+
+    def served() -> dict[tuple[str, str], float]:
+        """One answered request per chat model -> {(model, replica that served it): its count before}."""
+        counts = {}
+        for model in (CHAT_MODEL, SECOND_CHAT_MODEL):
+            before = scrape()
+            r = http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 200
+            counts[(model, r.headers["x-served-replica"])] = successes(before, model, r.headers["x-served-replica"])
+        return counts
+
+    before = served()
     deadline = time.monotonic() + 60  # Ray exports every 10 s (RAY_metrics_report_interval_ms)
-    while "ray_vllm_num_requests_running" not in (families := scrape()) or "ray_vllm_request_success" not in families:
-        assert time.monotonic() < deadline, "no vLLM metrics on Ray's metrics port"
+    while True:
+        families = scrape()
+        missing = [key for key, count in before.items() if successes(families, *key) < count + 1]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"not counted by vLLM's metrics on Ray's port: {missing}"
         time.sleep(2)
-    running = families["ray_vllm_num_requests_running"]
-    assert {CHAT_MODEL, SECOND_CHAT_MODEL} <= {s.labels["model_name"] for s in running.samples}
-    assert replicas <= {s.labels["ReplicaId"] for s in running.samples}, "engine replicas missing from vLLM's metrics"
-    before = success_count(families)
-    r = http.post("/v1/completions", json={"model": CHAT_MODEL, "prompt": "Hi", "max_tokens": 2})
-    assert r.status_code == 200
-    deadline = time.monotonic() + 60
-    while success_count(scrape()) < before + 1:
-        assert time.monotonic() < deadline, "the answered request was not counted by vLLM's metrics"
-        time.sleep(2)
+    # the full vLLM set is there (queue time, TTFT, tokens), in vLLM's names with Ray's prefix
+    for name in ("ray_vllm_time_to_first_token_seconds", "ray_vllm_request_queue_time_seconds",
+                 "ray_vllm_generation_tokens"):
+        assert name in families, sorted(f for f in families if f.startswith("ray_vllm"))

@@ -10,8 +10,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, SECOND_CHAT_MODEL
+
+pytestmark = pytest.mark.e2e
 
 
 def test_status_command_shows_models_and_deployments(stack):
