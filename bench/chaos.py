@@ -6,7 +6,8 @@
   overload     10x the measured sustainable rate for 60 s: router and proxy RSS stay flat,
                rejections are 429/503 with retry-after and come back within 50 ms (p99)
   cut-streams  100 streams cut after their first chunks: the engines' running count is back
-               to 0 within 2 s of the last cut (read from the router's /v1/status)
+               to 0 within 2 s of the last cut (the first reports in /v1/status
+               showing 0 running and waiting, timed by when the engines made them)
   kill-engine  SIGKILL of one VLLM::EngineCore under load: no request hangs past its timeout,
                requests sent after the kill are all answered 200 (by the other replica), the
                killed replica is replaced
@@ -278,7 +279,7 @@ def s_cut_streams(stack: Stack, args) -> dict:
         except httpx.HTTPError:
             pass
         chunks_seen.append(got)
-        cut_times.append(time.monotonic())
+        cut_times.append(time.time())
 
     async def drive():
         async with httpx.AsyncClient(timeout=httpx.Timeout(60), limits=httpx.Limits(max_connections=n + 8)) as client:
@@ -288,14 +289,16 @@ def s_cut_streams(stack: Stack, args) -> dict:
     last_cut = max(cut_times)
     series = []
     zero_at = None
-    while time.monotonic() - last_cut < 15:
+    while time.time() - last_cut < 15:
         models = status_models(stack.url)
         m = models.get(MODEL, {})
         running, waiting = m.get("running"), m.get("waiting")
-        series.append((round(time.monotonic() - last_cut, 2), running, waiting))
-        if running == 0 and zero_at is None:
-            zero_at = time.monotonic() - last_cut
-        if running == 0 and waiting == 0:
+        # when the engines' own reports were made, not when they reached the router (up to a report
+        # interval + Ray's controller loop later): the engines' count, not its delivery, is measured
+        reported = m.get("reported_at", 0.0) - last_cut
+        series.append((round(time.time() - last_cut, 2), round(reported, 2), running, waiting))
+        if running == 0 and waiting == 0 and reported > 0:
+            zero_at = reported
             break
         time.sleep(0.2)
     criteria = [
@@ -450,8 +453,15 @@ def s_sigterm(stack: Stack, args) -> dict:
             state["at"] = time.monotonic() - t0
             stack.proc.send_signal(signal.SIGTERM)
 
+        async def long():
+            # two long answers in flight at SIGTERM keep the drain open for several seconds, so the
+            # probes below arrive while it lasts (short ones alone drain before a probe is sent)
+            await asyncio.sleep(6)
+            async with httpx.AsyncClient(timeout=None) as client:
+                return await asyncio.gather(*(call(client, stack.url, 400, args.timeout, t0) for _ in range(2)))
+
         async def late():
-            await asyncio.sleep(9)
+            await asyncio.sleep(8.7)  # the routers see the drain flag within 0.5 s
             out = []
             async with httpx.AsyncClient(timeout=None) as client:
                 for _ in range(20):
@@ -460,8 +470,8 @@ def s_sigterm(stack: Stack, args) -> dict:
             return out
 
         load = closed_loop(stack.url, args.concurrency, 8.5, 24, args.timeout, t0, stop_new)
-        res, _, lates = await asyncio.gather(load, term(), late())
-        return res, lates
+        res, longs, _, lates = await asyncio.gather(load, long(), term(), late())
+        return res + list(longs), lates
 
     results, lates = asyncio.run(drive())
     try:

@@ -11,13 +11,14 @@ load, delivered by Ray's controller outside request slots, with no polling of ou
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from serving.messages import EngineRequest, RoutingStats
-from serving.routing.replicas import Affinity, PolicyState, ReplicaPolicy, ReplicaView, rank_replicas
+from serving.routing.replicas import Affinity, DeadMarks, PolicyState, ReplicaPolicy, ReplicaView, rank_replicas
 
 # deployment name -> the request router of this process's handle to it (one per router replica)
 LOAD_VIEWS: dict[str, "EngineRequestRouter"] = {}
@@ -28,6 +29,7 @@ class EngineRequestRouter(RequestRouter):
         self.policy = ReplicaPolicy(**(policy or {}))
         self.state = PolicyState()
         self.stale_after_s = stale_after_s
+        self.dead = DeadMarks()
         # Ray may rebuild this class from a pickle with its own copy of module globals: register
         # in the module this process imported, where the router's load view looks.
         import serving.replica_router as registry
@@ -39,7 +41,7 @@ class EngineRequestRouter(RequestRouter):
         now = time.time()
         views = []
         for replica in self._replicas_list if replicas is None else replicas:
-            stats = RoutingStats.from_dict(replica.routing_stats)
+            stats = self._stats(replica)
             inflight = self._replica_queue_len_cache.get(replica.replica_id) or 0
             rid = replica.replica_id.unique_id
             if stats is None:  # started, never reported
@@ -51,8 +53,21 @@ class EngineRequestRouter(RequestRouter):
                 max_ongoing=replica.max_ongoing_requests))
         return views
 
+    def _stats(self, replica: RunningReplica) -> RoutingStats | None:
+        """The replica's last report, unhealthy while this router has seen its engine dead since."""
+        stats = RoutingStats.from_dict(replica.routing_stats)
+        if self.dead.is_dead(replica.replica_id.unique_id, stats.at if stats else None):
+            return dataclasses.replace(stats, healthy=False) if stats else RoutingStats(
+                replica.replica_id.unique_id, self._deployment_id.name, healthy=False, at=0.0, error="engine dead")
+        return stats
+
     def reports(self) -> list[RoutingStats]:
-        return [s for s in (RoutingStats.from_dict(r.routing_stats) for r in self._replicas_list) if s]
+        return [s for s in (self._stats(r) for r in self._replicas_list) if s]
+
+    def mark_dead(self, replica_id: str) -> None:
+        """The router saw this replica's engine dead: route around it now, not after its next report."""
+        self.dead.keep_only({r.replica_id.unique_id for r in self._replicas_list})
+        self.dead.mark(replica_id, time.time())
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:

@@ -95,6 +95,9 @@ class FakeView:
     def saturated(self):
         return False
 
+    def mark_dead(self, replica):
+        self.marked_dead = [*getattr(self, "marked_dead", []), replica]
+
 
 def healthy(name, replica=None, **kw) -> RoutingStats:
     return RoutingStats(replica=replica or f"{name}-1", model=name, healthy=True, **kw)
@@ -438,6 +441,41 @@ def test_dead_engine_answer_is_retried_elsewhere(client):
     assert response.status_code == 200 and response.headers["x-served-model"] == "b"
     assert response.headers["x-route-attempts"] == "a: engine dead"
     assert router.loads.inflight == {"a": 0, "b": 0}
+
+
+def test_a_dead_engine_is_avoided_at_once_by_the_replica_choice(client):
+    """The retry and the requests after it go to the deployment's other replica: the dead one is
+    marked in its replica router now, not when its next (late) report arrives."""
+    calls = {"n": 0}
+
+    def first_engine_dead(request):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return FakeStream([ReplyHead(503, "a-1", "a", retryable=True, body=b'{"error": {}}')])
+        return ok("a")(request)
+
+    views = {"a": FakeView(healthy("a", "a-1"), healthy("a", "a-2")), "b": FakeView(healthy("b"))}
+    a = FakeHandle("a", first_engine_dead)
+    router, http = client({"a": a, "b": FakeHandle("b", ok("b"))}, views)
+    response = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
+    assert response.status_code == 200 and response.headers["x-served-model"] == "a"
+    assert response.headers["x-route-attempts"] == "a: engine dead"
+    assert views["a"].marked_dead == ["a-1"] and len(a.requests) == 2
+
+
+def test_dead_marks_hold_until_the_replica_reports_again():
+    from serving.routing.replicas import DeadMarks
+
+    marks = DeadMarks()
+    marks.mark("r1", at=100.0)
+    assert marks.is_dead("r1", report_at=99.0)  # its last report predates the dead answer
+    assert marks.is_dead("r1", report_at=None)
+    assert not marks.is_dead("r2", report_at=99.0)
+    assert not marks.is_dead("r1", report_at=101.0)  # it reported since: its report decides again
+    assert not marks.is_dead("r1", report_at=99.0)  # and the mark is gone
+    marks.mark("r3", at=1.0)
+    marks.keep_only({"r4"})
+    assert marks.marked == {}
 
 
 def test_engine_reports_become_metrics(client):

@@ -177,7 +177,7 @@ class Router:
             models[name] = {"state": {True: "ready", False: "unavailable", None: "starting"}[load.healthy],
                             "replicas": load.replicas, "running": load.running, "waiting": load.waiting,
                             "kv_cache_usage": load.kv_cache_usage, "inflight": load.inflight,
-                            "saturated": load.saturated}
+                            "saturated": load.saturated, "reported_at": load.reported_at}
         ok = any(m["state"] == "ready" for m in models.values())
         return {"status": "ok" if ok else "unavailable", "models": models}
 

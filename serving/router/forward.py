@@ -101,6 +101,7 @@ class Forwarder:
                     continue
                 record.replica = head.replica
                 if head.retryable:  # the engine is dead but Ray has not replaced the replica yet
+                    self.loads.mark_dead(name, head.replica)  # the retry and later requests go elsewhere
                     attempts.tried.append((name, "engine dead"))
                     self.accounting.metrics.route_failovers.labels(name).inc()
                     continue

@@ -46,11 +46,18 @@ class LoadView:
             replicas=len(alive),
             healthy=bool(alive),
             saturated=saturated,
+            reported_at=max((r.at for r in alive), default=0.0),
         )
 
     def loads(self) -> dict[str, Load]:
         now = time.time()
         return {name: self.load(name, now) for name in self.inflight}
+
+    def mark_dead(self, name: str, replica: str) -> None:
+        """A replica of `name` answered that its engine is dead: its replica choice avoids it now."""
+        view = self.views.get(name)
+        if view is not None and hasattr(view, "mark_dead"):
+            view.mark_dead(replica)
 
     def acquire(self, name: str) -> None:
         self.inflight[name] += 1

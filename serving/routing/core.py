@@ -77,6 +77,7 @@ class Load:
     replicas: int = 0  # replicas that reported recently
     healthy: bool | None = None  # None: no report yet (starting up)
     saturated: bool = False  # every replica slot busy: the last load poll could not get in
+    reported_at: float = 0.0  # when the newest of these reports was made (engine's clock, epoch s)
 
 
 FALLBACK_REASONS = ("context_window", "down", "overloaded")

@@ -102,6 +102,32 @@ class PolicyState:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
+class DeadMarks:
+    """Replicas whose engine answered "dead" to this router: unhealthy here until a report they
+    produced after that answer says otherwise. Reports reach the router up to a report interval
+    late; meanwhile a dead replica fails fastest, looks least loaded, and would draw every request."""
+
+    def __init__(self) -> None:
+        self.marked: dict[str, float] = {}  # replica id -> when its engine was seen dead
+
+    def mark(self, replica: str, at: float) -> None:
+        self.marked[replica] = at
+
+    def is_dead(self, replica: str, report_at: float | None) -> bool:
+        marked = self.marked.get(replica)
+        if marked is None:
+            return False
+        if report_at is not None and report_at > marked:  # the replica has spoken since: trust it
+            del self.marked[replica]
+            return False
+        return True
+
+    def keep_only(self, replicas: set[str]) -> None:
+        """Forget replicas Ray no longer lists (replaced ones get new ids)."""
+        for replica in [r for r in self.marked if r not in replicas]:
+            del self.marked[replica]
+
+
 def prefix_key(text: str, chars: int) -> str | None:
     """Stable hash (same in every process and run) of the prompt's first `chars` characters."""
     if not text:
