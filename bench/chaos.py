@@ -188,6 +188,17 @@ def status_models(url: str) -> dict:
         return {}
 
 
+def wait_idle(url: str, timeout_s: float) -> float | None:
+    """Seconds until no request is running, waiting or in flight anywhere (None: not within timeout_s)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        models = status_models(url)
+        if models and all(m.get("running", 0) + m.get("waiting", 0) + m.get("inflight", 0) == 0 for m in models.values()):
+            return time.monotonic() - start
+        time.sleep(0.5)
+    return None
+
+
 def check(name: str, ok: bool, detail: str) -> dict:
     print(f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
     return {"criterion": name, "pass": bool(ok), "detail": detail}
@@ -307,7 +318,7 @@ def s_cut_streams(stack: Stack, args) -> dict:
         check("engine running count back to 0 within 2 s", zero_at is not None and zero_at <= 2,
               f"zero after {zero_at if zero_at is not None else 'never (15 s)'} s; last {series[-1] if series else None}"),
     ]
-    return {"streams": n, "series": series, "criteria": criteria}
+    return {"streams": n, "series": series, "cut_times": sorted(cut_times), "criteria": criteria}
 
 
 def _replica_pids(stack: Stack) -> dict[int, list[int]]:
@@ -537,6 +548,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         for name in [s for s in SCENARIOS if s in wanted]:
             print(f"== {name}", flush=True)
+            idle_in = wait_idle(stack.url, 120)  # each scenario starts from an idle stack
+            print(f"  (stack idle after {idle_in:.1f} s)" if idle_in is not None else "  (stack not idle after 120 s)", flush=True)
             started = time.time()
             try:
                 result = SCENARIOS[name](stack, args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -86,6 +88,34 @@ def test_client_disconnect_aborts_generation_in_engine(http, stack_url):
     # 1500 tokens would take well over a minute here; an aborted request leaves the engine at once.
     status = wait_until_idle(http, models=(SECOND_CHAT_MODEL,), timeout=20)
     assert status[SECOND_CHAT_MODEL]["running"] == 0
+
+
+def test_client_gone_from_a_non_streaming_request_aborts_it_in_engine(http, stack_url):
+    """No response has started when the client leaves; Ray Serve (proxy or direct ingress) must
+    still cancel the router's call, and with it the engine's."""
+    wait_until_idle(http)
+    body = {"model": SECOND_CHAT_MODEL, "prompt": "Count to a thousand:", "max_tokens": 1500, "ignore_eos": True}
+    client = threading.Thread(target=lambda: _post_and_leave(stack_url, body, after_s=3), daemon=True)
+    client.start()
+    deadline = time.monotonic() + 15
+    while http.get("/v1/status").json()["models"][SECOND_CHAT_MODEL]["running"] == 0:
+        assert time.monotonic() < deadline, "engine never reported the running request"
+        time.sleep(0.3)
+    client.join(10)
+    # 1500 tokens take over 30 s here: back to 0 within 10 s only if the call was cancelled
+    status = wait_until_idle(http, models=(SECOND_CHAT_MODEL,), timeout=10)
+    assert status[SECOND_CHAT_MODEL]["running"] == 0
+
+
+def _post_and_leave(url: str, body: dict, after_s: float) -> None:
+    """Send the request on a plain socket and close it after `after_s` (a client giving up; httpx's
+    own timeout leaves its socket open)."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        time.sleep(after_s)
 
 
 def test_health_and_status(http):
