@@ -23,10 +23,13 @@ def http(stack_url):
 
 
 def wait_until_idle(http, models=(CHAT_MODEL, SECOND_CHAT_MODEL), timeout=60.0) -> dict:
-    deadline = time.monotonic() + timeout
+    deadline, since = time.monotonic() + timeout, time.time()
     while True:
         status = http.get("/v1/status").json()["models"]
-        if all(status[m]["running"] + status[m]["waiting"] + status[m]["inflight"] == 0 for m in models):
+        # idle in reports the engines made after we started asking (a late report of earlier work
+        # would otherwise make a model look busy to the next request)
+        if all(status[m]["running"] + status[m]["waiting"] + status[m]["inflight"] == 0
+               and status[m]["reported_at"] > since for m in models):
             return status
         if time.monotonic() > deadline:
             raise AssertionError(f"engines not idle: {status}")
