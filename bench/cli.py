@@ -135,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--out", default="bench/results/difficulty.md")
 
-    from bench import capacity, cpuprof, simulate
+    from bench import auto_live, capacity, cpuprof, engine_counters, simulate
     simulate.add_parser(sub)
+    engine_counters.add_parser(sub)
+    auto_live.add_parser(sub)
     cpuprof.add_parser(sub)
     capacity.add_parser(sub)
     from bench import chaos  # starts and breaks a real stack; needs the serving package

@@ -120,7 +120,7 @@ def build(config: ServingConfig, engine_cls: type = EngineDeployment) -> Applica
         max_ongoing_requests=router.max_ongoing_requests,
         max_queued_requests=router.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": 1},
-        ray_actor_options={"num_cpus": router.cpus},
+        ray_actor_options={"num_cpus": router.cpus, **({"resources": router.ray_resources} if router.ray_resources else {})},
         graceful_shutdown_timeout_s=router.drain_timeout_s,
     ).bind(config_to_dict(config), engines)
 

@@ -35,6 +35,7 @@ class Node:
     gpus: float = 0.0
     memory_gib: float | None = None  # None: unknown, memory requests are not checked
     accelerator_types: frozenset[str] = frozenset()
+    custom: tuple[tuple[str, float], ...] = ()  # Ray custom resources (name, amount), e.g. ingress
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Replica:
     memory_gib: float = 0.0
     accelerator_type: str | None = None
     max_per_node: int | None = None
+    custom: tuple[tuple[str, float], ...] = ()  # Ray custom resources it needs (router.ray_resources)
 
 
 @dataclass
@@ -91,7 +93,8 @@ def requests(config: ServingConfig) -> list[Replica]:
     for spec in config.models:
         start = spec.replicas.min if spec.replicas.fixed else max(spec.replicas.min, 1)
         out += [replica_request(config.engine_spec(spec))] * start
-    out += [Replica(owner="router", cpus=config.router.cpus)] * config.router.replicas
+    out += [Replica(owner="router", cpus=config.router.cpus,
+                    custom=tuple(sorted(config.router.ray_resources.items())))] * config.router.replicas
     return out
 
 
@@ -101,6 +104,8 @@ def _fits(replica: Replica, free: dict[str, float], node: Node, placed_here: int
     if replica.accelerator_type and replica.accelerator_type not in node.accelerator_types:
         return False
     if replica.cpus > free["cpus"] + EPS or replica.gpus > free["gpus"] + EPS:
+        return False
+    if any(amount > free.get(f"custom:{name}", 0.0) + EPS for name, amount in replica.custom):
         return False
     return node.memory_gib is None or replica.memory_gib <= free["memory_gib"] + EPS
 
@@ -113,7 +118,8 @@ def check(config: ServingConfig, nodes: list[Node]) -> Report:
     """Place every replica first-fit, largest first; name what cannot be placed and the fix."""
     reps = requests(config)
     report = Report(reps, list(nodes))
-    free = {n.name: {"cpus": n.cpus, "gpus": n.gpus, "memory_gib": n.memory_gib or 0.0} for n in nodes}
+    free = {n.name: {"cpus": n.cpus, "gpus": n.gpus, "memory_gib": n.memory_gib or 0.0,
+                     **{f"custom:{k}": v for k, v in n.custom}} for n in nodes}
     count: dict[tuple[str, str], int] = {}
     order = sorted(range(len(reps)), key=lambda i: (-reps[i].gpus, -reps[i].cpus, -reps[i].memory_gib))
     unplaced: list[int] = []
@@ -124,6 +130,8 @@ def check(config: ServingConfig, nodes: list[Node]) -> Report:
                 free[node.name]["cpus"] -= r.cpus
                 free[node.name]["gpus"] -= r.gpus
                 free[node.name]["memory_gib"] -= r.memory_gib
+                for name, amount in r.custom:
+                    free[node.name][f"custom:{name}"] -= amount
                 count[(r.owner, node.name)] = count.get((r.owner, node.name), 0) + 1
                 report.placement[i] = node.name
                 break
@@ -163,6 +171,10 @@ def _explain(config: ServingConfig, reps: list[Replica], nodes: list[Node], unpl
             why.append(f"no node has {_fmt(r.gpus)} GPUs (largest: {_fmt(biggest_gpu)}): lower tensor_parallel_size/resources.gpus or add a bigger GPU node")
         if r.memory_gib and any(n.memory_gib is not None for n in nodes) and r.memory_gib > biggest_mem + EPS:
             why.append(f"no node has {_fmt(r.memory_gib)} GiB for Ray (largest: {_fmt(biggest_mem)}): lower resources.memory_gib")
+        for name, amount in r.custom:
+            if not any(dict(n.custom).get(name, 0.0) + EPS >= amount for n in nodes):
+                why.append(f"no node offers Ray resource {name!r} ({_fmt(amount)} needed): start a node with "
+                           f"`ray start --resources '{{\"{name}\": 1}}'` or drop it from router.ray_resources")
         if r.accelerator_type and not any(r.accelerator_type in n.accelerator_types for n in nodes):
             why.append(f"no node offers accelerator {r.accelerator_type}: change resources.accelerator_type or add such a node")
         if r.max_per_node is not None and total > r.max_per_node * len(nodes):
@@ -208,6 +220,9 @@ def nodes_from_ray(ray_nodes: list[dict]) -> list[Node]:
             gpus=float(res.get("GPU", 0.0)),
             memory_gib=float(res["memory"]) / GIB if "memory" in res else None,
             accelerator_types=frozenset(k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")),
+            custom=tuple(sorted((k, float(v)) for k, v in res.items()
+                                if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                                and not k.startswith(("node:", "accelerator_type:")))),
         ))
     return out
 

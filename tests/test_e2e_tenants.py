@@ -9,6 +9,7 @@ Started with `serving up` like the session's stack.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import random
 import secrets
@@ -25,7 +26,7 @@ import yaml
 from serving.cli import all_models_ready
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, ROOT
 
-PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "18010"))
+PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "28010"))
 pytestmark = pytest.mark.e2e
 
 
@@ -104,7 +105,11 @@ def test_rpm_limit_holds_across_both_router_replicas(tenants):
     # a shared counter hands out each remaining value once; two counters would repeat them
     remaining = sorted(int(r.headers.get("x-ratelimit-remaining-requests", -1)) for r in responses if r.status_code == 200)
     assert elapsed < 50, f"the burst took {elapsed:.0f}s: the 60 s window moved under it ({statuses})"
-    assert 29 <= accepted <= 31, (statuses, remaining, f"{elapsed:.1f}s")
+    if not 29 <= accepted <= 31:  # say which requests escaped the limit, and whether the router logged them
+        logged = {json.loads(line)["request_id"] for line in tenants["request_log"].read_text().splitlines() if line}
+        detail = [(r.status_code, r.headers.get("x-request-id"), r.headers.get("x-request-id") in logged,
+                   r.headers.get("x-served-replica"), r.headers.get("x-ratelimit-remaining-requests")) for r in responses]
+        pytest.fail(f"{accepted} of 45 accepted in {elapsed:.1f}s (limit 30): {detail}")
     assert len(set(remaining)) == len(remaining), remaining
     assert statuses.count(429) == 45 - accepted, statuses
     rejected = next(r for r in responses if r.status_code == 429)

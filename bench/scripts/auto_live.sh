@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Issue 9's live `model: auto` check: serve deploy/models.auto-cpu.yaml (small/large SmolLM2 pair
+# + the embedding model), send MT-Bench's 80 first turns to `auto`, report where they went and
+# what classification cost (bench/auto_live.py).
+#   flock /tmp/serving-heavy.lock bench/scripts/auto_live.sh [OUT] [MT_BENCH_JSONL]
+# MT-Bench: lm-sys/FastChat fastchat/llm_judge/data/mt_bench/question.jsonl (Apache-2.0), not shipped.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-$PWD/.venv/bin/python}
+OUT=${1:-bench/results/auto-live}
+MT=${2:-$HOME/.cache/serving/eval/mt_bench_question.jsonl}
+PORT=${PORT:-28300}
+STACK_CONFIG=deploy/models.auto-cpu.yaml STACK_LOG=/tmp/auto-live-stack.log bench/scripts/with_stack.sh "$PORT" -- \
+    "$PY" -m bench auto-live --url "http://127.0.0.1:$PORT" --mt-bench "$MT" --out "$OUT"
