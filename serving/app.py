@@ -96,13 +96,20 @@ def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any
 def ray_env(config: ServingConfig, port: int) -> dict[str, str]:
     """Environment for every Ray process of this stack: the config's Ray Serve knobs, plus the ports
     HAProxy and direct ingress bind, derived from the router port so two stacks on one machine
-    (tests, benchmarks) never fight over Ray's fixed defaults (8404, 9101, 30000, 40000).
+    (tests, benchmarks) never fight over Ray's fixed defaults (8404, 9101, 30000, 40000, and
+    HAProxy's files in /tmp/haproxy-serve).
     Block of 16 ports at 20000 + (port % 2800) * 16: up to 7 router replicas per node."""
     base = 20000 + (port % 2800) * 16
+    # HAProxy's files are fixed paths under /tmp by default: a second stack on the host would
+    # rewrite and reload the first one's HAProxy (CI saw requests to one stack answered by another)
+    files = f"/tmp/haproxy-serve-{port}"
     derived = {
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": base, "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": base + 6,
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": base + 7, "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": base + 13,
         "RAY_SERVE_HAPROXY_METRICS_PORT": base + 14, "RAY_SERVE_HAPROXY_STATS_PORT": base + 15,
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{files}/haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files, "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{files}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{files}/metrics.sock",
     }
     return {**{k: str(v) for k, v in derived.items()}, **config.router.serve_env}
 

@@ -84,14 +84,16 @@ def _replica_nodes(address: str) -> dict[str, str]:
     code = ("import json, ray; from serving.deploy_status import app_state; "
             "ray.init(address=%r, logging_level='ERROR', log_to_driver=False); a = app_state('serving'); "
             "print(a.status, a.message, {n: d.line() for n, d in a.deployments.items()}); "
-            "s = a.deployments.get(%r); print(json.dumps(dict(s.replica_nodes) if s else {}))"
+            "s = a.deployments.get(%r); print('NODES=' + json.dumps(dict(s.replica_nodes) if s else {}))"
             % (address, MODEL))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.strip().splitlines()
-    LAST_APP_STATE[:] = lines[-2:-1]  # Serve's view, for failure messages
-    return json.loads(lines[-1])
+    lines = out.stdout.strip().splitlines()  # Ray may print its own lines (a dead raylet) around ours
+    found = [i for i, line in enumerate(lines) if line.startswith("NODES=")]
+    assert found, out.stdout[-2000:]
+    LAST_APP_STATE[:] = lines[found[-1] - 1:found[-1]]  # Serve's view, for failure messages
+    return json.loads(lines[found[-1]].removeprefix("NODES="))
 
 
 def _wait(predicate, timeout: float, what: str, log: Path):
