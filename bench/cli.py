@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     # Per-point tables should show up in logs as each point finishes.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
-    if args.cmd in ("chaos", "engine-counters", "auto-live"):
+    if hasattr(args, "func"):  # subcommands that register their own entry point
         return args.func(args)
     return {"run": cmd_run, "ab": cmd_ab, "size": cmd_size, "compare": cmd_compare,
             "plot": cmd_plot, "difficulty-eval": cmd_difficulty_eval,
