@@ -94,22 +94,20 @@ def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any
 
 
 def ray_env(config: ServingConfig, port: int) -> dict[str, str]:
-    """Environment for every Ray process of this stack: the config's Ray Serve knobs, plus the ports
-    HAProxy and direct ingress bind, derived from the router port so two stacks on one machine
-    (tests, benchmarks) never fight over Ray's fixed defaults (8404, 9101, 30000, 40000, and
-    HAProxy's files in /tmp/haproxy-serve).
-    Block of 16 ports at 20000 + (port % 2800) * 16: up to 7 router replicas per node."""
+    """Environment for every Ray process of this stack: the config's Ray Serve knobs, plus every
+    port Ray Serve otherwise takes from a fixed default (HAProxy stats 8404 and metrics 9101, the
+    fallback proxy 8500/9500, direct ingress 30000/40000), derived from the router port so two
+    stacks on one machine (tests, benchmarks) never share one. (HAProxy's files need nothing:
+    Ray puts them in a folder per node id.)
+    Block of 16 ports at 20000 + (port % 2800) * 16: up to 6 router replicas per node."""
     base = 20000 + (port % 2800) * 16
-    # HAProxy's files are fixed paths under /tmp by default: a second stack on the host would
-    # rewrite and reload the first one's HAProxy (CI saw requests to one stack answered by another)
-    files = f"/tmp/haproxy-serve-{port}"
+    # CI saw requests to one stack answered by another: HAProxy's backup server for the router is
+    # the fallback proxy, whose fixed port 8500 the other stack's fallback proxy had bound first
     derived = {
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": base, "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": base + 6,
-        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": base + 7, "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": base + 13,
-        "RAY_SERVE_HAPROXY_METRICS_PORT": base + 14, "RAY_SERVE_HAPROXY_STATS_PORT": base + 15,
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{files}/haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{files}/admin.sock",
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": files, "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{files}/server-state",
-        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{files}/metrics.sock",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": base, "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": base + 5,
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": base + 6, "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": base + 11,
+        "RAY_SERVE_HAPROXY_METRICS_PORT": base + 12, "RAY_SERVE_HAPROXY_STATS_PORT": base + 13,
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": base + 14, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": base + 15,
     }
     return {**{k: str(v) for k, v in derived.items()}, **config.router.serve_env}
 
