@@ -2,10 +2,10 @@
 
     python -m bench auto-live --url http://127.0.0.1:8000 --mt-bench question.jsonl --out bench/results/auto-live
 
-Sends each question's first turn as a chat request to `auto` (max_tokens 1: the route is what
-is measured), reads the side from the served model's tags (/v1/models), and the router's own
-`serving_route_classify_seconds` histogram before and after for the time classification takes
-(embedding by the stack's embedding deployment included). Easy = writing, roleplay, extraction;
+Sends each question's first turn as a streamed chat request to `auto` with no max_tokens, as a
+client would, and closes the stream once the headers (the decision) arrive; reads the side from
+the served model's tags (/v1/models), and the router's own `serving_route_classify_seconds`
+histogram before and after for the time classification takes (the embedding included). Easy = writing, roleplay, extraction;
 hard = math, reasoning, coding (the split issue 9 names); stem and humanities are reported apart.
 """
 
@@ -96,12 +96,15 @@ def main(args: argparse.Namespace) -> int:
         before = classify_histogram(http.get("/metrics").text, args.route)
         rows = []
         for q in questions:
-            r = http.post("/v1/chat/completions", json={
-                "model": args.route, "max_tokens": 1, "messages": [{"role": "user", "content": q["turns"][0]}]})
-            served = r.headers.get("x-served-model", "")
-            rows.append({"id": q["question_id"], "category": q["category"], "status": r.status_code,
-                         "served": served, "side": side_of.get(served, "?"),
-                         "reason": r.headers.get("x-route-reason", "")})
+            # as a client would send it: no max_tokens (a 1-token cap is itself a difficulty signal,
+            # which made an earlier run read easier than the questions are); the headers carry the
+            # decision, so the stream is closed at once and the engine aborts the sequence
+            with http.stream("POST", "/v1/chat/completions", json={
+                    "model": args.route, "stream": True, "messages": [{"role": "user", "content": q["turns"][0]}]}) as r:
+                served = r.headers.get("x-served-model", "")
+                rows.append({"id": q["question_id"], "category": q["category"], "status": r.status_code,
+                             "served": served, "side": side_of.get(served, "?"),
+                             "reason": r.headers.get("x-route-reason", "")})
         time.sleep(0.5)
         after = classify_histogram(http.get("/metrics").text, args.route)
     timing = window_stats(before, after)

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--max-large-share", type=float, default=0.5)
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--out", default="bench/results/difficulty.md")
+    de.add_argument("--embedding", choices=("static", "local"), default="static",
+                    help="as router.difficulty_embedding: the model's token embeddings averaged, or the full model")
 
     from bench import auto_live, capacity, cpuprof, engine_counters, simulate
     simulate.add_parser(sub)
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_difficulty_eval(args) -> int:
     from bench import difficulty_eval
-    print(difficulty_eval.run(args.mt_bench, args.out, args.max_large_share, args.seed))
+    print(difficulty_eval.run(args.mt_bench, args.out, args.max_large_share, args.seed, args.embedding))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Offline evaluation of the `auto` route's difficulty classifier (serving/routing/difficulty.py).
 
-Embeds with the stack's own embedding model, loaded directly with transformers (mean pooling +
-L2 normalization, as sentence-transformers and the embed deployment do), then reports:
+Embeds with the stack's own embedding model as the router does (`--embedding static`: the mean of
+its token embeddings; `local`: the full model, mean pooling + L2 normalization as
+sentence-transformers and the embed deployment do), then reports:
   - a stratified held-out split of the shipped exemplars (train on 75 %, test on 25 %),
   - 5-fold cross-validation over the exemplars,
   - MT-Bench's 80 first turns (writing, roleplay, extraction = easy; math, reasoning, coding = hard;
@@ -22,32 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.provision import cache_dir
+from serving.router.embedder import LocalEmbedder, StaticEmbedder
 from serving.routing.difficulty import DifficultyClassifier, Exemplar, embedding_text, load_exemplars
 
-MODEL_DIR = Path(os.path.expanduser("~/.cache/serving/models/all-minilm-l6-v2"))
+MODEL_DIR = cache_dir() / "models" / "all-minilm-l6-v2"  # what `serving provision models.yaml` filled
 EASY_MT = ("writing", "roleplay", "extraction")
 HARD_MT = ("math", "reasoning", "coding")
-
-
-class Embedder:
-    def __init__(self, path: Path = MODEL_DIR):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
-
-    def __call__(self, texts: list[str], batch: int = 32) -> np.ndarray:
-        out = []
-        with self.torch.no_grad():
-            for i in range(0, len(texts), batch):
-                enc = self.tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).float()
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(self.torch.nn.functional.normalize(pooled, dim=-1).numpy())
-        return np.vstack(out)
 
 
 def stratified_split(exemplars: list[Exemplar], test_share: float, seed: int) -> tuple[list[int], list[int]]:
@@ -89,9 +71,15 @@ def pct(x: float) -> str:
     return f"{100 * x:.0f} %"
 
 
-def run(mt_bench: str | None, out: str, share: float, seed: int) -> str:
+EMBEDDINGS = {  # router.difficulty_embedding -> how this report describes it
+    "static": "the mean of the model's token embeddings (StaticEmbedder, as the router's default)",
+    "local": "the full model via transformers, mean pooling + L2 norm (LocalEmbedder)",
+}
+
+
+def run(mt_bench: str | None, out: str, share: float, seed: int, embedding: str = "static") -> str:
     exemplars = load_exemplars()
-    embed = Embedder()
+    embed = StaticEmbedder(MODEL_DIR) if embedding == "static" else LocalEmbedder(MODEL_DIR, threads=None)
     started = time.perf_counter()
     vectors = embed([embedding_text(e.text) for e in exemplars])
     embed_s = time.perf_counter() - started
@@ -99,11 +87,11 @@ def run(mt_bench: str | None, out: str, share: float, seed: int) -> str:
              "Command (from the repository root; MT-Bench's question.jsonl is fetched from lm-sys/FastChat, "
              "not committed):", "", "```bash",
              f"PYTHONPATH=$PWD .venv/bin/python -m bench difficulty-eval --mt-bench ~/.cache/serving/eval/mt_bench_question.jsonl"
-             f" --max-large-share {share}", "```", "",
+             f" --max-large-share {share} --embedding {embedding}", "```", "",
              f"Exemplars: {len(exemplars)} ({sum(e.label == 'easy' for e in exemplars)} easy, "
              f"{sum(e.label == 'hard' for e in exemplars)} hard), serving/routing/data/exemplars.jsonl. "
-             f"Embeddings: all-minilm-l6-v2 (384 dims) via transformers, mean pooling + L2 norm "
-             f"({1000 * embed_s / len(exemplars):.1f} ms per exemplar on this 2-core CPU, batched). "
+             f"Embeddings of all-minilm-l6-v2 (384 dims): {EMBEDDINGS[embedding]} "
+             f"({1000 * embed_s / len(exemplars):.2f} ms per exemplar on this 2-core CPU, batched). "
              f"Calibration: max_large_share = {share} (threshold = the higher of: the score that keeps 95 % of "
              f"hard exemplars large, and the {1 - share:.2f} quantile of all exemplars; both out of fold). "
              "How the exemplars and the calibration came to be, including an earlier run that missed the "
@@ -185,8 +173,8 @@ def run(mt_bench: str | None, out: str, share: float, seed: int) -> str:
     lines += ["## Latency", "",
               f"`classify()` given the vector, {len(timings)} calls: p50 {timings[len(timings) // 2]:.3f} ms, "
               f"p99 {timings[int(len(timings) * 0.99)]:.3f} ms. Building the classifier (5-fold calibration "
-              f"included): {build_ms:.0f} ms, once at router start. The embedding itself is a call to the embed "
-              "deployment, measured end to end by the lead.", ""]
+              f"included): {build_ms:.0f} ms, once at router start. The embedding itself, live: "
+              "bench/results/auto-live.", ""]
     text = "\n".join(lines)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)

@@ -30,6 +30,7 @@ class RouterIngress(Router):
         self.echo_request_id = False
         if not self.keys.open:  # keys mean limits and usage: have the shared counters up before traffic
             await self.limiter.warm_up()
+        self.auto.start()  # exemplar embeddings ready before the first `auto` request, where possible
         activate(self)
 
 

@@ -260,6 +260,11 @@ class RouterSpec(_Strict):
         default_factory=lambda: ["/health", "/metrics"],
         description="paths answered without an API key when keys are set (probes and Prometheus scrapes)")
     drain_timeout_s: float = Field(30, ge=0, description="on stop: how long requests in flight may take to finish")
+    difficulty_embedding: Literal["static", "local", "deployment"] = Field(
+        "static", description="how `auto` routes embed prompts, with the stack's embed model: static = the mean of its "
+        "token embeddings, in the router (~0.3 ms, numpy); local = the full model on one thread in each router "
+        "replica (~13 ms on CPU); deployment = a request to the embed deployment (a Ray round trip queued behind "
+        "the engines). Accuracy and time of each: bench/results/auto-live")
 
 
 class ServingConfig(_Strict):

@@ -59,7 +59,7 @@ class RouterMetrics:
         self.auto_routes = Counter("serving_auto_routes", "Requests a route (e.g. `auto`) sent to its small or large side.",
                                    ["route", "side"], registry=r)
         self.classify_seconds = Histogram(
-            "serving_route_classify_seconds", "Time to score a request's difficulty (with the embedding, or rules only).",
+            "serving_route_classify_seconds", "Time to score a request's difficulty (method: static_embedding, local_embedding, deployment_embedding, or rules only).",
             ["route", "method"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.engines = EngineReportCollector()
         r.register(self.engines)

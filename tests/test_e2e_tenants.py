@@ -229,7 +229,7 @@ def test_auto_routes_easy_prompts_small_and_hard_prompts_large(tenants):
     key = bearer(tenants["keys"]["plain"])
     with httpx.Client(base_url=tenants["url"], timeout=300) as http:
         deadline = time.monotonic() + 120  # the exemplars are embedded in the background after start
-        while "method=\"embedding\"" not in http.get("/metrics").text and time.monotonic() < deadline:
+        while "method=\"static_embedding\"" not in http.get("/metrics").text and time.monotonic() < deadline:
             http.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 1,
                                                     "messages": [{"role": "user", "content": "warm up"}]}, headers=key)
             time.sleep(2)
