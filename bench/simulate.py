@@ -442,7 +442,8 @@ def report_lines(args, cost: CostModel, rows: list[dict]) -> list[str]:
               "router has sent that have not returned a first byte (`ReplicaView.pending_tokens`). Without that term "
               "(request counts only: an earlier version of this file) least_loaded was *worse* than round-robin "
               "(p95 3.96 s vs 3.01 s on a workload without long documents): counting requests ranks a replica "
-              "busy with one long prefill as idle.",
+              "busy with one long prefill as idle. Live, each engine reports the same figure for every router "
+              "(`RoutingStats.pending_tokens`, one report old; the simulator's is this router's own, exact).",
               "- prefix has the best p50 everywhere (cache hits skip most of the prefill); where its p95 is not the "
               "best, hot tenants queue on their home replica until the imbalance guard spills them.",
               "- p95 moves a lot between seeds (the few long documents decide it): judge by the per-seed table, "

@@ -91,6 +91,9 @@ class EngineDeployment:
         if task == "embed":
             args.setdefault("runner", "pooling")
         self._stats = _LatestStats()
+        # request id -> estimated prompt tokens, until its first output: the prefill work queued here,
+        # reported so routers weigh a replica busy with long prompts as busy (ReplicaView.pending_tokens)
+        self._unstarted: dict[str, int] = {}
         self.engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(model=model_path, served_model_name=[name], **args),
             # vLLM's own metrics leave through Ray's per-node metrics port (labelled ReplicaId),
@@ -109,28 +112,32 @@ class EngineDeployment:
 
         started = time.perf_counter()
         budget = request.deadline - time.time()
+        self._unstarted[request.request_id] = estimate_body_tokens(request.body)
         try:
-            parsed, wants_usage = self._parse(request)
-            async with asyncio.timeout(max(budget, 0.001)):
-                result = await self._handlers[request.endpoint](parsed)
-        except Exception as error:  # vLLM raises for bad input as well as for engine faults
-            yield self._error_head(_as_serving_error(error, budget), retryable=self.engine.errored)
-            return
-        if isinstance(result, ErrorResponse):
-            yield self._error_head(_from_vllm_response(result))
-            return
-        if not hasattr(result, "__aiter__"):
-            body, usage = _answer_bytes(result)
-            yield ReplyHead(200, self.replica, self.name, body=body, usage=usage,
-                            engine_s=time.perf_counter() - started)
-            return
-        async for item in self._coalesce(result, wants_usage, started, budget):
-            yield item
+            try:
+                parsed, wants_usage = self._parse(request)
+                async with asyncio.timeout(max(budget, 0.001)):
+                    result = await self._handlers[request.endpoint](parsed)
+            except Exception as error:  # vLLM raises for bad input as well as for engine faults
+                yield self._error_head(_as_serving_error(error, budget), retryable=self.engine.errored)
+                return
+            if isinstance(result, ErrorResponse):
+                yield self._error_head(_from_vllm_response(result))
+                return
+            if not hasattr(result, "__aiter__"):
+                body, usage = _answer_bytes(result)
+                yield ReplyHead(200, self.replica, self.name, body=body, usage=usage,
+                                engine_s=time.perf_counter() - started)
+                return
+            async for item in self._coalesce(result, wants_usage, started, budget, request.request_id):
+                yield item
+        finally:  # answered, failed or cancelled: no longer waiting for its prefill
+            self._unstarted.pop(request.request_id, None)
 
     def _error_head(self, error: errors.ServingError, retryable: bool = False) -> ReplyHead:
         return ReplyHead(error.status, self.replica, self.name, body=error.json_bytes(), retryable=retryable)
 
-    async def _coalesce(self, result, wants_usage: bool, started: float, budget: float):
+    async def _coalesce(self, result, wants_usage: bool, started: float, budget: float, request_id: str):
         """Relay vLLM's SSE strings: the first at once, then whatever is ready per flush interval."""
         ready: list[str] = []
         wake = asyncio.Event()
@@ -165,6 +172,7 @@ class EngineDeployment:
         try:
             await wake.wait()
             wake.clear()
+            self._unstarted.pop(request_id, None)  # prefill done: its first token is out
             first = "".join(ready).encode()
             ready.clear()
             yield ReplyHead(200, self.replica, self.name, stream=True, body=first)
@@ -212,6 +220,7 @@ class EngineDeployment:
             replica=self.replica, model=self.name, healthy=not dead,
             running=stats.get("running", 0), waiting=stats.get("waiting", 0),
             kv_cache_usage=stats.get("kv_cache_usage", 0.0),
+            pending=len(self._unstarted), pending_tokens=sum(self._unstarted.values()),
             error=repr(self.engine.dead_error) if dead else None,
         ).to_dict()
 
@@ -288,6 +297,12 @@ def _request_parsers() -> dict[str, Any]:
     embed = TypeAdapter(EmbeddingRequest)
     return {"chat": ChatCompletionRequest.model_validate_json, "completion": CompletionRequest.model_validate_json,
             "embed": embed.validate_json}
+
+
+def estimate_body_tokens(body: bytes) -> int:
+    """Prompt tokens of a request, roughly, from its JSON size (~4 bytes per token; no parse on
+    the hot path). Only weighs replicas against each other, so a rough figure serves."""
+    return len(body) // 4
 
 
 def _answer_bytes(result: Any) -> tuple[bytes, Usage | None]:

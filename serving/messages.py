@@ -73,6 +73,8 @@ class RoutingStats:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    pending: int = 0  # requests here that have not produced their first output (waiting for prefill)
+    pending_tokens: int = 0  # their prompt tokens, estimated
     at: float = field(default_factory=time.time)  # when the replica produced this report
     error: str | None = None  # why it is unhealthy
 

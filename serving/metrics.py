@@ -88,6 +88,9 @@ class EngineReportCollector:
                                     labels=["model", "replica"])
         age = GaugeMetricFamily("serving_engine_report_age_seconds", "Age of the replica's last load report.",
                                 labels=["model", "replica"])
+        pending = GaugeMetricFamily("serving_engine_pending_prompt_tokens",
+                                    "Prompt tokens (estimated) of requests waiting for their prefill (last report).",
+                                    labels=["model", "replica"])
         now = time.time()
         for model, items in self.reports().items():
             for report in items:
@@ -97,4 +100,5 @@ class EngineReportCollector:
                 kv.add_metric(labels, float(report.kv_cache_usage))
                 healthy.add_metric(labels, 1.0 if report.healthy else 0.0)
                 age.add_metric(labels, max(now - report.at, 0.0))
-        yield from (running, waiting, kv, healthy, age)
+                pending.add_metric(labels, float(report.pending_tokens))
+        yield from (running, waiting, kv, healthy, age, pending)

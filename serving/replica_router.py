@@ -50,7 +50,7 @@ class EngineRequestRouter(RequestRouter):
             views.append(ReplicaView(
                 rid, running=stats.running, waiting=stats.waiting, kv_cache_usage=stats.kv_cache_usage,
                 healthy=stats.healthy, stale=now - stats.at > self.stale_after_s, inflight=inflight,
-                max_ongoing=replica.max_ongoing_requests))
+                max_ongoing=replica.max_ongoing_requests, pending=stats.pending, pending_tokens=stats.pending_tokens))
         return views
 
     def _stats(self, replica: RunningReplica) -> RoutingStats | None:

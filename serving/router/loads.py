@@ -43,6 +43,7 @@ class LoadView:
             running=sum(r.running for r in alive),
             waiting=sum(r.waiting for r in alive),
             kv_cache_usage=max((r.kv_cache_usage for r in alive), default=0.0),
+            pending_tokens=sum(r.pending_tokens for r in alive),
             replicas=len(alive),
             healthy=bool(alive),
             saturated=saturated,

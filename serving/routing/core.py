@@ -31,6 +31,11 @@ ENDPOINT_TASKS = {
 WAITING_WEIGHT = 2.0
 # KV-cache use near 1.0 predicts preemption; weigh it like a few queued requests.
 KV_WEIGHT = 4.0
+# A new request's first token waits behind the prefills already queued (vLLM schedules them first
+# come, first served): every 1000 prompt tokens not yet started weigh like this many queued
+# requests. The simulator shows why: counting requests alone ranks a replica busy with one long
+# prefill as idle. Engines report the figure (RoutingStats.pending_tokens).
+PENDING_WEIGHT = 4.0
 # A saturated deployment queues every new request: rank it after any deployment with room.
 SATURATED_PENALTY = 1000.0
 
@@ -74,6 +79,7 @@ class Load:
     running: int = 0  # reported by the engines (summed over replicas)
     waiting: int = 0
     kv_cache_usage: float = 0.0  # max over replicas, 0..1
+    pending_tokens: int = 0  # prompt tokens waiting for prefill (summed over replicas)
     replicas: int = 0  # replicas that reported recently
     healthy: bool | None = None  # None: no report yet (starting up)
     saturated: bool = False  # every replica slot busy: the last load poll could not get in
@@ -172,7 +178,8 @@ def score(load: Load) -> float:
     replicas = max(load.replicas, 1)
     queue = max(load.inflight, load.running + load.waiting)
     penalty = SATURATED_PENALTY if load.saturated else 0.0
-    return (queue + WAITING_WEIGHT * load.waiting) / replicas + KV_WEIGHT * load.kv_cache_usage + penalty
+    return ((queue + WAITING_WEIGHT * load.waiting + PENDING_WEIGHT * load.pending_tokens / 1000) / replicas
+            + KV_WEIGHT * load.kv_cache_usage + penalty)
 
 
 def route(

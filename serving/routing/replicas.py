@@ -23,18 +23,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-STRATEGIES = ("least_loaded", "power_of_two", "round_robin", "random", "prefix", "session")
+# the same weights as the deployment-level score, defined there once
+from serving.routing.core import KV_WEIGHT, PENDING_WEIGHT, WAITING_WEIGHT
 
-# Same weights as the deployment-level score in serving.routing: a waiting request means the
-# engine is already saturated; KV-cache use near 1.0 predicts preemption.
-WAITING_WEIGHT = 2.0
-KV_WEIGHT = 4.0
-# A new request's first token waits behind the prefills already queued on the replica (vLLM
-# chunks prefills first come, first served). The router knows exactly which of its requests have
-# not yet returned a first byte, and their prompt sizes: every 1000 such tokens weigh like this
-# many queued requests. The simulator shows why: counting requests alone ranks a replica busy
-# with one long prefill as idle.
-PENDING_WEIGHT = 4.0
+STRATEGIES = ("least_loaded", "power_of_two", "round_robin", "random", "prefix", "session")
 
 
 @dataclass(frozen=True)
@@ -47,7 +39,7 @@ class ReplicaView:
     stale: bool = False  # reported before, but not within the staleness window
     inflight: int = 0  # requests this router process sent there and not finished
     max_ongoing: int = 32
-    pending: int = 0  # of `inflight`, those that have not returned their first byte yet
+    pending: int = 0  # requests there waiting for their prefill (live: the engine's report; simulator: exact)
     pending_tokens: int = 0  # their prompt tokens (an estimate is fine)
 
     @property
