@@ -59,6 +59,7 @@ _CUES = {
             r"\bjoke\b|\bemail\b|\bletter\b|\bblog post|\bstory\b|\bdescription\b|\bsentiment|\bclassify|\brecommend",
 }
 _CUE_RES = {name: re.compile(pattern, re.IGNORECASE | re.MULTILINE) for name, pattern in _CUES.items()}
+_STEP_RE = re.compile(r"^\s*(\d+[.)]|[-*•])\s", re.MULTILINE)
 RULE_FEATURES = ("length", "questions", "steps", *_CUES)
 
 
@@ -98,17 +99,23 @@ def embedding_text(messages_or_prompt: Any) -> str:
     return (turns[-1] if turns else prompt_text(messages_or_prompt))[:EMBED_CHARS]
 
 
-def rule_features(text: str) -> np.ndarray:
+def cue_counts(text: str) -> dict[str, int]:
+    """How often each cue occurs in one user turn (the regexes are most of classify's time: run once)."""
+    return {name: len(rx.findall(text)) for name, rx in _CUE_RES.items()}
+
+
+def rule_features(text: str, counts: dict[str, int] | None = None) -> np.ndarray:
     """Rule features of one user turn, each in [0, 1]."""
+    counts = cue_counts(text) if counts is None else counts
     length = min(1.0, math.log1p(len(text)) / math.log1p(2000))
     questions = min(1.0, text.count("?") / 3)
-    steps = min(1.0, len(re.findall(r"^\s*(\d+[.)]|[-*•])\s", text, re.MULTILINE)) / 4)
-    cues = [min(1.0, len(rx.findall(text)) / 2) for rx in _CUE_RES.values()]
+    steps = min(1.0, len(_STEP_RE.findall(text)) / 4)
+    cues = [min(1.0, counts[name] / 2) for name in _CUE_RES]
     return np.array([length, questions, steps, *cues], dtype=np.float64)
 
 
-def cue_names(text: str) -> list[str]:
-    return [name for name, rx in _CUE_RES.items() if name != "easy" and rx.search(text)]
+def cue_names(counts: dict[str, int]) -> list[str]:
+    return [name for name, n in counts.items() if name != "easy" and n]
 
 
 def _prior(max_tokens: int | None, depth: int) -> float:
@@ -190,6 +197,7 @@ class DifficultyClassifier:
         categories = [e.category for e in exemplars]
         self.rules_model = _Model(self.rules, self.y, None, categories)
         self.vector_model = None if self.vectors is None else _Model(self.rules, self.y, self.vectors, categories)
+        self._thresholds: dict[tuple[float, bool], float] = {}
         # Out-of-fold scores of the exemplars: the reference distribution the threshold is calibrated on.
         folds = np.random.default_rng(seed).permutation(len(exemplars)) % FOLDS
         self.oof = {"rules": np.zeros(len(exemplars)), "vector": np.zeros(len(exemplars)) if self.vectors is not None else None}
@@ -205,6 +213,12 @@ class DifficultyClassifier:
 
     def threshold(self, max_large_share: float = 0.5, with_vector: bool = True) -> float:
         """The score above which a request goes large: at most `max_large_share` of exemplars score above it."""
+        key = (max_large_share, with_vector and self.vector_model is not None)
+        if key not in self._thresholds:  # fixed once built: quantiles computed once per setting
+            self._thresholds[key] = self._threshold(*key)
+        return self._thresholds[key]
+
+    def _threshold(self, max_large_share: float, with_vector: bool) -> float:
         oof = self.oof["vector"] if with_vector and self.vector_model is not None else self.oof["rules"]
         if max_large_share <= 0:
             return 1.0 + 1e-9
@@ -222,7 +236,8 @@ class DifficultyClassifier:
     ) -> DifficultyResult:
         turns = user_turns(messages_or_prompt)
         text = turns[-1] if turns else prompt_text(messages_or_prompt)
-        rules = rule_features(text)
+        counts = cue_counts(text)
+        rules = rule_features(text, counts)
         shift = _prior(max_tokens, len(turns))
         use_vector = vector is not None and self.vector_model is not None
         if use_vector:
@@ -234,7 +249,7 @@ class DifficultyClassifier:
             value, nearest = self.rules_model.score(rules, None, shift)
         cut = threshold if threshold is not None else self.threshold(max_large_share, use_vector)
         hard = value >= cut
-        cues = cue_names(text)
+        cues = cue_names(counts)
         detail = ",".join(cues[:3]) or "no cues"
         if nearest:
             detail += f"; like {nearest}"
