@@ -29,7 +29,6 @@ import uuid
 from typing import Any, AsyncIterator
 
 from serving import errors
-from serving.engine import first_reply
 from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
 
 TOKEN = " tok"  # every generated token's text
@@ -111,10 +110,6 @@ class NullEngine:
         finally:
             self.running -= 1
             self.served += 1
-
-    async def answer(self, request: EngineRequest) -> ReplyHead:
-        """As the real engine's: a non-streaming request in one unary call."""
-        return await first_reply(self.generate(request))
 
     async def _stream(self, request: EngineRequest, n: int, usage: Usage, wants_usage: bool,
                       started: float) -> AsyncIterator[ReplyHead | bytes | ReplyTail]:

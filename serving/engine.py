@@ -134,11 +134,6 @@ class EngineDeployment:
         finally:  # answered, failed or cancelled: no longer waiting for its prefill
             self._unstarted.pop(request.request_id, None)
 
-    async def answer(self, request: EngineRequest) -> ReplyHead:
-        """A non-streaming request in one unary Ray call (the router's choice when the body asks
-        for no stream): the head is the whole answer, so no generator items cross Ray."""
-        return await first_reply(self.generate(request))
-
     def _error_head(self, error: errors.ServingError, retryable: bool = False) -> ReplyHead:
         return ReplyHead(error.status, self.replica, self.name, body=error.json_bytes(), retryable=retryable)
 
@@ -302,18 +297,6 @@ def _request_parsers() -> dict[str, Any]:
     embed = TypeAdapter(EmbeddingRequest)
     return {"chat": ChatCompletionRequest.model_validate_json, "completion": CompletionRequest.model_validate_json,
             "embed": embed.validate_json}
-
-
-async def first_reply(replies: AsyncIterator[ReplyHead | bytes | ReplyTail]) -> ReplyHead:
-    """The head of a non-streaming reply (its whole answer); closes the generator either way."""
-    try:
-        head = await replies.__anext__()
-    finally:
-        await replies.aclose()
-    if head.stream:  # the router sends only bodies without a stream here; a coerced value slipped by
-        return ReplyHead(400, head.replica, head.model, body=errors.invalid_request(
-            "`stream` must be true or false", "stream", "invalid_stream").json_bytes())
-    return head
 
 
 def estimate_body_tokens(body: bytes) -> int:

@@ -179,19 +179,3 @@ def test_router_relays_the_null_engine(null_stack):
         assert text == " tok" * 50 and events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 50
         bad = c.post("/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
         assert bad.status_code == 400 and "error" in bad.json() and bad.headers.get("x-error-origin")
-
-
-def test_answer_is_the_whole_non_streaming_reply_in_one_call():
-    engine = NullEngine(tokens_per_s=1000)
-    head = asyncio.run(engine.answer(req({"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})))
-    assert isinstance(head, ReplyHead) and head.status == 200 and not head.stream
-    assert json.loads(head.body)["usage"]["completion_tokens"] == 3 and head.usage.completion_tokens == 3
-    assert engine.running == 0  # the generator was closed, its bookkeeping ran
-
-
-def test_answer_refuses_a_body_that_turned_out_to_stream():
-    engine = NullEngine(tokens_per_s=1000)
-    head = asyncio.run(engine.answer(req({"model": "m", "stream": True, "max_tokens": 3,
-                                          "messages": [{"role": "user", "content": "hi"}]})))
-    assert head.status == 400 and json.loads(head.body)["error"]["param"] == "stream"
-    assert engine.running == 0

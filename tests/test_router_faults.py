@@ -2,8 +2,7 @@
 
 Engines here are fakes with the shape of a Ray Serve DeploymentHandle to an engine deployment
 (`.options(stream=True).generate.remote(EngineRequest)` returning a response generator that
-can be cancelled; `.answer.remote(EngineRequest)` a unary response, for non-streaming bodies):
-deterministic fault injection only. Every test asserts the behaviour
+can be cancelled): deterministic fault injection only. Every test asserts the behaviour
 itself: the engine call was cancelled, the in-flight count went back to 0, the headers are
 there. The real path is covered by tests/test_e2e_* against Ray Serve and vLLM.
 """
@@ -77,40 +76,11 @@ class FakeHandle:
     def generate(self):
         return self
 
-    @property
-    def answer(self):
-        return Unary(self)
-
     def remote(self, request: EngineRequest):
         self.requests.append(request)
         stream = self.make_stream(request)
         self.streams.append(stream)
         return stream
-
-
-class FakeResponse:
-    """A unary response (a DeploymentResponse): awaiting it gives the reply's head, the whole answer."""
-
-    def __init__(self, stream: FakeStream):
-        self.stream = stream
-
-    def __await__(self):
-        return self.stream.__anext__().__await__()
-
-    def cancel(self):
-        self.stream.cancel()
-
-
-class Unary:
-    """`handle.answer`: the same fault script as `generate`, delivered as one unary response."""
-
-    def __init__(self, handle: FakeHandle):
-        self.handle = handle
-        self.calls = 0
-
-    def remote(self, request: EngineRequest) -> FakeResponse:
-        self.handle.unary_calls = getattr(self.handle, "unary_calls", 0) + 1
-        return FakeResponse(self.handle.remote(request))
 
 
 class FakeView:
@@ -304,19 +274,14 @@ def _request(body: dict, path="/v1/chat/completions") -> Request:
     return Request(scope, receive)
 
 
-@pytest.mark.parametrize("stream, hang_at", [
-    (None, 0),  # no stream asked: a unary call, the client leaves while the answer is pending
-    ("false", 1),  # a value vLLM reads as false takes the streaming path: the client leaves during the drain
-])
-def test_client_gone_while_a_non_streaming_answer_is_awaited_releases_and_cancels(monkeypatch, stream, hang_at):
-    """Item 2: a cancellation while the answer is awaited (or drained) must not leak the in-flight count."""
-    a = FakeHandle("a", lambda request: FakeStream([ReplyHead(200, "a-1", "a", body=b"{}")], hang_at=hang_at))
+def test_client_gone_while_a_non_streaming_answer_is_drained_releases_and_cancels(monkeypatch):
+    """Item 2: a cancellation during the drain must not leak the in-flight count."""
+    a = FakeHandle("a", lambda request: FakeStream([ReplyHead(200, "a-1", "a", body=b"{}")], hang_at=1))
     router = make_router({"a": a, "b": FakeHandle("b", ok("b"))}, monkeypatch=monkeypatch)
-    body = {"model": "a", **CHAT, **({"stream": stream} if stream is not None else {})}
 
     async def scenario():
-        task = asyncio.create_task(router.inference(_request(body), "/v1/chat/completions"))
-        while not (a.streams and a.streams[0].served == hang_at):
+        task = asyncio.create_task(router.inference(_request({"model": "a", **CHAT}), "/v1/chat/completions"))
+        while not (a.streams and a.streams[0].served == 1):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
         assert router.loads.inflight["a"] == 1
@@ -327,15 +292,13 @@ def test_client_gone_while_a_non_streaming_answer_is_awaited_releases_and_cancel
     asyncio.run(scenario())
     assert router.loads.inflight["a"] == 0
     assert a.streams[0].cancelled
-    assert getattr(a, "unary_calls", 0) == (1 if stream is None else 0)
 
 
 def test_replica_dying_while_the_answer_is_drained_still_answers(client):
     a = FakeHandle("a", lambda request: FakeStream([ReplyHead(200, "a-1", "a", body=b'{"ok": 1}')], fail_at=1,
                                                   error=RuntimeError("actor died")))
     router, http = client({"a": a, "b": FakeHandle("b", ok("b"))})
-    # "false" (a string vLLM reads as false) takes the streaming path, the one with a drain
-    response = http.post("/v1/chat/completions", json={"model": "a", "stream": "false", **CHAT})
+    response = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
     assert response.status_code == 200 and response.json() == {"ok": 1}
     assert router.loads.inflight["a"] == 0
 
@@ -536,14 +499,3 @@ def test_routing_trace_is_recorded_for_replay(client, tmp_path):
     [line] = read_trace(str(trace))
     assert (line.requested, line.model, line.replica, line.decision, line.status) == ("tag:small", "a", "a-1", "tag", 200)
     assert line.prompt_tokens == 2 and line.prompt is None and "hi" not in trace.read_text()
-
-
-def test_non_streaming_bodies_take_one_unary_call_streams_the_generator(client):
-    a = FakeHandle("a", ok("a"))
-    router, http = client({"a": a})
-    assert http.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
-    assert http.post("/v1/chat/completions", json={"model": "a", "stream": False, **CHAT}).status_code == 200
-    with http.stream("POST", "/v1/chat/completions", json={"model": "a", "stream": True, **CHAT}) as response:
-        assert response.status_code == 200 and b"[DONE]" in response.read()
-    assert a.unary_calls == 2 and len(a.requests) == 3
-    assert router.loads.inflight["a"] == 0

@@ -65,9 +65,7 @@ class Router:
         # One streaming handle per deployment, made once: this also starts each handle's
         # request router, so the load view fills before the first request.
         streams = {name: handle.options(stream=True) for name, handle in engines.items()}
-        # non-streaming requests go over the plain handles (unary `answer`), which share the
-        # streaming handles' request router: one replica choice and one in-flight count per deployment
-        self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s, unary=engines)
+        self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s)
         self.engines = engines
         self.auto = AutoRouter(self.config, self.catalog, self.routes, engines, self.metrics)
         self.open_paths = set(router.open_paths)
@@ -120,11 +118,8 @@ class Router:
             record.prefix_key, record.session_key = prefix, session
             if self.trace_prompts and source:
                 record.prompt = prompt_text(source)
-            # what vLLM reads as false is answered in one unary call; anything else takes the
-            # streaming path, which also carries vLLM's answer to an invalid `stream` value
-            wants_stream = body.get("stream") not in (None, False)
             response = await self.forwarder.forward(record, decision, endpoint, raw, headers,
-                                                    prefix_key=prefix, session_key=session, stream=wants_stream)
+                                                    prefix_key=prefix, session_key=session)
         except Exception as failure:  # every failure answers in the API's shape, with provenance
             error = failure if isinstance(failure, errors.ServingError) else None
             if error is None:

@@ -1,8 +1,7 @@
 """Forwarding: send the raw body to the chosen engine deployment, fail over, relay bytes, one deadline.
 
 Per request: one `EngineRequest` over the deployment's handle (Ray Serve's `EngineRequestRouter`
-picks the replica): a streaming call for streams, a unary call (`answer`, one Ray reply, no
-generator items) for everything else; one timer for the whole request (it cancels the engine call, which aborts
+picks the replica), one timer for the whole request (it cancels the engine call, which aborts
 the sequence in vLLM), and a relay that passes the engine's coalesced SSE bytes through without
 decoding them. In-flight counts are released and the request accounted exactly once on every
 path: answer, error, failover, client gone, timeout.
@@ -29,8 +28,7 @@ logger = logging.getLogger("serving.router")
 
 @dataclass(slots=True)
 class Call:
-    """One engine call: its response (generator, or unary response), its deadline timer, and
-    whether the timer fired."""
+    """One engine call: its response generator, its deadline timer, and whether the timer fired."""
 
     stream: Any
     name: str
@@ -60,17 +58,15 @@ class Attempts:
 
 
 class Forwarder:
-    def __init__(self, streams: dict[str, Any], loads: LoadView, accounting: Accounting, timeout_s: float,
-                 unary: dict[str, Any] | None = None):
+    def __init__(self, streams: dict[str, Any], loads: LoadView, accounting: Accounting, timeout_s: float):
         self.streams = streams  # deployment name -> handle with stream=True, method `generate`
-        self.unary = unary or {}  # deployment name -> plain handle, method `answer` (same request router)
         self.loads = loads
         self.accounting = accounting
         self.timeout_s = timeout_s
 
     async def forward(self, record: RequestRecord, decision: Decision, endpoint: str, raw: bytes,
                       headers: dict[str, str], prefix_key: str | None = None,
-                      session_key: str | None = None, stream: bool = True) -> Response:
+                      session_key: str | None = None) -> Response:
         """Try the decision's candidates best-first; fall over only while nothing was sent to the client."""
         from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
@@ -81,16 +77,13 @@ class Forwarder:
             record.model = name
             self.loads.acquire(name)
             self.accounting.metrics.inflight.labels(name).inc()
-            request = EngineRequest(endpoint, raw, record.request_id, deadline, prefix_key, session_key)
-            unary = not stream and name in self.unary
-            call = Call(self.unary[name].answer.remote(request) if unary else self.streams[name].generate.remote(request),
-                        name)
+            call = Call(self.streams[name].generate.remote(
+                EngineRequest(endpoint, raw, record.request_id, deadline, prefix_key, session_key)), name)
             call.timer = loop.call_at(loop.time() + max(deadline - time.time(), 0.0), call.expire)
             handed_over = False
             try:
                 try:
-                    head: ReplyHead = await (call.stream if unary else call.stream.__anext__())
-                    call.finished = unary  # a unary call has ended with its answer
+                    head: ReplyHead = await call.stream.__anext__()
                 except RequestCancelledError:
                     if call.timed_out:
                         raise errors.timed_out(self.timeout_s) from None
@@ -120,13 +113,12 @@ class Forwarder:
                 if attempts.tried:
                     served["x-route-attempts"] = errors.header_safe(attempts.describe())
                 if not head.stream:
-                    if not unary:
-                        try:  # the engine returned after the head: let Ray see the call end, freeing its slot
-                            await call.stream.__anext__()
-                        except StopAsyncIteration:
-                            call.finished = True
-                        except Exception as error:  # the answer is complete; a replica dying now changes nothing
-                            logger.debug("ending the call to %s: %r", name, error)
+                    try:  # the engine returned after the head: let Ray see the call end, freeing its slot
+                        await call.stream.__anext__()
+                    except StopAsyncIteration:
+                        call.finished = True
+                    except Exception as error:  # the answer is complete; a replica dying now changes nothing
+                        logger.debug("ending the call to %s: %r", name, error)
                     record.status, record.usage, record.engine_s = head.status, head.usage, head.engine_s
                     if head.status != 200:
                         record.error_origin = errors.origin_of(head.status)
