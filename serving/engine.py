@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator
 
 from serving import errors
 from serving.config import ModelSpec
-from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
+from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage, estimate_body_tokens
 from serving.provision import provision_model
 
 logger = logging.getLogger("serving.engine")
@@ -297,12 +297,6 @@ def _request_parsers() -> dict[str, Any]:
     embed = TypeAdapter(EmbeddingRequest)
     return {"chat": ChatCompletionRequest.model_validate_json, "completion": CompletionRequest.model_validate_json,
             "embed": embed.validate_json}
-
-
-def estimate_body_tokens(body: bytes) -> int:
-    """Prompt tokens of a request, roughly, from its JSON size (~4 bytes per token; no parse on
-    the hot path). Only weighs replicas against each other, so a rough figure serves."""
-    return len(body) // 4
 
 
 def _answer_bytes(result: Any) -> tuple[bytes, Usage | None]:

@@ -17,8 +17,9 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from serving.messages import EngineRequest, RoutingStats
-from serving.routing.replicas import Affinity, DeadMarks, PolicyState, ReplicaPolicy, ReplicaView, rank_replicas
+from serving.messages import EngineRequest, RoutingStats, estimate_body_tokens
+from serving.routing.replicas import (Affinity, DeadMarks, PolicyState, ReplicaPolicy, ReplicaView, SentSinceReport,
+                                      rank_replicas)
 
 # deployment name -> the request router of this process's handle to it (one per router replica)
 LOAD_VIEWS: dict[str, "EngineRequestRouter"] = {}
@@ -30,6 +31,7 @@ class EngineRequestRouter(RequestRouter):
         self.state = PolicyState()
         self.stale_after_s = stale_after_s
         self.dead = DeadMarks()
+        self.sent = SentSinceReport()
         # Ray may rebuild this class from a pickle with its own copy of module globals: register
         # in the module this process imported, where the router's load view looks.
         import serving.replica_router as registry
@@ -45,12 +47,14 @@ class EngineRequestRouter(RequestRouter):
             inflight = self._replica_queue_len_cache.get(replica.replica_id) or 0
             rid = replica.replica_id.unique_id
             if stats is None:  # started, never reported
-                views.append(ReplicaView(rid, inflight=inflight, max_ongoing=replica.max_ongoing_requests))
+                views.append(ReplicaView(rid, inflight=inflight, max_ongoing=replica.max_ongoing_requests,
+                                         pending_tokens=self.sent.since(rid, None)))
                 continue
             views.append(ReplicaView(
                 rid, running=stats.running, waiting=stats.waiting, kv_cache_usage=stats.kv_cache_usage,
                 healthy=stats.healthy, stale=now - stats.at > self.stale_after_s, inflight=inflight,
-                max_ongoing=replica.max_ongoing_requests, pending=stats.pending, pending_tokens=stats.pending_tokens))
+                max_ongoing=replica.max_ongoing_requests, pending=stats.pending,
+                pending_tokens=stats.pending_tokens + self.sent.since(rid, stats.at)))
         return views
 
     def _stats(self, replica: RunningReplica) -> RoutingStats | None:
@@ -72,13 +76,17 @@ class EngineRequestRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         affinity = Affinity()
+        request: EngineRequest | None = None
         if pending_request is not None and pending_request.args and isinstance(pending_request.args[0], EngineRequest):
-            request: EngineRequest = pending_request.args[0]
+            request = pending_request.args[0]
             affinity = Affinity(request.prefix_key, request.session_key)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         tiers = rank_replicas(self.views(candidate_replicas), affinity, self.policy, self.state)
         ranked = [[by_id[rid] for rid in tier if rid in by_id] for tier in tiers]
         ranked = [tier for tier in ranked if tier]
+        if ranked and request is not None:  # the top replica takes it unless full: count it there until reported
+            self.sent.keep_only({r.replica_id.unique_id for r in self._replicas_list})
+            self.sent.add(ranked[0][0].replica_id.unique_id, estimate_body_tokens(request.body), time.time())
         # Nothing healthy: still try them all, so the call fails fast (the engine answers
         # `retryable`) and the router fails over, instead of Ray backing off until the deadline.
         return ranked or [list(candidate_replicas)]

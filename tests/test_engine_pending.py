@@ -10,8 +10,8 @@ import json
 import time
 import types
 
-from serving.engine import EngineDeployment, _LatestStats, _request_parsers, estimate_body_tokens
-from serving.messages import EngineRequest, ReplyHead, RoutingStats
+from serving.engine import EngineDeployment, _LatestStats, _request_parsers
+from serving.messages import EngineRequest, ReplyHead, RoutingStats, estimate_body_tokens
 from serving.routing import Load
 from serving.routing.core import score
 from serving.routing.replicas import ReplicaView

@@ -167,3 +167,35 @@ def test_policy_from_models_yaml_and_session_hash():
     assert session_key(None) is None and session_key("") is None
     assert session_key("user-42") == session_key("user-42") != session_key("user-43")
     assert "user-42" not in session_key("user-42") and len(session_key("user-42")) == 16
+
+
+def test_tokens_sent_since_the_last_report_count_until_a_report_covers_them():
+    from serving.routing.replicas import SentSinceReport
+
+    sent = SentSinceReport()
+    sent.add("a", 4000, at=10.0)
+    sent.add("a", 100, at=11.0)
+    assert sent.since("a", None) == 4100  # never reported: everything sent counts
+    assert sent.since("a", 9.0) == 4100  # the report predates both
+    assert sent.since("a", 10.5) == 100  # the report covers the first (it is in its pending tokens)
+    assert sent.since("a", 12.0) == 0 and sent.sent["a"] == []
+    sent.add("b", 5, at=1.0)
+    sent.keep_only({"a"})
+    assert "b" not in sent.sent
+
+
+def test_a_router_does_not_herd_onto_the_replica_it_just_gave_a_long_prompt():
+    """Both replicas reported idle; since then this router sent a one 4000-token prompt and b two
+    short ones. Counting requests, a looks less busy; counting the sent tokens, b is."""
+    from serving.routing.replicas import SentSinceReport
+
+    sent = SentSinceReport()
+    sent.add("a", 4000, at=5.0)
+    sent.add("b", 30, at=5.1)
+    sent.add("b", 30, at=5.2)
+    inflight = {"a": 1, "b": 2}
+    blind = [ReplicaView(rid, healthy=True, inflight=inflight[rid]) for rid in ("a", "b")]
+    seen = [ReplicaView(rid, healthy=True, inflight=inflight[rid], pending_tokens=sent.since(rid, 4.0)) for rid in ("a", "b")]
+    policy = ReplicaPolicy("least_loaded")
+    assert rank_replicas(blind, Affinity(), policy, PolicyState())[0][0] == "a"
+    assert rank_replicas(seen, Affinity(), policy, PolicyState())[0][0] == "b"
