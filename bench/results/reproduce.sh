@@ -101,15 +101,7 @@ side() {  # side NAME PORT: the server on PORT is up and alone
 sides() {
     # the stack serves the chat model only, as the peers do
     STACK_CONFIG=$(mktemp --suffix .yaml)
-    "$PY" - "$STACK_CONFIG" <<'PYEOF'
-import sys, yaml
-raw = yaml.safe_load(open("models.yaml"))
-raw["models"] = [m for m in raw["models"] if m["name"] == "smollm2-135m"]
-raw.pop("routes", None)
-for m in raw["models"]:
-    m.pop("fallbacks", None)
-yaml.safe_dump(raw, open(sys.argv[1], "w"), sort_keys=False)
-PYEOF
+    "$PY" bench/scripts/chat_only_config.py "$STACK_CONFIG"
     export STACK_CONFIG
     flock /tmp/serving-heavy.lock bash -c '
         bench/scripts/bare_vllm.sh 8100 -- "$0" side vllm 8100 &&

@@ -18,19 +18,8 @@ mkdir -p "$OUT"
 
 for policy in $POLICIES; do
     config=$(mktemp --suffix .yaml)
-    "$PY" - "$config" "$policy" <<'PYEOF'
-import sys, yaml
-path, policy = sys.argv[1], sys.argv[2]
-raw = yaml.safe_load(open("models.yaml"))
-raw["models"] = [m for m in raw["models"] if m["name"] == "smollm2-135m"]
-raw.pop("routes", None)
-for m in raw["models"]:
-    m.pop("fallbacks", None)
-    m["replicas"] = 2
-    m["resources"] = {"cpus": 0.5}
-    m["routing"] = {"strategy": policy}
-yaml.safe_dump(raw, open(path, "w"), sort_keys=False)
-PYEOF
+    "$PY" bench/scripts/chat_only_config.py "$config" \
+        --model-json "{\"replicas\": 2, \"resources\": {\"cpus\": 0.5}, \"routing\": {\"strategy\": \"$policy\"}}"
     echo "== $policy ($config)"
     STACK_CONFIG=$config STACK_LOG=/tmp/prefix-affinity-$policy.log bench/scripts/with_stack.sh "$PORT" -- bash -c "
         set -e

@@ -36,12 +36,10 @@ stack_config() {  # VARIANT -> path of a models file for it
     local file; file=$(mktemp --suffix .yaml)
     "$PY" - "$file" "$1" <<'PYEOF'
 import sys, yaml
+sys.path.insert(0, "bench/scripts")
+from chat_only_config import chat_only
 path, variant = sys.argv[1], sys.argv[2]
-raw = yaml.safe_load(open("models.yaml"))
-raw["models"] = [m for m in raw["models"] if m["name"] == "smollm2-135m"]
-raw.pop("routes", None)
-for m in raw["models"]:
-    m.pop("fallbacks", None)
+raw = chat_only()
 router = raw.setdefault("router", {})
 env = {}
 if variant != "default":
