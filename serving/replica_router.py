@@ -85,7 +85,8 @@ class EngineRequestRouter(RequestRouter):
         ranked = [[by_id[rid] for rid in tier if rid in by_id] for tier in tiers]
         ranked = [tier for tier in ranked if tier]
         if ranked and request is not None:  # the top replica takes it unless full: count it there until reported
-            self.sent.keep_only({r.replica_id.unique_id for r in self._replicas_list})
+            if len(self.sent.sent) > len(self._replicas_list):  # a replica went away: forget it
+                self.sent.keep_only({r.replica_id.unique_id for r in self._replicas_list})
             self.sent.add(ranked[0][0].replica_id.unique_id, estimate_body_tokens(request.body), time.time())
         # Nothing healthy: still try them all, so the call fails fast (the engine answers
         # `retryable`) and the router fails over, instead of Ray backing off until the deadline.

@@ -18,12 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.routing.difficulty import l2_normalize
+
 MAX_TOKENS = 256  # MiniLM's window; longer prompts are cut (embedding_text already keeps the head)
-
-
-def _normalized(v: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(v, axis=-1, keepdims=True)
-    return v / np.where(norms == 0, 1, norms)
 
 
 class StaticEmbedder:
@@ -45,7 +42,7 @@ class StaticEmbedder:
             return np.zeros((0, self.dims), dtype=np.float32)
         # encode, not encode_batch: the batch call hands work to a thread pool, and waiting for a
         # pool thread to get a core beside busy engines costs more than encoding a prompt
-        return _normalized(np.vstack([self.table[self.tokenizer.encode(t).ids].mean(axis=0) for t in texts]))
+        return l2_normalize(np.vstack([self.table[self.tokenizer.encode(t).ids].mean(axis=0) for t in texts]))
 
 
 class LocalEmbedder:

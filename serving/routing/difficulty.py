@@ -152,7 +152,7 @@ class _Logistic:
         return z @ self.w[:-1] + self.w[-1]
 
 
-def _normalize(v: np.ndarray) -> np.ndarray:
+def l2_normalize(v: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(v, axis=-1, keepdims=True)
     return v / np.where(norms == 0, 1, norms)
 
@@ -193,7 +193,7 @@ class DifficultyClassifier:
         self.exemplars = list(exemplars)
         self.y = np.array([e.label == "hard" for e in exemplars], dtype=np.float64)
         self.rules = np.vstack([rule_features(e.text) for e in exemplars])
-        self.vectors = None if exemplar_vectors is None else _normalize(np.asarray(exemplar_vectors, dtype=np.float64))
+        self.vectors = None if exemplar_vectors is None else l2_normalize(np.asarray(exemplar_vectors, dtype=np.float64))
         categories = [e.category for e in exemplars]
         self.rules_model = _Model(self.rules, self.y, None, categories)
         self.vector_model = None if self.vectors is None else _Model(self.rules, self.y, self.vectors, categories)
@@ -241,7 +241,7 @@ class DifficultyClassifier:
         shift = _prior(max_tokens, len(turns))
         use_vector = vector is not None and self.vector_model is not None
         if use_vector:
-            v = _normalize(np.asarray(vector, dtype=np.float64))
+            v = l2_normalize(np.asarray(vector, dtype=np.float64))
             if v.shape != (self.vectors.shape[1],):
                 raise ValueError(f"vector has {v.shape} dims, exemplars {self.vectors.shape[1]}")
             value, nearest = self.vector_model.score(rules, v, shift)
