@@ -60,7 +60,7 @@ def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
         "request_router_config": RequestRouterConfig(
             request_router_class="serving.replica_router:EngineRequestRouter",
             request_router_kwargs={"stale_after_s": config.router.report_stale_after_s,
-                                   "policy": spec.routing.model_dump()},
+                                   "policy": spec.routing.model_dump(), "routers": config.router.replicas},
             request_routing_stats_period_s=config.router.load_report_interval_s,
             request_routing_stats_timeout_s=max(2.0, config.router.load_report_interval_s * 2),
         ),

@@ -26,8 +26,9 @@ LOAD_VIEWS: dict[str, "EngineRequestRouter"] = {}
 
 
 class EngineRequestRouter(RequestRouter):
-    def initialize_state(self, policy: dict[str, Any] | None = None, stale_after_s: float = 5.0, **_: Any) -> None:
-        self.policy = ReplicaPolicy(**(policy or {}))
+    def initialize_state(self, policy: dict[str, Any] | None = None, stale_after_s: float = 5.0, routers: int = 1,
+                         **_: Any) -> None:
+        self.policy = ReplicaPolicy(**(policy or {}), routers=routers)
         self.state = PolicyState()
         self.stale_after_s = stale_after_s
         self.dead = DeadMarks()
@@ -46,15 +47,16 @@ class EngineRequestRouter(RequestRouter):
             stats = self._stats(replica)
             inflight = self._replica_queue_len_cache.get(replica.replica_id) or 0
             rid = replica.replica_id.unique_id
+            sent = self.sent.since(rid, stats.at if stats else None)
             if stats is None:  # started, never reported
                 views.append(ReplicaView(rid, inflight=inflight, max_ongoing=replica.max_ongoing_requests,
-                                         pending_tokens=self.sent.since(rid, None)))
+                                         pending_tokens=sent, sent_tokens=sent))
                 continue
             views.append(ReplicaView(
                 rid, running=stats.running, waiting=stats.waiting, kv_cache_usage=stats.kv_cache_usage,
                 healthy=stats.healthy, stale=now - stats.at > self.stale_after_s, inflight=inflight,
                 max_ongoing=replica.max_ongoing_requests, pending=stats.pending,
-                pending_tokens=stats.pending_tokens + self.sent.since(rid, stats.at)))
+                pending_tokens=stats.pending_tokens + sent, sent_tokens=sent))
         return views
 
     def _stats(self, replica: RunningReplica) -> RoutingStats | None:

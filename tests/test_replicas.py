@@ -199,3 +199,49 @@ def test_a_router_does_not_herd_onto_the_replica_it_just_gave_a_long_prompt():
     policy = ReplicaPolicy("least_loaded")
     assert rank_replicas(blind, Affinity(), policy, PolicyState())[0][0] == "a"
     assert rank_replicas(seen, Affinity(), policy, PolicyState())[0][0] == "b"
+
+
+def test_water_level_pours_onto_the_least_loaded():
+    from serving.routing.replicas import water_level
+
+    assert water_level([0.0, 1.0, 5.0], 3.0) == 2.0  # 2 + 1 = 3 poured; 5 stays dry
+    assert water_level([4.0], 1.0) == 5.0
+    assert water_level([1.0, 1.0], 0.0) == 1.0
+    level = water_level([0.0, 0.5, 4.0, 10.0], 4.0)
+    assert sum(max(0.0, level - x) for x in [0.0, 0.5, 4.0, 10.0]) == pytest.approx(4.0)
+
+
+def _stale_views(sent_to_a: int) -> list[ReplicaView]:
+    # Reports: b idle, c nearly idle, d busy; since them this router sent `sent_to_a` prompt tokens to a.
+    return [ready("a", inflight=1, pending_tokens=sent_to_a, sent_tokens=sent_to_a), ready("b"),
+            ready("c", kv_cache_usage=0.125), ready("d", running=10)]
+
+
+def test_one_router_trusts_its_view_and_picks_the_least_loaded():
+    state = PolicyState(seed=0)
+    assert {first(_stale_views(1000), ReplicaPolicy(routers=1), state=state) for _ in range(200)} == {"b"}
+
+
+def test_two_routers_spread_over_where_the_other_routers_unseen_sends_went():
+    """This router sent 1000 tokens (load 4) since the reports, so the other router probably sent as
+    much, to the replicas that looked least loaded (b, c): pouring load 4 onto b (0) and c (0.5)
+    gives level 2.25, so b is picked 2.25/4 of the time and c 1.75/4, never a or d. Greedy would
+    send every request to b, as the other router does, until the next report."""
+    state = PolicyState(seed=0)
+    picks = collections.Counter(first(_stale_views(1000), ReplicaPolicy(routers=2), state=state) for _ in range(2000))
+    assert set(picks) == {"b", "c"}
+    assert 0.38 < picks["c"] / 2000 < 0.50
+
+
+def test_fresh_reports_are_trusted_even_with_several_routers():
+    state = PolicyState(seed=0)
+    assert {first(_stale_views(0), ReplicaPolicy(routers=4), state=state) for _ in range(200)} == {"b"}
+
+
+def test_routers_validates_and_comes_from_the_router_spec():
+    from serving.routing.replicas import policy_from_spec
+    from serving.config import RoutingSpec
+
+    with pytest.raises(ValueError):
+        ReplicaPolicy(routers=0)
+    assert policy_from_spec(RoutingSpec(), routers=3).routers == 3

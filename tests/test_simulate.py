@@ -107,3 +107,20 @@ def test_cli_replay(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| as_recorded |" in result.stdout and "| prefix |" in result.stdout
     assert (tmp_path / "replay-t-prefix.md").exists()
+
+
+def test_routers_see_their_own_sends_since_the_report_and_know_how_many_routers_there_are(monkeypatch):
+    """What the live replica router gives the policy (serving/replica_router.py): the router count,
+    and per replica the prompt tokens this router sent since that replica's last report."""
+    seen = []
+
+    def spy(views, affinity, policy, state):
+        seen.append((policy.routers, [v.sent_tokens for v in views], [v.pending_tokens for v in views]))
+        return real(views, affinity, policy, state)
+
+    real = sim.rank_replicas
+    monkeypatch.setattr(sim, "rank_replicas", spy)
+    small_run("least_loaded", routers=2)
+    assert {routers for routers, _, _ in seen} == {2}
+    assert any(any(sent) for _, sent, _ in seen)  # sends between reports show up ...
+    assert all(p >= s for _, sent, pending in seen for s, p in zip(sent, pending))  # ... within the pending tokens

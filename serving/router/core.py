@@ -48,7 +48,7 @@ class Router:
         self.config: ServingConfig = parse_config(config)
         self.catalog = catalog_from_config(self.config)
         self.routes = routes_from_config(self.config)
-        self.policies = {spec.name: policy_from_spec(spec.routing) for spec in self.config.models}
+        self.policies = {spec.name: policy_from_spec(spec.routing, self.config.router.replicas) for spec in self.config.models}
         # Context-window fallback needs a prompt-length estimate: only pay for it when configured.
         self.needs_prompt_tokens = any(t.fallbacks for t in self.catalog.values())
         router = self.config.router

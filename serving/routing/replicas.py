@@ -14,6 +14,17 @@ processes agree on where a prefix lives, and adding or removing a replica moves 
 that ranked it first. A load-imbalance guard (like Ray's PrefixCacheAffinityRouter and llm-d's
 prefix scorer) walks down that ranking to the first replica whose load is within `imbalance`
 of the least-loaded one: a hot prefix spills to a consistent second replica, not to a random one.
+
+Least-loaded reads reports up to one report interval old, and with several router processes each
+sees only its own sends since them. Every router then sees the same replicas as least loaded and
+they all send there until the next report (simulated: most of least_loaded's TTFT tail was
+requests queued behind another router's unseen sends). So least_loaded interprets the stale
+reports (Dahlin, "Interpreting stale load information", IEEE TPDS 2000): the other routers have
+probably sent about what this one did since the reports ((routers - 1) x its own sent prompt
+tokens), to the replicas that looked least loaded; it pours that unseen load onto the least
+loaded replicas (water-filling) and picks among the replicas below the water level at random,
+in proportion to their depth below it. With one router, or right after a report, that is the
+plain least-loaded replica.
 """
 
 from __future__ import annotations
@@ -41,6 +52,12 @@ class ReplicaView:
     max_ongoing: int = 32
     pending: int = 0  # requests there waiting for their prefill (live: the engine's report; simulator: exact)
     pending_tokens: int = 0  # their prompt tokens (an estimate is fine)
+    sent_tokens: int = 0  # of which prompt tokens this router sent after the replica's last report
+
+    @property
+    def sent_load(self) -> float:
+        """The part of `load` this router's sends since the replica's last report make up."""
+        return PENDING_WEIGHT * self.sent_tokens / 1000
 
     @property
     def load(self) -> float:
@@ -61,12 +78,13 @@ class ReplicaPolicy:
     strategy: str = "least_loaded"
     imbalance: float = 8.0  # affinity holds while the preferred replica's load <= least load + this
     prefix_chars: int = 512  # characters of the prompt that make the prefix key
+    routers: int = 1  # router processes sending to these replicas (models.yaml router.replicas)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown replica strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
-        if self.imbalance < 0 or self.prefix_chars < 1:
-            raise ValueError("imbalance must be >= 0 and prefix_chars >= 1")
+        if self.imbalance < 0 or self.prefix_chars < 1 or self.routers < 1:
+            raise ValueError("imbalance must be >= 0, prefix_chars >= 1 and routers >= 1")
 
 
 @dataclass(frozen=True)
@@ -124,7 +142,8 @@ class SentSinceReport:
     """Prompt tokens this router sent to each replica after that replica's last report: the
     report cannot show them yet. Reported pending tokens alone made least_loaded herd: a router
     kept choosing the replica it had just given a long prompt, until the next report (simulated:
-    p95 TTFT 1.1-1.8x round-robin's; with this added 0.43-0.65x, bench/results/simulate)."""
+    p95 TTFT 1.1-1.8x round-robin's; with this added 0.43-0.65x, bench/results/simulate). They
+    also estimate what the other routers sent meanwhile (`_least_loaded`)."""
 
     def __init__(self) -> None:
         self.sent: dict[str, list[tuple[float, int]]] = {}  # replica id -> [(when, tokens)]
@@ -160,9 +179,9 @@ def session_key(session: str | None) -> str | None:
     return hashlib.blake2b(("session\0" + session).encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
-def policy_from_spec(routing) -> ReplicaPolicy:
-    """models.yaml `routing:` (serving.config.RoutingSpec) -> ReplicaPolicy."""
-    return ReplicaPolicy(routing.strategy, imbalance=routing.imbalance, prefix_chars=routing.prefix_chars)
+def policy_from_spec(routing, routers: int = 1) -> ReplicaPolicy:
+    """models.yaml `routing:` (serving.config.RoutingSpec) and `router.replicas` -> ReplicaPolicy."""
+    return ReplicaPolicy(routing.strategy, imbalance=routing.imbalance, prefix_chars=routing.prefix_chars, routers=routers)
 
 
 def _rendezvous(key: str, replica_id: str) -> int:
@@ -183,6 +202,34 @@ def _by_load(views: Sequence[ReplicaView], state: PolicyState) -> list[ReplicaVi
     shuffled = list(views)
     state.rng.shuffle(shuffled)
     return sorted(shuffled, key=lambda v: v.load)
+
+
+def water_level(loads: Sequence[float], amount: float) -> float:
+    """The level L at which sum(max(0, L - load)) == amount: `amount` poured onto the least loaded."""
+    ordered = sorted(loads)
+    filled = 0.0
+    for k, load in enumerate(ordered, start=1):
+        filled += load
+        level = (amount + filled) / k
+        if k == len(ordered) or level <= ordered[k]:
+            return level
+    raise AssertionError("unreachable: the last replica always returns")
+
+
+def _least_loaded(views: Sequence[ReplicaView], policy: ReplicaPolicy, state: PolicyState) -> list[ReplicaView]:
+    """By load, the first one drawn below the water level of the other routers' unseen sends (see the module doc)."""
+    ordered = _by_load(views, state)
+    unseen = (policy.routers - 1) * sum(v.sent_load for v in views)
+    if unseen <= 0 or len(ordered) < 2:
+        return ordered
+    level = water_level([v.load for v in ordered], unseen)
+    depth = [max(0.0, level - v.load) for v in ordered]
+    draw = state.rng.random() * sum(depth)
+    for view, d in zip(ordered, depth):
+        draw -= d
+        if draw < 0 and d > 0:
+            return [view] + [v for v in ordered if v is not view]
+    return ordered  # rounding left the draw at the very top: the least loaded
 
 
 def _affinity(key: str | None, views: list[ReplicaView], policy: ReplicaPolicy, state: PolicyState) -> list[ReplicaView]:
@@ -225,7 +272,7 @@ def _order(views: list[ReplicaView], affinity: Affinity, policy: ReplicaPolicy, 
         best, other = sorted(pair, key=lambda v: v.load)
         return [best, other] + _by_load([v for v in views if v is not best and v is not other], state)
     state.note("load")
-    return _by_load(views, state)
+    return _least_loaded(views, policy, state)
 
 
 def rank_replicas(views: Sequence[ReplicaView], affinity: Affinity, policy: ReplicaPolicy, state: PolicyState) -> list[list[str]]:
