@@ -248,8 +248,8 @@ class RouterSpec(_Strict):
         "(15 s: after a node loss Ray's controller delivers reports late for several seconds)")
     stream_flush_ms: float = Field(
         20.0, ge=0, description="engines send the first stream chunk at once, then what is ready at most once per "
-                                "this interval (0: every chunk as it comes); 20 measured best in "
-                                "bench/results/request-path")
+                                "this interval (0: every chunk as it comes); 20 measured best of "
+                                "bench/results/request-path/flush-sweep (0, 20, 50, 100)")
     max_queued_requests: int = Field(
         1024, ge=-1, description="requests waiting for a router replica before Ray Serve answers 503 with Retry-After")
     serve_env: dict[str, str] = Field(
