@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Bare vLLM against the stack with each server ALONE on the machine, in ABBA order, so that the
+# machine's drift hits both alike and neither server's idle processes run beside the other's
+# load. (The both-up A/B of reproduce.sh / flush_sweep.sh leaves the idle stack's Ray processes
+# running while bare vLLM is measured; this removes that.) Each segment starts one server, runs
+# concurrency 1 and 8 on it (128 random tokens in, 64 out, ignore_eos), and stops it.
+#   flock /tmp/serving-heavy.lock bench/scripts/alone_abba.sh [OUT] [ORDER="vllm stack stack vllm vllm stack stack vllm"]
+# Then: python bench/scripts/alone_abba.sh's summary (printed at the end, also OUT/summary.md).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-$PWD/.venv/bin/python}
+export OUT=${1:-bench/results/request-path/alone-abba}
+ORDER=${2:-"vllm stack stack vllm vllm stack stack vllm"}
+export TOK=${TOK:-${SERVING_CACHE_DIR:-$HOME/.cache/serving}/models/smollm2-135m}
+mkdir -p "$OUT"
+
+segment() {  # NAME PORT: both servers restart per segment, so the same prompts are fresh to each
+    bench/scripts/settle.sh 80 300 || true
+    "$PY" -m bench run --base-url "http://127.0.0.1:$2" --model smollm2-135m --tokenizer "$TOK" \
+        --workload random --input-len 128 --output-len 64 --ignore-eos --no-progress --out "$OUT" \
+        --seed 900 --concurrency 1 --num-requests 12 --warmup 1 --name "$1-c1"
+    "$PY" -m bench run --base-url "http://127.0.0.1:$2" --model smollm2-135m --tokenizer "$TOK" \
+        --workload random --input-len 128 --output-len 64 --ignore-eos --no-progress --out "$OUT" \
+        --seed 901 --concurrency 8 --num-requests 40 --warmup 2 --name "$1-c8"
+}
+export -f segment
+export PY
+
+STACK_CONFIG=$(mktemp --suffix .yaml)
+"$PY" bench/scripts/chat_only_config.py "$STACK_CONFIG"
+i=0
+for server in $ORDER; do
+    i=$((i + 1))
+    echo "=== segment $i: $server"
+    case $server in
+        vllm) bench/scripts/bare_vllm.sh 8100 -- bash -c "segment seg$i-vllm 8100" ;;
+        stack) STACK_CONFIG=$STACK_CONFIG bench/scripts/with_stack.sh 8000 -- bash -c "segment seg$i-stack 8000" ;;
+    esac
+    sleep 5  # let the stopped server's processes exit before the next settles
+done
+
+"$PY" - "$OUT" <<'PYEOF' | tee "$OUT/summary.md"
+import glob, json, statistics, sys
+out = sys.argv[1]
+rows = {}
+for path in sorted(glob.glob(f"{out}/seg*-c*-c*.json")):
+    seg, server, conc = path.split("/")[-1].split("-")[:3]
+    data = json.load(open(path))
+    s = data["summary"]
+    rows.setdefault((conc, server), []).append(
+        (s["tokens"]["output_total"], s["duration_s"], s["latency_ms"]["ttft"]["p50"], s["latency_ms"]["tpot"]["p50"],
+         s["latency_ms"]["itl"]["p99"]))
+print("| concurrency | server | segments | output tok/s (pooled) | TTFT p50 (median of segments) | TPOT p50 | ITL p99 |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+pooled = {}
+for (conc, server), runs in sorted(rows.items()):
+    tps = sum(r[0] for r in runs) / sum(r[1] for r in runs)
+    pooled[conc, server] = (tps, *(statistics.median(r[k] for r in runs) for k in (2, 3, 4)))
+    p = pooled[conc, server]
+    print(f"| {conc} | {server} | {len(runs)} | {tps:.1f} | {p[1]:.0f} ms | {p[2]:.1f} ms | {p[3]:.0f} ms |")
+print()
+for conc in sorted({c for c, _ in pooled}):
+    s, v = pooled.get((conc, "stack")), pooled.get((conc, "vllm"))
+    if s and v:
+        print(f"{conc}: stack/vLLM output tok/s {s[0] / v[0]:.3f}x, added TTFT p50 {s[1] - v[1]:+.1f} ms, "
+              f"TPOT p50 {100 * (s[2] / v[2] - 1):+.1f} %, ITL p99 {s[3] / v[3]:.2f}x")
+PYEOF
