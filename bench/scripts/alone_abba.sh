@@ -34,7 +34,14 @@ for server in $ORDER; do
     echo "=== segment $i: $server"
     case $server in
         vllm) bench/scripts/bare_vllm.sh 8100 -- bash -c "segment seg$i-vllm 8100" ;;
-        stack) STACK_CONFIG=$STACK_CONFIG bench/scripts/with_stack.sh 8000 -- bash -c "segment seg$i-stack 8000" ;;
+        stack*)  # stack[:ENV][+HOOK]: with the variables of $STACK_ENV_<ENV> (e.g. "RAY_worker_niceness=15"),
+                 # then "$STACK_HOOK HOOK" once the stack is up; the segment is labelled ENV+HOOK or "stack"
+            spec=${server#stack}; envs=""; hook=""; label=""
+            if [[ $spec == :* ]]; then rest=${spec#:}; var="STACK_ENV_${rest%%+*}"; envs=${!var}; label=${rest%%+*}; fi
+            if [[ $spec == *+* ]]; then hook=${spec#*+}; label=$label$hook; fi
+            label=${label:-stack}
+            env $envs STACK_CONFIG="$STACK_CONFIG" bench/scripts/with_stack.sh 8000 -- bash -c \
+                "${hook:+$STACK_HOOK $hook >\"$OUT/hook-seg$i.txt\" 2>&1;} segment seg$i-$label 8000" ;;
     esac
     sleep 5  # let the stopped server's processes exit before the next settles
 done
@@ -59,9 +66,9 @@ for (conc, server), runs in sorted(rows.items()):
     p = pooled[conc, server]
     print(f"| {conc} | {server} | {len(runs)} | {tps:.1f} | {p[1]:.0f} ms | {p[2]:.1f} ms | {p[3]:.0f} ms |")
 print()
-for conc in sorted({c for c, _ in pooled}):
-    s, v = pooled.get((conc, "stack")), pooled.get((conc, "vllm"))
-    if s and v:
-        print(f"{conc}: stack/vLLM output tok/s {s[0] / v[0]:.3f}x, added TTFT p50 {s[1] - v[1]:+.1f} ms, "
+for conc, server in sorted(k for k in pooled if k[1] != "vllm"):
+    s, v = pooled[conc, server], pooled.get((conc, "vllm"))
+    if v:
+        print(f"{conc}: {server}/vLLM output tok/s {s[0] / v[0]:.3f}x, added TTFT p50 {s[1] - v[1]:+.1f} ms, "
               f"TPOT p50 {100 * (s[2] / v[2] - 1):+.1f} %, ITL p99 {s[3] / v[3]:.2f}x")
 PYEOF
