@@ -20,6 +20,11 @@ from serving.router.http import app as router_http_app
 
 APP_NAME = "serving"
 ROUTER_DEPLOYMENT = "router"
+# Ray starts every worker at nice 15 (its `worker_niceness`), and vLLM's engine core inherits it
+# from the replica: Ray's daemons, at 0, then preempted the engine's OpenMP threads, each slice
+# stalling a whole step (~10 % of throughput on 2 cores; bench/results/request-path/priority).
+# Set in the replica's own environment, Ray skips the adjustment for it; other workers keep 15.
+ENGINE_WORKER_ENV = {"RAY_worker_niceness": "0"}
 
 
 @serve.deployment(name=ROUTER_DEPLOYMENT)
@@ -40,7 +45,7 @@ def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
 
     spec = engine.model
     res = engine.resources
-    actor: dict[str, Any] = {"num_cpus": res.cpus, "runtime_env": {"env_vars": dict(engine.env)}}
+    actor: dict[str, Any] = {"num_cpus": res.cpus, "runtime_env": {"env_vars": {**ENGINE_WORKER_ENV, **engine.env}}}
     if res.memory_gib:
         actor["memory"] = int(res.memory_gib * 2**30)
     if res.accelerator_type:

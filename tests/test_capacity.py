@@ -170,3 +170,11 @@ def test_router_ray_resources_pin_it_to_the_nodes_that_offer_them():
                                  "Resources": {"CPU": 2.0, "ingress": 1.0, "node:10.0.0.1": 1.0,
                                                "memory": 2.0 * 2**30, "object_store_memory": 1.0}}])
     assert parsed.custom == (("ingress", 1.0),)
+
+
+def test_engine_replicas_ask_ray_not_to_renice_them_and_a_model_env_may_override():
+    app = pytest.importorskip("serving.app")
+    cfg = config(model("m"), model("n", env={"RAY_worker_niceness": "5"}), profiles=CPU_PROFILE)
+    env = {spec.name: app.engine_options(cfg.engine_spec(spec), cfg)["ray_actor_options"]["runtime_env"]["env_vars"]
+           for spec in cfg.models}
+    assert env["m"]["RAY_worker_niceness"] == "0" and env["n"]["RAY_worker_niceness"] == "5"
