@@ -40,7 +40,7 @@ for server in $ORDER; do
             if [[ $spec == :* ]]; then rest=${spec#:}; var="STACK_ENV_${rest%%+*}"; envs=${!var}; label=${rest%%+*}; fi
             if [[ $spec == *+* ]]; then hook=${spec#*+}; label=$label$hook; fi
             label=${label:-stack}
-            env $envs STACK_CONFIG="$STACK_CONFIG" bench/scripts/with_stack.sh 8000 -- bash -c \
+            env STACK_CONFIG="$STACK_CONFIG" $envs bench/scripts/with_stack.sh 8000 -- bash -c \
                 "${hook:+$STACK_HOOK $hook >\"$OUT/hook-seg$i.txt\" 2>&1;} segment seg$i-$label 8000" ;;
     esac
     sleep 5  # let the stopped server's processes exit before the next settles

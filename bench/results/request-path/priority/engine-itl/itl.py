@@ -1,0 +1,24 @@
+"""Engine-side ITL / TPOT from vLLM's own histograms (bare: /metrics; stack: Ray's metrics port)."""
+import json, sys, httpx
+from prometheus_client.parser import text_string_to_metric_families
+url, out = sys.argv[1], sys.argv[2]
+try:
+    eps = httpx.get(f"{url}/v1/status", timeout=30).json().get("metrics_endpoints") or []
+except Exception:
+    eps = []
+texts = [httpx.get(e, timeout=30).text for e in eps] if eps else [httpx.get(f"{url}/metrics", timeout=30).text]
+want = ("inter_token_latency_seconds", "request_time_per_output_token_seconds", "time_per_output_token_seconds",
+        "request_decode_time_seconds", "request_prefill_time_seconds", "time_to_first_token_seconds",
+        "request_queue_time_seconds", "e2e_request_latency_seconds", "generation_tokens", "iteration_tokens_total")
+vals = {}
+for t in texts:
+    for fam in text_string_to_metric_families(t):
+        name = fam.name.replace("ray_vllm_", "").replace("vllm:", "")
+        if not any(name.startswith(w) for w in want):
+            continue
+        for s in fam.samples:
+            if s.name.endswith(("_sum", "_count", "_total")) and s.labels.get("model_name", "smollm2-135m") == "smollm2-135m":
+                key = s.name.replace("ray_vllm_", "").replace("vllm:", "")
+                vals[key] = vals.get(key, 0) + s.value
+json.dump(vals, open(out, "w"), indent=1)
+print(out, len(vals))
