@@ -1,15 +1,17 @@
 #!/bin/bash
+# Engine-side ITL (vLLM's own histograms) per segment, each server alone: vllm stack stack vllm, c8.
+# flock /tmp/serving-heavy.lock bench/scripts/engine_itl_abba.sh; then bench/scripts/engine_itl_diff.py OUT seg1-vllm ...
 set -euo pipefail
-cd /work/main
-PY=$PWD/.venv/bin/python
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-$PWD/.venv/bin/python}
 OUT=${OUT:-/tmp/engine-itl}; mkdir -p $OUT
 export TOK=$HOME/.cache/serving/models/smollm2-135m OUT PY
 seg() {  # name port
   bench/scripts/settle.sh 80 300 || true
-  $PY bench/results/request-path/priority/engine-itl/itl.py http://127.0.0.1:$2 $OUT/$1-before.json
+  $PY bench/scripts/engine_itl.py http://127.0.0.1:$2 $OUT/$1-before.json
   $PY -m bench run --base-url http://127.0.0.1:$2 --model smollm2-135m --tokenizer $TOK --workload random --input-len 128 --output-len 64 --ignore-eos --no-progress --out $OUT --seed 901 --concurrency 8 --num-requests 40 --warmup 2 --name $1-c8
   sleep 12
-  $PY bench/results/request-path/priority/engine-itl/itl.py http://127.0.0.1:$2 $OUT/$1-after.json
+  $PY bench/scripts/engine_itl.py http://127.0.0.1:$2 $OUT/$1-after.json
 }
 export -f seg
 CFG=$(mktemp --suffix .yaml); $PY bench/scripts/chat_only_config.py $CFG
