@@ -53,11 +53,16 @@ def difference(after: dict[str, dict[str, float]], before: dict[str, dict[str, f
     return {"replicas": rows, "total": total}
 
 
-def scrape(url: str, model: str) -> dict[str, dict[str, float]]:
+def engine_metric_texts(url: str) -> list[str]:
+    """The exposition texts that carry the stack's engine metrics: the endpoints /v1/status lists."""
     endpoints = httpx.get(f"{url.rstrip('/')}/v1/status", timeout=30).json().get("metrics_endpoints") or []
     if not endpoints:
         raise SystemExit(f"{url}/v1/status lists no metrics endpoints")
-    return counters_from_text([httpx.get(e, timeout=30).text for e in endpoints], model)
+    return [httpx.get(e, timeout=30).text for e in endpoints]
+
+
+def scrape(url: str, model: str) -> dict[str, dict[str, float]]:
+    return counters_from_text(engine_metric_texts(url), model)
 
 
 def add_parser(sub) -> None:

@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from serving.capacity import gpu_workers
-from serving.config import EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
+from serving.config import SERVE_ENV_DEFAULTS, EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
 from serving.engine import EngineDeployment
 from serving.router import Router, activate
 from serving.router.http import app as router_http_app
@@ -25,7 +25,7 @@ ROUTER_DEPLOYMENT = "router"
 # stalling a whole step (bench/results/request-path/priority). router.serve_env sets 0 for every
 # worker; this keeps it for the engines even where serve_env is overridden or the cluster's
 # nodes were started without it (Ray skips the adjustment for a worker whose env says 0).
-ENGINE_WORKER_ENV = {"RAY_worker_niceness": "0"}
+ENGINE_WORKER_ENV = {"RAY_worker_niceness": SERVE_ENV_DEFAULTS["RAY_worker_niceness"]}  # one value, two scopes
 
 
 @serve.deployment(name=ROUTER_DEPLOYMENT)

@@ -1,12 +1,12 @@
 """Engine-side ITL / TPOT from vLLM's own histograms (bare: /metrics; stack: Ray's metrics port)."""
 import json, sys, httpx
 from prometheus_client.parser import text_string_to_metric_families
+from bench.engine_counters import engine_metric_texts
 url, out = sys.argv[1], sys.argv[2]
-try:
-    eps = httpx.get(f"{url}/v1/status", timeout=30).json().get("metrics_endpoints") or []
-except Exception:
-    eps = []
-texts = [httpx.get(e, timeout=30).text for e in eps] if eps else [httpx.get(f"{url}/metrics", timeout=30).text]
+try:  # the stack: Ray's metrics ports, as /v1/status lists them
+    texts = engine_metric_texts(url)
+except (httpx.HTTPError, ValueError, SystemExit):  # bare vLLM: no /v1/status, its own /metrics
+    texts = [httpx.get(f"{url}/metrics", timeout=30).text]
 want = ("inter_token_latency_seconds", "request_time_per_output_token_seconds", "time_per_output_token_seconds",
         "request_decode_time_seconds", "request_prefill_time_seconds", "time_to_first_token_seconds",
         "request_queue_time_seconds", "e2e_request_latency_seconds", "generation_tokens", "iteration_tokens_total")
