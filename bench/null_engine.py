@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator
 
 from serving import errors
 from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
+from serving.streamlink import LinkPool, deliver
 
 TOKEN = " tok"  # every generated token's text
 
@@ -67,10 +68,16 @@ class NullEngine:
             self.replica = f"null-{os.getpid()}"
         self.running = 0
         self.served = 0
+        self._links = LinkPool()
 
     # --- requests -----------------------------------------------------------------------
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[ReplyHead | bytes | ReplyTail]:
+        """As the real engine: the stream's body over the router's link when the request names one."""
+        async for item in deliver(request.reply_to, self._reply(request), self._links):
+            yield item
+
+    async def _reply(self, request: EngineRequest) -> AsyncIterator[ReplyHead | bytes | ReplyTail]:
         started = time.perf_counter()
         try:
             body = json.loads(request.body)

@@ -254,6 +254,10 @@ class RouterSpec(_Strict):
         20.0, ge=0, description="engines send the first stream chunk at once, then what is ready at most once per "
                                 "this interval (0: every chunk as it comes); 20 measured best of "
                                 "bench/results/request-path/flush-sweep (0, 20, 50, 100)")
+    stream_transport: Literal["link", "ray"] = Field(
+        "link", description="how a stream's body travels from engine to router after its first chunk: link = "
+        "frames on one TCP connection per engine/router replica pair (serving/streamlink.py), ray = a Ray "
+        "streaming item per flush; bench/results/request-path/stream-link measures both")
     max_queued_requests: int = Field(
         1024, ge=-1, description="requests waiting for a router replica before Ray Serve answers 503 with Retry-After")
     serve_env: dict[str, str] = Field(

@@ -29,6 +29,7 @@ from serving import errors
 from serving.config import ModelSpec
 from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage, estimate_body_tokens
 from serving.provision import provision_model
+from serving.streamlink import LinkPool, deliver
 
 logger = logging.getLogger("serving.engine")
 
@@ -102,12 +103,18 @@ class EngineDeployment:
         )
         self._handlers = await _openai_handlers(self.engine, model_path, name)
         self._parsers = _request_parsers()
+        self._links = LinkPool()
         logger.info("engine %s ready on replica %s in %.1fs", name, self.replica, time.time() - self.started)
 
     # --- requests -----------------------------------------------------------------------
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[ReplyHead | bytes | ReplyTail]:
-        """ReplyHead first; for streams then coalesced SSE bytes, then a ReplyTail."""
+        """ReplyHead first; for streams then coalesced SSE bytes, then a ReplyTail (those two over
+        the router's stream link when the request names one: serving.streamlink)."""
+        async for item in deliver(request.reply_to, self._reply(request), self._links):
+            yield item
+
+    async def _reply(self, request: EngineRequest) -> AsyncIterator[ReplyHead | bytes | ReplyTail]:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         started = time.perf_counter()
@@ -231,6 +238,9 @@ class EngineDeployment:
         await self.engine.check_health()
 
     def __del__(self):
+        links = getattr(self, "_links", None)
+        if links is not None:
+            links.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -8,6 +8,9 @@ The engine answers with a stream of items:
     bytes, bytes, ...              streams only: SSE text, several chunks coalesced per item
     ReplyTail                      streams only, last: usage and the engine's own timings
 
+When the request carries `reply_to` and the head says `linked`, the bytes and the tail travel
+as frames over serving.streamlink instead, and the Ray call yields only the head.
+
 The router relays the bytes untouched and reads only the head and the tail. Engines publish
 `RoutingStats` through Ray Serve's `record_routing_stats` (outside request slots); the replica
 router and the router's load view read the same dict.
@@ -34,6 +37,17 @@ class Usage:
         return cls(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0))
 
 
+@dataclass(frozen=True, slots=True)
+class LinkAddress:
+    """Where an engine writes one stream's frames (serving.streamlink): the router replica's hub,
+    its token, and the stream's number there."""
+
+    host: str
+    port: int
+    token: bytes
+    stream: int
+
+
 @dataclass(slots=True)
 class EngineRequest:
     endpoint: str  # one of ENDPOINTS
@@ -42,6 +56,7 @@ class EngineRequest:
     deadline: float  # time.time() after which the engine gives up on the request
     prefix_key: str | None = None  # hash of the prompt's head: prefix-cache affinity
     session_key: str | None = None  # x-session-id header or the body's `user`: session affinity
+    reply_to: LinkAddress | None = None  # streams: send the body after the head over this link
 
 
 @dataclass(slots=True)
@@ -54,6 +69,7 @@ class ReplyHead:
     usage: Usage | None = None  # non-streaming answers
     retryable: bool = False  # the engine did no work (it is dead): the router may try elsewhere
     engine_s: float = 0.0  # non-streaming: seconds from arrival at the engine to the answer
+    linked: bool = False  # the stream's body and tail follow over the link, not as Ray items
 
 
 @dataclass(slots=True)

@@ -19,12 +19,14 @@ segment() {  # NAME PORT: both servers restart per segment, so the same prompts 
     "$PY" -m bench run --base-url "http://127.0.0.1:$2" --model smollm2-135m --tokenizer "$TOK" \
         --workload random --input-len 128 --output-len 64 --ignore-eos --no-progress --out "$OUT" \
         --seed 900 --concurrency 1 --num-requests 12 --warmup 1 --name "$1-c1"
+    # CPU_PROFILE=1: CPU per process role around the c8 run (`python -m bench cpu`, into OUT/cpu)
+    ${CPU_PROFILE:+"$PY" -m bench cpu --port "$2" --out "$OUT/cpu" --name "$1-c8" --run-json "$OUT/$1-c8-c8.json" --} \
     "$PY" -m bench run --base-url "http://127.0.0.1:$2" --model smollm2-135m --tokenizer "$TOK" \
         --workload random --input-len 128 --output-len 64 --ignore-eos --no-progress --out "$OUT" \
         --seed 901 --concurrency 8 --num-requests 40 --warmup 2 --name "$1-c8"
 }
 export -f segment
-export PY
+export PY CPU_PROFILE
 
 STACK_CONFIG=$(mktemp --suffix .yaml)
 "$PY" bench/scripts/chat_only_config.py "$STACK_CONFIG"

@@ -27,6 +27,7 @@ from serving.router.accounting import Accounting, RequestRecord
 from serving.router.forward import Forwarder
 from serving.router.listing import model_list
 from serving.router.loads import LoadView
+from serving.streamlink import StreamHub
 from serving.routing import (Decision, RoutingError, catalog_from_config, known_model_ids, route, route_for,
                              routes_from_config)
 from serving.routing.replicas import policy_from_spec, prefix_key, session_key
@@ -65,7 +66,8 @@ class Router:
         # One streaming handle per deployment, made once: this also starts each handle's
         # request router, so the load view fills before the first request.
         streams = {name: handle.options(stream=True) for name, handle in engines.items()}
-        self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s)
+        hub = StreamHub() if router.stream_transport == "link" else None
+        self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s, hub)
         self.engines = engines
         self.auto = AutoRouter(self.config, self.catalog, self.routes, engines, self.metrics)
         self.open_paths = set(router.open_paths)
@@ -119,7 +121,8 @@ class Router:
             if self.trace_prompts and source:
                 record.prompt = prompt_text(source)
             response = await self.forwarder.forward(record, decision, endpoint, raw, headers,
-                                                    prefix_key=prefix, session_key=session)
+                                                    prefix_key=prefix, session_key=session,
+                                                    stream=body.get("stream") is True)
         except Exception as failure:  # every failure answers in the API's shape, with provenance
             error = failure if isinstance(failure, errors.ServingError) else None
             if error is None:

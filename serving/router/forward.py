@@ -18,10 +18,11 @@ from typing import Any, AsyncIterator
 from starlette.responses import Response, StreamingResponse
 
 from serving import errors
-from serving.messages import EngineRequest, ReplyHead, ReplyTail
+from serving.messages import EngineRequest, LinkAddress, ReplyHead, ReplyTail
 from serving.router.accounting import Accounting, RequestRecord
 from serving.router.loads import LoadView
 from serving.routing import Decision
+from serving.streamlink import END_GRACE_S, Inbox, StreamHub
 
 logger = logging.getLogger("serving.router")
 
@@ -58,27 +59,31 @@ class Attempts:
 
 
 class Forwarder:
-    def __init__(self, streams: dict[str, Any], loads: LoadView, accounting: Accounting, timeout_s: float):
+    def __init__(self, streams: dict[str, Any], loads: LoadView, accounting: Accounting, timeout_s: float,
+                 hub: StreamHub | None = None):
         self.streams = streams  # deployment name -> handle with stream=True, method `generate`
+        self.hub = hub  # streams' bodies arrive here, not as Ray items (serving.streamlink); None: Ray
         self.loads = loads
         self.accounting = accounting
         self.timeout_s = timeout_s
 
     async def forward(self, record: RequestRecord, decision: Decision, endpoint: str, raw: bytes,
                       headers: dict[str, str], prefix_key: str | None = None,
-                      session_key: str | None = None) -> Response:
+                      session_key: str | None = None, stream: bool = False) -> Response:
         """Try the decision's candidates best-first; fall over only while nothing was sent to the client."""
         from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
         loop = asyncio.get_running_loop()
         deadline = time.time() + self.timeout_s - record.elapsed()
         attempts = Attempts()
+        use_link = stream and self.hub is not None and await self.hub.start()
         for name in self._tries(decision.candidates):
             record.model = name
             self.loads.acquire(name)
             self.accounting.metrics.inflight.labels(name).inc()
+            reply_to, inbox = self.hub.open() if use_link else (None, None)
             call = Call(self.streams[name].generate.remote(
-                EngineRequest(endpoint, raw, record.request_id, deadline, prefix_key, session_key)), name)
+                EngineRequest(endpoint, raw, record.request_id, deadline, prefix_key, session_key, reply_to)), name)
             call.timer = loop.call_at(loop.time() + max(deadline - time.time(), 0.0), call.expire)
             handed_over = False
             try:
@@ -130,10 +135,15 @@ class Forwarder:
                     return Response(head.body, status_code=head.status, headers=served,
                                     media_type="application/json")
                 handed_over = True
-                return StreamingResponse(self._relay(call, head, record), media_type="text/event-stream",
-                                         headers=served)
+                relay = (self._relay_link(call, head, record, reply_to, inbox) if head.linked
+                         else self._relay(call, head, record))
+                if not head.linked and reply_to is not None:
+                    self.hub.close(reply_to)
+                return StreamingResponse(relay, media_type="text/event-stream", headers=served)
             finally:
                 if not handed_over:
+                    if reply_to is not None:
+                        self.hub.close(reply_to)
                     call.stop()
                     self.loads.release(name)
                     self.accounting.metrics.inflight.labels(name).dec()
@@ -196,3 +206,68 @@ class Forwarder:
             self.loads.release(call.name)
             self.accounting.metrics.inflight.labels(call.name).dec()
             self.accounting.close(record)
+
+    async def _relay_link(self, call: Call, head: ReplyHead, record: RequestRecord, reply_to: LinkAddress,
+                          inbox: Inbox) -> AsyncIterator[bytes]:
+        """As `_relay`, for a body arriving over the stream link. The Ray call stays open beside it:
+        its end (or failure: replica died, timeout) is watched without an item per chunk."""
+        from ray.serve.exceptions import RequestCancelledError
+
+        record.status = 200
+        ended = asyncio.ensure_future(call.stream.__anext__())
+        ended.add_done_callback(lambda done: _engine_call_ended(call, inbox, done))
+        try:
+            if head.body:
+                self.accounting.first_token(record)
+                yield head.body
+            while not inbox.ended:
+                items = await inbox.take()
+                data = b"".join(item for item in items if type(item) is bytes)
+                if data:
+                    if record.ttft_s is None:
+                        self.accounting.first_token(record)
+                    yield data
+                tail = items[-1]
+                if isinstance(tail, ReplyTail):
+                    record.usage, record.engine_s = tail.usage, tail.engine_s
+                    if tail.error:  # the engine already sent the error event
+                        record.status = 504 if tail.error == "timeout" else 502
+                        record.error_origin = "timeout" if tail.error == "timeout" else "engine"
+            if not ended.done():  # the engine returns right after its last frame: let Ray see the call end
+                await asyncio.wait((ended,), timeout=END_GRACE_S)
+            if ended.done():  # its done-callback may not have run yet
+                _engine_call_ended(call, inbox, ended)
+        except RequestCancelledError:
+            if not call.timed_out:
+                raise
+            record.status, record.error_origin = 504, "timeout"
+            yield errors.timed_out(self.timeout_s).sse_bytes()
+        except (asyncio.CancelledError, GeneratorExit):  # client went away: cancelling the call aborts in vLLM
+            record.status, record.error_origin = 499, "client"
+            raise
+        except Exception as error:
+            logger.warning("stream from %s broke: %r", call.name, error)
+            record.status, record.error_origin = 502, "engine"
+            yield errors.engine_failed(call.name).sse_bytes()
+        finally:
+            self.hub.close(reply_to)
+            call.stop()
+            if not ended.done():
+                ended.cancel()
+            self.loads.release(call.name)
+            self.accounting.metrics.inflight.labels(call.name).dec()
+            self.accounting.close(record)
+
+
+def _engine_call_ended(call: Call, inbox: Inbox, done: asyncio.Future) -> None:
+    """The linked stream's Ray call returned or failed: end the inbox's wait accordingly."""
+    if done.cancelled():
+        return
+    error = done.exception()
+    if isinstance(error, StopAsyncIteration):  # the engine wrote its last frame and returned
+        call.finished = True
+        inbox.engine_call_ended()
+    elif error is not None:  # replica died, or the call was cancelled (the deadline fired)
+        inbox.fail(error)
+    else:  # an item after a linked head: not this protocol
+        inbox.fail(RuntimeError(f"unexpected {type(done.result()).__name__} after a linked head"))

@@ -1,0 +1,324 @@
+"""A direct byte link for stream bodies: engine replica -> router replica, beside Ray's call.
+
+Why: relayed as Ray streaming items, every flushed chunk cost ~0.6 ms of CPU in the engine
+replica and ~0.8 ms in the router (object serialisation, the core worker's gRPC, a cross-thread
+wake-up per item; bench/results/README.md), where bare vLLM's whole frontend spends ~0.3 ms per
+token. Here each router replica listens on one TCP port; each engine replica opens one
+connection to it, on its first streamed request, and multiplexes every stream on it as frames.
+
+What stays with Ray Serve: the replica choice (the `RequestRouter`), the request's slot and
+queue accounting, the `ReplyHead` (status, provenance, first chunk) and cancellation. The Ray
+call stays open until the engine has written the stream's last frame, so a client that goes
+away still cancels the call, and the call's cancellation still aborts the sequence in vLLM.
+An engine that cannot connect answers through Ray as before (`ReplyHead.linked` says which).
+
+Frames: `!IIB` header (stream number, payload length, kind) + payload. A connection starts
+with MAGIC + the hub's random token, which only reaches engines inside `EngineRequest`s, so
+nobody else on the network can inject bytes into a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import logging
+import secrets
+import struct
+from typing import Any, AsyncIterator
+
+from serving.messages import LinkAddress, ReplyHead, ReplyTail, Usage
+
+logger = logging.getLogger("serving.streamlink")
+
+HEADER = struct.Struct("!IIB")
+MAGIC = b"SLK1"
+TOKEN_BYTES = 16
+DATA, TAIL = 0, 1
+END_GRACE_S = 5.0  # after the engine's call ended, how long its last frames may still be in flight
+MAX_FRAME = 64 << 20  # a frame this big is a broken peer, not a stream chunk
+
+
+class LinkBroken(ConnectionError):
+    """The connection carrying a stream closed before the stream's last frame."""
+
+
+def encode_tail(tail: ReplyTail) -> bytes:
+    usage = [tail.usage.prompt_tokens, tail.usage.completion_tokens] if tail.usage else None
+    return json.dumps({"usage": usage, "engine_s": tail.engine_s, "error": tail.error}).encode()
+
+
+def decode_tail(payload: bytes) -> ReplyTail:
+    raw = json.loads(payload)
+    usage = raw.get("usage")
+    return ReplyTail(Usage(*usage) if usage else None, float(raw.get("engine_s") or 0.0), raw.get("error"))
+
+
+# --- router side ---------------------------------------------------------------------------
+
+
+class Inbox:
+    """One stream's frames as they arrive: bytes, then a ReplyTail; or the error that ended it."""
+
+    __slots__ = ("items", "error", "ended", "_waiter", "_grace")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[bytes | ReplyTail] = collections.deque()
+        self.error: BaseException | None = None
+        self.ended = False  # the tail arrived
+        self._waiter: asyncio.Future | None = None
+        self._grace: asyncio.TimerHandle | None = None
+
+    def put(self, item: bytes | ReplyTail) -> None:
+        if isinstance(item, ReplyTail):
+            self.ended = True
+            if self._grace is not None:
+                self._grace.cancel()
+        self.items.append(item)
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None and not self.ended:
+            self.error = error
+            self._wake()
+
+    def engine_call_ended(self) -> None:
+        """The engine returned, so its frames are written; fail if they never arrive."""
+        if not self.ended and self._grace is None:
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(END_GRACE_S, self.fail, LinkBroken("the stream's end never arrived"))
+
+    async def take(self) -> list[bytes | ReplyTail]:
+        """Everything that arrived since the last call (at least one item), in order."""
+        while not self.items:
+            if self.error is not None:
+                raise self.error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+    def close(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class StreamHub:
+    """The router replica's end: one listener, many engine connections, an Inbox per open stream."""
+
+    def __init__(self, host: str | None = None) -> None:
+        self.host = host
+        self.port = 0
+        self.token = secrets.token_bytes(TOKEN_BYTES)
+        self.inboxes: dict[int, Inbox] = {}
+        self._numbers = itertools.count(1)
+        self._server: asyncio.AbstractServer | None = None
+        self._starting: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> bool:
+        """Listen (once, on the calling loop); False when this loop cannot use the hub."""
+        loop = asyncio.get_running_loop()
+        if self._server is not None:
+            return loop is self._loop
+        if self._starting is None:
+            self._loop = loop
+            self._starting = loop.create_task(self._listen())
+        try:
+            await asyncio.shield(self._starting)
+        except OSError as error:
+            logger.warning("stream link hub could not listen (%r); streams go through Ray", error)
+            return False
+        return loop is self._loop
+
+    async def _listen(self) -> None:
+        host = self.host or _node_ip()
+        self._server = await asyncio.get_running_loop().create_server(lambda: _HubProtocol(self), host, 0)
+        self.host, self.port = host, self._server.sockets[0].getsockname()[1]
+        logger.info("stream link hub listening on %s:%d", self.host, self.port)
+
+    def open(self) -> tuple[LinkAddress, Inbox]:
+        number = next(self._numbers) & 0xFFFFFFFF
+        inbox = self.inboxes[number] = Inbox()
+        return LinkAddress(self.host, self.port, self.token, number), inbox
+
+    def close(self, address: LinkAddress) -> None:
+        inbox = self.inboxes.pop(address.stream, None)
+        if inbox is not None:
+            inbox.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class _HubProtocol(asyncio.Protocol):
+    """One engine replica's connection: check the token, then split frames into inboxes."""
+
+    def __init__(self, hub: StreamHub) -> None:
+        self.hub = hub
+        self.buffer = bytearray()
+        self.trusted = False
+        self.transport: asyncio.Transport | None = None
+        self.streams: set[int] = set()  # streams that got frames here: failed if the connection drops
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if not self.trusted:
+            if len(buffer) < len(MAGIC) + TOKEN_BYTES:
+                return
+            if bytes(buffer[:len(MAGIC)]) != MAGIC or not secrets.compare_digest(
+                    bytes(buffer[len(MAGIC):len(MAGIC) + TOKEN_BYTES]), self.hub.token):
+                logger.warning("stream link: connection with a wrong token closed")
+                self.transport.close()
+                return
+            del buffer[:len(MAGIC) + TOKEN_BYTES]
+            self.trusted = True
+        at, size, inboxes = 0, len(buffer), self.hub.inboxes
+        while size - at >= HEADER.size:
+            stream, length, kind = HEADER.unpack_from(buffer, at)
+            if length > MAX_FRAME:
+                logger.warning("stream link: oversized frame (%d bytes), connection closed", length)
+                self.transport.close()
+                return
+            end = at + HEADER.size + length
+            if end > size:
+                break
+            inbox = inboxes.get(stream)
+            if inbox is not None:  # else the stream was closed (client gone): drop its late frames
+                payload = bytes(buffer[at + HEADER.size:end])
+                self.streams.add(stream)
+                inbox.put(payload if kind == DATA else decode_tail(payload))
+                if kind == TAIL:
+                    self.streams.discard(stream)
+            at = end
+        del buffer[:at]
+
+    def connection_lost(self, exc) -> None:
+        for stream in self.streams:
+            inbox = self.hub.inboxes.get(stream)
+            if inbox is not None:
+                inbox.fail(LinkBroken(f"the engine's stream link closed ({exc!r})"))
+        self.streams.clear()
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray: a local hub for local engines
+        pass
+    return "127.0.0.1"
+
+
+# --- engine side ---------------------------------------------------------------------------
+
+
+class _Link(asyncio.Protocol):
+    """An engine replica's connection to one router hub; writes frames, honours back-pressure."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._resume: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self._resume = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+        self._resume = None
+
+    async def send(self, stream: int, kind: int, payload: bytes) -> None:
+        if self.closed:
+            raise LinkBroken("the router's stream link closed")
+        self.transport.write(HEADER.pack(stream, len(payload), kind) + payload)
+        if self._resume is not None:  # the router reads slower than the engine writes
+            await self._resume
+
+
+class LinkPool:
+    """The engine replica's connections, one per router hub, opened on first use and reused."""
+
+    def __init__(self, connect_timeout_s: float = 2.0) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self._links: dict[tuple[str, int], asyncio.Task] = {}
+
+    async def link(self, address: LinkAddress) -> _Link:
+        key = (address.host, address.port)
+        task = self._links.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() or task.result().closed)):
+            task = self._links[key] = asyncio.get_running_loop().create_task(self._connect(address))
+        return await asyncio.shield(task)
+
+    async def _connect(self, address: LinkAddress) -> _Link:
+        loop = asyncio.get_running_loop()
+        _, link = await asyncio.wait_for(loop.create_connection(_Link, address.host, address.port),
+                                         self.connect_timeout_s)
+        link.transport.write(MAGIC + address.token)
+        return link
+
+    def close(self) -> None:
+        for task in self._links.values():
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().transport.close()
+        self._links.clear()
+
+
+async def deliver(reply_to: LinkAddress | None, items: AsyncIterator[Any], pool: LinkPool,
+                  ) -> AsyncIterator[Any]:
+    """An engine's reply items as the Ray call yields them: all of them, or, for a stream whose
+    router asked for the link, only the head, with the rest written to the link as frames."""
+    if reply_to is None:
+        async for item in items:
+            yield item
+        return
+    try:
+        head = await items.__anext__()
+    except StopAsyncIteration:
+        return
+    try:
+        link = await pool.link(reply_to) if isinstance(head, ReplyHead) and head.stream else None
+    except (OSError, asyncio.TimeoutError) as error:
+        logger.warning("stream link to %s:%d failed (%r); this stream goes through Ray",
+                       reply_to.host, reply_to.port, error)
+        link = None
+    if link is None:
+        yield head
+        async for item in items:
+            yield item
+        return
+    head.linked = True
+    yield head
+    try:
+        async for item in items:
+            if type(item) is bytes:
+                await link.send(reply_to.stream, DATA, item)
+            elif isinstance(item, ReplyTail):
+                await link.send(reply_to.stream, TAIL, encode_tail(item))
+    finally:  # cancelled (client gone) or the link broke: stop the engine's generator, aborting in vLLM
+        await items.aclose()
