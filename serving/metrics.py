@@ -50,6 +50,10 @@ class RouterMetrics:
         self.route_failovers = Counter(
             "serving_route_failovers", "Requests retried on another deployment because the chosen one failed before answering.",
             ["model"], registry=r)
+        self.streams = Counter(
+            "serving_streams", "Streamed answers by how their body crossed from engine to router "
+            "(link: serving/streamlink.py; ray: a Ray item per flush, by config or because the link was unreachable).",
+            ["model", "transport"], registry=r)
         # Per API key: labelled with configured key names only, so the label set stays bounded.
         self.key_requests = Counter(
             "serving_key_requests", "Requests per API key name, served model, HTTP status and error origin.",

@@ -262,18 +262,31 @@ class _Link(asyncio.Protocol):
 
 
 class LinkPool:
-    """The engine replica's connections, one per router hub, opened on first use and reused."""
+    """The engine replica's connections, one per router hub, opened on first use and reused.
 
-    def __init__(self, connect_timeout_s: float = 2.0) -> None:
+    A hub that could not be reached (a firewall between nodes) is not tried again for
+    `retry_after_s`: meanwhile its streams go through Ray at once instead of each waiting for
+    a connect timeout."""
+
+    def __init__(self, connect_timeout_s: float = 2.0, retry_after_s: float = 60.0) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.retry_after_s = retry_after_s
         self._links: dict[tuple[str, int], asyncio.Task] = {}
+        self._unreachable: dict[tuple[str, int], float] = {}  # hub -> loop time it may be tried again
 
     async def link(self, address: LinkAddress) -> _Link:
         key = (address.host, address.port)
+        loop = asyncio.get_running_loop()
         task = self._links.get(key)
         if task is None or (task.done() and (task.cancelled() or task.exception() or task.result().closed)):
-            task = self._links[key] = asyncio.get_running_loop().create_task(self._connect(address))
-        return await asyncio.shield(task)
+            if loop.time() < self._unreachable.get(key, 0.0):
+                raise ConnectionRefusedError(f"stream link hub {address.host}:{address.port} unreachable lately")
+            task = self._links[key] = loop.create_task(self._connect(address))
+        try:
+            return await asyncio.shield(task)
+        except (OSError, asyncio.TimeoutError):
+            self._unreachable[key] = loop.time() + self.retry_after_s
+            raise
 
     async def _connect(self, address: LinkAddress) -> _Link:
         loop = asyncio.get_running_loop()

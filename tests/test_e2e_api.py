@@ -69,6 +69,24 @@ def test_stream_is_not_buffered(http):
     assert arrivals[0] < 0.5 * arrivals[-1], f"first chunk at {arrivals[0]:.2f}s, last at {arrivals[-1]:.2f}s"
 
 
+def _streams_counted(http, transport: str) -> float:
+    prefix = f'serving_streams_total{{model="{CHAT_MODEL}",transport="{transport}"}} '
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return 0.0
+
+
+def test_stream_bodies_travel_over_the_stream_link(http, client):
+    """The default transport is in use on the live stack: the engine reached the router's hub,
+    and no stream fell back to Ray items."""
+    before = _streams_counted(http, "link"), _streams_counted(http, "ray")
+    chunks = list(client.chat.completions.create(model=CHAT_MODEL, messages=CAPITAL, max_tokens=8, stream=True))
+    assert len(chunks) > 3
+    assert _streams_counted(http, "link") == before[0] + 1
+    assert _streams_counted(http, "ray") == before[1]
+
+
 def test_completions(client):
     reply = client.completions.create(model=CHAT_MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
     assert reply.choices[0].text.strip()

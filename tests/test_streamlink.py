@@ -111,6 +111,7 @@ def test_stream_body_arrives_over_the_link_and_the_engine_yields_only_the_head(m
     assert router.loads.inflight["a"] == 0 and router.forwarder.hub.inboxes == {}
     text = router.metrics.exposition().decode()
     assert 'serving_completion_tokens_total{model="a"} 2.0' in text  # usage from the tail frame
+    assert 'serving_streams_total{model="a",transport="link"} 1.0' in text
 
 
 def test_non_streaming_requests_carry_no_link(monkeypatch):
@@ -132,6 +133,7 @@ def test_ray_transport_sends_no_link(monkeypatch):
 
     assert events(asyncio.run(scenario()))[-1] == "data: [DONE]"
     assert a.requests[0].reply_to is None and router.forwarder.hub is None
+    assert 'serving_streams_total{model="a",transport="ray"} 1.0' in router.metrics.exposition().decode()
 
 
 def test_replica_dying_after_the_head_ends_the_stream_with_an_error_event(monkeypatch):
@@ -223,6 +225,20 @@ def test_an_engine_that_cannot_connect_answers_through_ray():
     assert isinstance(items[0], ReplyHead) and not items[0].linked
     assert items[1:3] == [b'data: {"n": 1}\n\n', b"data: [DONE]\n\n"] and isinstance(items[-1], ReplyTail)
     assert engine.finished
+
+
+def test_an_unreachable_hub_is_not_retried_for_every_stream():
+    async def scenario():
+        pool = LinkPool(connect_timeout_s=1, retry_after_s=60)
+        nowhere = LinkAddress("127.0.0.1", 1, b"x" * 16, 7)
+        with pytest.raises(OSError):
+            await pool.link(nowhere)
+        first = pool._links[("127.0.0.1", 1)]
+        with pytest.raises(ConnectionRefusedError, match="unreachable lately"):
+            await pool.link(nowhere)
+        return first is pool._links[("127.0.0.1", 1)]
+
+    assert asyncio.run(scenario())  # no second connection attempt was made
 
 
 class Transport:

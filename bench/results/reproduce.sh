@@ -120,14 +120,17 @@ sides_offline() {
 }
 
 # --- router capacity: the stack's path in front of bench's null engine (:18300) -------------
-# 400 tok/s per stream x 64 streams offers 25,600 tok/s. Two runs: the config's
-# router.stream_flush_ms, and 0 (one Ray item per token) for comparison.
+# 400 tok/s per stream x 64 streams offers 25,600 tok/s. Three runs: the config's
+# router.stream_flush_ms and stream_transport (link), flush 0 (every token a frame on the link),
+# and stream_transport ray (every flush a Ray streaming item) for comparison.
 NULL_RATE=400
 capacity() {
     flock /tmp/serving-heavy.lock bash -c '
         bench/scripts/with_null_stack.sh 18300 --tokens-per-s '"$NULL_RATE"' -- "$0" capacity_inner capacity-null &&
         bench/scripts/with_null_stack.sh 18300 --tokens-per-s '"$NULL_RATE"' --flush-ms 0 -- \
-            "$0" capacity_inner capacity-null-flush0' "$0"
+            "$0" capacity_inner capacity-null-flush0 &&
+        bench/scripts/with_null_stack.sh 18300 --tokens-per-s '"$NULL_RATE"' --transport ray -- \
+            "$0" capacity_inner capacity-null-ray' "$0"
 }
 
 capacity_inner() {

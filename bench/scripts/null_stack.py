@@ -7,7 +7,7 @@ bench/null_engine.py: tokens at a set rate, no model. Everything else (router se
 is the knob the real stack runs with.
 
     python bench/scripts/null_stack.py [--port 18300] [--tokens-per-s 200] [--ttft-ms 0]
-        [--max-tokens 64] [--flush-ms F] [--router-replicas N] [--engine-replicas N]
+        [--max-tokens 64] [--flush-ms F] [--transport link|ray] [--router-replicas N] [--engine-replicas N]
         [--serve-env KEY=VALUE ...] [--config models.yaml] [--model smollm2-135m]
 
 Serves until SIGINT/SIGTERM, then shuts Serve and Ray down. `--engine` swaps in another
@@ -66,6 +66,8 @@ def main() -> int:
     ap.add_argument("--ttft-ms", type=float, default=0.0, help="null engine's delay before the first token")
     ap.add_argument("--max-tokens", type=int, default=64, help="when the request gives none")
     ap.add_argument("--flush-ms", type=float, default=None, help="router.stream_flush_ms (default: the config's)")
+    ap.add_argument("--transport", choices=["link", "ray"], default=None,
+                    help="router.stream_transport (default: the config's)")
     ap.add_argument("--router-replicas", type=int, default=None)
     ap.add_argument("--engine-replicas", type=int, default=1)
     ap.add_argument("--engine-cpus", type=float, default=0.1, help="logical CPUs reserved per null replica")
@@ -81,6 +83,8 @@ def main() -> int:
     router: dict = {"port": args.port}
     if args.flush_ms is not None:
         router["stream_flush_ms"] = args.flush_ms
+    if args.transport:
+        router["stream_transport"] = args.transport
     if args.router_replicas:
         router["replicas"] = args.router_replicas
     if args.serve_env:

@@ -22,7 +22,7 @@ from serving.messages import EngineRequest, LinkAddress, ReplyHead, ReplyTail
 from serving.router.accounting import Accounting, RequestRecord
 from serving.router.loads import LoadView
 from serving.routing import Decision
-from serving.streamlink import END_GRACE_S, Inbox, StreamHub
+from serving.streamlink import Inbox, StreamHub
 
 logger = logging.getLogger("serving.router")
 
@@ -66,6 +66,7 @@ class Forwarder:
         self.loads = loads
         self.accounting = accounting
         self.timeout_s = timeout_s
+        self._ending: set[asyncio.Future] = set()  # linked calls finishing after their stream was relayed
 
     async def forward(self, record: RequestRecord, decision: Decision, endpoint: str, raw: bytes,
                       headers: dict[str, str], prefix_key: str | None = None,
@@ -135,6 +136,7 @@ class Forwarder:
                     return Response(head.body, status_code=head.status, headers=served,
                                     media_type="application/json")
                 handed_over = True
+                self.accounting.metrics.streams.labels(name, "link" if head.linked else "ray").inc()
                 relay = (self._relay_link(call, head, record, reply_to, inbox) if head.linked
                          else self._relay(call, head, record))
                 if not head.linked and reply_to is not None:
@@ -233,10 +235,6 @@ class Forwarder:
                     if tail.error:  # the engine already sent the error event
                         record.status = 504 if tail.error == "timeout" else 502
                         record.error_origin = "timeout" if tail.error == "timeout" else "engine"
-            if not ended.done():  # the engine returns right after its last frame: let Ray see the call end
-                await asyncio.wait((ended,), timeout=END_GRACE_S)
-            if ended.done():  # its done-callback may not have run yet
-                _engine_call_ended(call, inbox, ended)
         except RequestCancelledError:
             if not call.timed_out:
                 raise
@@ -251,8 +249,13 @@ class Forwarder:
             yield errors.engine_failed(call.name).sse_bytes()
         finally:
             self.hub.close(reply_to)
+            if inbox.ended:  # the engine wrote its last frame and is returning: let the call end by itself
+                call.finished = True  # (no cancel for Ray to deliver; `ended` sees the end in the background)
+                if not ended.done():
+                    self._ending.add(ended)
+                    ended.add_done_callback(self._ending.discard)
             call.stop()
-            if not ended.done():
+            if not ended.done() and not inbox.ended:
                 ended.cancel()
             self.loads.release(call.name)
             self.accounting.metrics.inflight.labels(call.name).dec()
