@@ -17,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PY=${PYTHON:-$PWD/.venv/bin/python}
 export OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
 export TOK=${TOK:-${SERVING_CACHE_DIR:-$HOME/.cache/serving}/models/smollm2-135m}
 export STACK=http://127.0.0.1:8000 VLLM=http://127.0.0.1:8100
 export SLO=ttft:1s,tpot:100ms
