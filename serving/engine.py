@@ -7,8 +7,10 @@ request (`generate`, typed messages in serving.messages):
 - the client's raw JSON bytes are validated once, here, with vLLM's request models;
 - non-streaming answers leave as JSON bytes in the `ReplyHead`, never re-encoded on the way;
 - streams send the first chunk at once (inside the head), then coalesce every chunk that is
-  ready into one bytes item per flush interval, so a Ray item carries several tokens when
-  the engine is faster than the relay, and none waits when it is not;
+  ready into one bytes item per flush interval, so an item carries several tokens when the
+  engine is faster than the relay, and none waits when it is not; the items after the head
+  go to the router over its stream link (serving.streamlink) when the request names one, else
+  as Ray items;
 - one deadline per request; a cancelled call (client gone, router timeout) aborts the
   sequence in vLLM.
 

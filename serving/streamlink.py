@@ -305,33 +305,35 @@ class LinkPool:
 async def deliver(reply_to: LinkAddress | None, items: AsyncIterator[Any], pool: LinkPool,
                   ) -> AsyncIterator[Any]:
     """An engine's reply items as the Ray call yields them: all of them, or, for a stream whose
-    router asked for the link, only the head, with the rest written to the link as frames."""
-    if reply_to is None:
-        async for item in items:
-            yield item
-        return
+    router asked for the link, only the head, with the rest written to the link as frames.
+    However it ends (cancelled, closed, the link broken), the engine's generator is closed, which
+    aborts the sequence in vLLM."""
     try:
-        head = await items.__anext__()
-    except StopAsyncIteration:
-        return
-    try:
-        link = await pool.link(reply_to) if isinstance(head, ReplyHead) and head.stream else None
-    except (OSError, asyncio.TimeoutError) as error:
-        logger.warning("stream link to %s:%d failed (%r); this stream goes through Ray",
-                       reply_to.host, reply_to.port, error)
-        link = None
-    if link is None:
+        if reply_to is None:
+            async for item in items:
+                yield item
+            return
+        try:
+            head = await items.__anext__()
+        except StopAsyncIteration:
+            return
+        try:
+            link = await pool.link(reply_to) if isinstance(head, ReplyHead) and head.stream else None
+        except (OSError, asyncio.TimeoutError) as error:
+            logger.warning("stream link to %s:%d failed (%r); this stream goes through Ray",
+                           reply_to.host, reply_to.port, error)
+            link = None
+        if link is None:
+            yield head
+            async for item in items:
+                yield item
+            return
+        head.linked = True
         yield head
-        async for item in items:
-            yield item
-        return
-    head.linked = True
-    yield head
-    try:
         async for item in items:
             if type(item) is bytes:
                 await link.send(reply_to.stream, DATA, item)
             elif isinstance(item, ReplyTail):
                 await link.send(reply_to.stream, TAIL, encode_tail(item))
-    finally:  # cancelled (client gone) or the link broke: stop the engine's generator, aborting in vLLM
+    finally:
         await items.aclose()

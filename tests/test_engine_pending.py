@@ -11,7 +11,8 @@ import time
 import types
 
 from serving.engine import EngineDeployment, _LatestStats, _request_parsers
-from serving.messages import EngineRequest, ReplyHead, RoutingStats, estimate_body_tokens
+from serving.streamlink import LinkPool, StreamHub
+from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, estimate_body_tokens
 from serving.routing import Load
 from serving.routing.core import score
 from serving.routing.replicas import ReplicaView
@@ -25,6 +26,7 @@ def engine_with(handler) -> EngineDeployment:
     engine._stats, engine._unstarted = _LatestStats(), {}
     engine.engine = types.SimpleNamespace(errored=False, dead_error=None, shutdown=lambda: None)
     engine._handlers, engine._parsers = {"chat": handler}, _request_parsers()
+    engine._links = LinkPool()
     return engine
 
 
@@ -103,3 +105,36 @@ def test_pending_prompt_tokens_make_a_replica_and_a_deployment_look_busier():
     idle, prefilling = ReplicaView("a", running=1), ReplicaView("b", running=1, pending=1, pending_tokens=3000)
     assert prefilling.load > idle.load
     assert score(Load(running=1, replicas=1, pending_tokens=3000)) > score(Load(running=1, replicas=1))
+
+
+def test_the_engines_stream_leaves_over_the_routers_link():
+    """The real engine's coalesced bytes and its tail go to the router's hub as frames; over Ray
+    only the head, marked linked."""
+    async def run():
+        async def handler(parsed):
+            async def stream():
+                yield CHUNK
+                await asyncio.sleep(0.02)  # the next token comes later: not coalesced into the head
+                yield CHUNK
+                yield "data: [DONE]\n\n"
+            return stream()
+
+        engine = engine_with(handler)
+        hub = StreamHub("127.0.0.1")
+        await hub.start()
+        address, inbox = hub.open()
+        request = chat_request(10)
+        request.reply_to = address
+        over_ray = [item async for item in engine.generate(request)]
+        received = []
+        while not inbox.ended:
+            received += await asyncio.wait_for(inbox.take(), 5)
+        engine._links.close()
+        await hub.stop()
+        return over_ray, received, reported(engine)
+
+    over_ray, received, after = asyncio.run(run())
+    assert len(over_ray) == 1 and over_ray[0].linked and over_ray[0].body == CHUNK.encode()
+    assert b"".join(item for item in received if type(item) is bytes) == CHUNK.encode() + b"data: [DONE]\n\n"
+    assert isinstance(received[-1], ReplyTail) and received[-1].error is None
+    assert after.pending == 0
