@@ -133,6 +133,8 @@ class StreamHub:
         if self._starting is None:
             self._loop = loop
             self._starting = loop.create_task(self._listen())
+        elif self._starting.done():  # it failed before: said once, not per request
+            return False
         try:
             await asyncio.shield(self._starting)
         except OSError as error:

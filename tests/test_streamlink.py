@@ -241,6 +241,16 @@ def test_an_unreachable_hub_is_not_retried_for_every_stream():
     assert asyncio.run(scenario())  # no second connection attempt was made
 
 
+def test_a_hub_that_cannot_listen_sends_streams_through_ray(monkeypatch, caplog):
+    async def scenario():
+        hub = StreamHub("198.51.100.254")  # TEST-NET-2 (RFC 5737): no machine owns it
+        return [await hub.start(), await hub.start()]
+
+    with caplog.at_level("WARNING", logger="serving.streamlink"):
+        assert asyncio.run(scenario()) == [False, False]
+    assert sum("could not listen" in r.message for r in caplog.records) == 1
+
+
 class Transport:
     def __init__(self):
         self.closed = False
