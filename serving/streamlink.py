@@ -120,6 +120,7 @@ class StreamHub:
         self.port = 0
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self.inboxes: dict[int, Inbox] = {}
+        self.connections: set[_HubProtocol] = set()  # one per engine replica that streams here
         self._numbers = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._starting: asyncio.Task | None = None
@@ -133,6 +134,8 @@ class StreamHub:
         if self._starting is None:
             self._loop = loop
             self._starting = loop.create_task(self._listen())
+        elif self._starting.done():  # it failed before: said once, not per request
+            return False
         try:
             await asyncio.shield(self._starting)
         except OSError as error:
@@ -159,6 +162,8 @@ class StreamHub:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            for connection in list(self.connections):
+                connection.transport.abort()
             await self._server.wait_closed()
 
 
@@ -174,6 +179,7 @@ class _HubProtocol(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.hub.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -209,6 +215,7 @@ class _HubProtocol(asyncio.Protocol):
         del buffer[:at]
 
     def connection_lost(self, exc) -> None:
+        self.hub.connections.discard(self)
         for stream in self.streams:
             inbox = self.hub.inboxes.get(stream)
             if inbox is not None:

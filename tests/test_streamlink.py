@@ -214,6 +214,41 @@ def test_deadline_mid_stream_sends_504_and_aborts_the_engine(monkeypatch):
     assert 'status="504"' in router.metrics.exposition().decode()
 
 
+def test_router_gone_mid_stream_aborts_the_engine():
+    """The router replica died (its end of the link closed): the engine's next frame fails, and its
+    generator is closed, which aborts the sequence in vLLM, without waiting for Ray's cancel."""
+    class Slow(Engine):
+        async def items(self):
+            try:
+                yield ReplyHead(200, "a-1", "a", stream=True, body=HEAD)
+                for _ in range(100):
+                    await asyncio.sleep(0.02)
+                    yield b'data: {"n": 1}\n\n'
+                yield ReplyTail(Usage(1, 100))
+            except (asyncio.CancelledError, GeneratorExit):
+                self.aborted = True
+                raise
+
+    async def scenario():
+        engine, pool = Slow(), LinkPool()
+        hub = StreamHub("127.0.0.1")
+        await hub.start()
+        address, inbox = hub.open()
+        replies = deliver(address, engine.items(), pool)
+        head = await replies.__anext__()
+        rest = asyncio.ensure_future(replies.__anext__())
+        first = await asyncio.wait_for(inbox.take(), 5)
+        (connection,) = hub.connections
+        connection.transport.abort()  # the router replica's process is gone
+        with pytest.raises(LinkBroken):
+            await asyncio.wait_for(rest, 5)
+        return head, first, engine
+
+    head, first, engine = asyncio.run(scenario())
+    assert head.linked and first[0] == b'data: {"n": 1}\n\n'
+    assert engine.aborted
+
+
 def test_an_engine_that_cannot_connect_answers_through_ray():
     async def scenario():
         engine = Engine()
@@ -239,6 +274,16 @@ def test_an_unreachable_hub_is_not_retried_for_every_stream():
         return first is pool._links[("127.0.0.1", 1)]
 
     assert asyncio.run(scenario())  # no second connection attempt was made
+
+
+def test_a_hub_that_cannot_listen_sends_streams_through_ray(monkeypatch, caplog):
+    async def scenario():
+        hub = StreamHub("198.51.100.254")  # TEST-NET-2 (RFC 5737): no machine owns it
+        return [await hub.start(), await hub.start()]
+
+    with caplog.at_level("WARNING", logger="serving.streamlink"):
+        assert asyncio.run(scenario()) == [False, False]
+    assert sum("could not listen" in r.message for r in caplog.records) == 1
 
 
 class Transport:

@@ -184,10 +184,7 @@ class Forwarder:
                         self.accounting.first_token(record)
                     yield item
                 elif isinstance(item, ReplyTail):
-                    record.usage, record.engine_s = item.usage, item.engine_s
-                    if item.error:  # the engine already sent the error event
-                        record.status = 504 if item.error == "timeout" else 502
-                        record.error_origin = "timeout" if item.error == "timeout" else "engine"
+                    _record_tail(record, item)
         except RequestCancelledError:
             if not call.timed_out:
                 raise
@@ -229,12 +226,8 @@ class Forwarder:
                     if record.ttft_s is None:
                         self.accounting.first_token(record)
                     yield data
-                tail = items[-1]
-                if isinstance(tail, ReplyTail):
-                    record.usage, record.engine_s = tail.usage, tail.engine_s
-                    if tail.error:  # the engine already sent the error event
-                        record.status = 504 if tail.error == "timeout" else 502
-                        record.error_origin = "timeout" if tail.error == "timeout" else "engine"
+                if isinstance(items[-1], ReplyTail):
+                    _record_tail(record, items[-1])
         except RequestCancelledError:
             if not call.timed_out:
                 raise
@@ -260,6 +253,13 @@ class Forwarder:
             self.loads.release(call.name)
             self.accounting.metrics.inflight.labels(call.name).dec()
             self.accounting.close(record)
+
+
+def _record_tail(record: RequestRecord, tail: ReplyTail) -> None:
+    record.usage, record.engine_s = tail.usage, tail.engine_s
+    if tail.error:  # the engine already sent the error event
+        record.status = 504 if tail.error == "timeout" else 502
+        record.error_origin = "timeout" if tail.error == "timeout" else "engine"
 
 
 def _engine_call_ended(call: Call, inbox: Inbox, done: asyncio.Future) -> None:
