@@ -253,7 +253,8 @@ class RouterSpec(_Strict):
     stream_flush_ms: float = Field(
         20.0, ge=0, description="engines send the first stream chunk at once, then what is ready at most once per "
                                 "this interval (0: every chunk as it comes); 20 measured best of "
-                                "bench/results/request-path/flush-sweep (0, 20, 50, 100)")
+                                "bench/results/request-path/flush-sweep (0, 20, 50, 100; Ray items) and the "
+                                "cheapest at high token rates in stream-link (0, 5, 20; the stream link)")
     stream_transport: Literal["link", "ray"] = Field(
         "link", description="how a stream's body travels from engine to router after its first chunk: link = "
         "frames on one TCP connection per engine/router replica pair (serving/streamlink.py), ray = a Ray "

@@ -5,6 +5,7 @@
 #   link    the default: the stream's body over the link, flushed every 20 ms
 #   ray     router.stream_transport: ray (every flush a Ray streaming item, as before)
 #   link0   the link with router.stream_flush_ms 0 (every chunk a frame as it comes)
+#   link5   the link with router.stream_flush_ms 5
 #   flock /tmp/serving-heavy.lock bench/scripts/stream_link.sh [OUT] [ORDER]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +19,9 @@ config() {  # FILE ROUTER_JSON
 config "$OUT/link.yaml" '{}'
 config "$OUT/ray.yaml" '{"stream_transport": "ray"}'
 config "$OUT/link0.yaml" '{"stream_flush_ms": 0}'
+config "$OUT/link5.yaml" '{"stream_flush_ms": 5}'
 export STACK_ENV_link="STACK_CONFIG=$PWD/$OUT/link.yaml"
 export STACK_ENV_ray="STACK_CONFIG=$PWD/$OUT/ray.yaml"
 export STACK_ENV_link0="STACK_CONFIG=$PWD/$OUT/link0.yaml"
+export STACK_ENV_link5="STACK_CONFIG=$PWD/$OUT/link5.yaml"
 CPU_PROFILE=1 bench/scripts/alone_abba.sh "$OUT" "$ORDER"
