@@ -137,8 +137,8 @@ class Forwarder:
                                     media_type="application/json")
                 handed_over = True
                 self.accounting.metrics.streams.labels(name, "link" if head.linked else "ray").inc()
-                relay = (self._relay_link(call, head, record, reply_to, inbox) if head.linked
-                         else self._relay(call, head, record))
+                body = self._link_items(call, reply_to, inbox) if head.linked else self._ray_items(call)
+                relay = self._relay(call, head, record, body)
                 if not head.linked and reply_to is not None:
                     self.hub.close(reply_to)
                 return StreamingResponse(relay, media_type="text/event-stream", headers=served)
@@ -164,8 +164,10 @@ class Forwarder:
             if self.loads.load(name).replicas > 1:
                 yield name
 
-    async def _relay(self, call: Call, head: ReplyHead, record: RequestRecord) -> AsyncIterator[bytes]:
-        """Pass the engine's bytes through as they come; account for the request when it ends."""
+    async def _relay(self, call: Call, head: ReplyHead, record: RequestRecord,
+                     body: AsyncIterator[bytes | ReplyTail]) -> AsyncIterator[bytes]:
+        """Pass the engine's bytes through as they come, from either transport; account for the
+        request when it ends."""
         from ray.serve.exceptions import RequestCancelledError
 
         record.status = 200
@@ -173,61 +175,13 @@ class Forwarder:
             if head.body:
                 self.accounting.first_token(record)
                 yield head.body
-            while True:
-                try:
-                    item = await call.stream.__anext__()
-                except StopAsyncIteration:
-                    call.finished = True
-                    break
+            async for item in body:
                 if type(item) is bytes:
                     if record.ttft_s is None:
                         self.accounting.first_token(record)
                     yield item
                 elif isinstance(item, ReplyTail):
                     _record_tail(record, item)
-        except RequestCancelledError:
-            if not call.timed_out:
-                raise
-            record.status, record.error_origin = 504, "timeout"
-            yield errors.timed_out(self.timeout_s).sse_bytes()
-        except asyncio.CancelledError:  # client went away; cancelling the call aborts the sequence in vLLM
-            record.status, record.error_origin = 499, "client"
-            raise
-        except GeneratorExit:
-            record.status, record.error_origin = 499, "client"
-            raise
-        except Exception as error:
-            logger.warning("stream from %s broke: %r", call.name, error)
-            record.status, record.error_origin = 502, "engine"
-            yield errors.engine_failed(call.name).sse_bytes()
-        finally:
-            call.stop()
-            self.loads.release(call.name)
-            self.accounting.metrics.inflight.labels(call.name).dec()
-            self.accounting.close(record)
-
-    async def _relay_link(self, call: Call, head: ReplyHead, record: RequestRecord, reply_to: LinkAddress,
-                          inbox: Inbox) -> AsyncIterator[bytes]:
-        """As `_relay`, for a body arriving over the stream link. The Ray call stays open beside it:
-        its end (or failure: replica died, timeout) is watched without an item per chunk."""
-        from ray.serve.exceptions import RequestCancelledError
-
-        record.status = 200
-        ended = asyncio.ensure_future(call.stream.__anext__())
-        ended.add_done_callback(lambda done: _engine_call_ended(call, inbox, done))
-        try:
-            if head.body:
-                self.accounting.first_token(record)
-                yield head.body
-            while not inbox.ended:
-                items = await inbox.take()
-                data = b"".join(item for item in items if type(item) is bytes)
-                if data:
-                    if record.ttft_s is None:
-                        self.accounting.first_token(record)
-                    yield data
-                if isinstance(items[-1], ReplyTail):
-                    _record_tail(record, items[-1])
         except RequestCancelledError:
             if not call.timed_out:
                 raise
@@ -241,18 +195,45 @@ class Forwarder:
             record.status, record.error_origin = 502, "engine"
             yield errors.engine_failed(call.name).sse_bytes()
         finally:
+            await body.aclose()  # the link's bookkeeping first: it decides whether the call needs a cancel
+            call.stop()
+            self.loads.release(call.name)
+            self.accounting.metrics.inflight.labels(call.name).dec()
+            self.accounting.close(record)
+
+    async def _ray_items(self, call: Call) -> AsyncIterator[bytes | ReplyTail]:
+        """The body as Ray streaming items, one per engine flush."""
+        while True:
+            try:
+                item = await call.stream.__anext__()
+            except StopAsyncIteration:
+                call.finished = True
+                return
+            yield item
+
+    async def _link_items(self, call: Call, reply_to: LinkAddress, inbox: Inbox) -> AsyncIterator[bytes | ReplyTail]:
+        """The body as it arrives over the stream link, everything that arrived joined into one item.
+        The Ray call stays open beside it: its end (or failure: replica died, timeout) is watched
+        without an item per chunk."""
+        ended = asyncio.ensure_future(call.stream.__anext__())
+        ended.add_done_callback(lambda done: _engine_call_ended(call, inbox, done))
+        try:
+            while not inbox.ended:
+                items = await inbox.take()
+                data = b"".join(item for item in items if type(item) is bytes)
+                if data:
+                    yield data
+                if isinstance(items[-1], ReplyTail):
+                    yield items[-1]
+        finally:
             self.hub.close(reply_to)
             if inbox.ended:  # the engine wrote its last frame and is returning: let the call end by itself
                 call.finished = True  # (no cancel for Ray to deliver; `ended` sees the end in the background)
                 if not ended.done():
                     self._ending.add(ended)
                     ended.add_done_callback(self._ending.discard)
-            call.stop()
-            if not ended.done() and not inbox.ended:
+            elif not ended.done():
                 ended.cancel()
-            self.loads.release(call.name)
-            self.accounting.metrics.inflight.labels(call.name).dec()
-            self.accounting.close(record)
 
 
 def _record_tail(record: RequestRecord, tail: ReplyTail) -> None:
