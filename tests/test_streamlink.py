@@ -89,13 +89,33 @@ def events(parts: list[bytes]) -> list[str]:
     return [line for line in b"".join(parts).decode().split("\n") if line]
 
 
-def test_stream_body_arrives_over_the_link_and_the_engine_yields_only_the_head(monkeypatch):
-    engine, pool = Engine(), LinkPool()
+def linked_router(monkeypatch, engine: Engine, config=None):
+    """The real router with deployment `a` answered by `engine` over a real link (and `b` plain)."""
+    pool = LinkPool()
     a = FakeHandle("a", linked(engine, pool))
-    router = make_router({"a": a, "b": FakeHandle("b", ok("b"))}, monkeypatch=monkeypatch)
+    router = make_router({"a": a, "b": FakeHandle("b", ok("b"))}, config=config, monkeypatch=monkeypatch)
+    return router, a, pool
+
+
+async def stream_a(router):
+    return await router.inference(_request({"model": "a", "stream": True, **CHAT}), "/v1/chat/completions")
+
+
+async def read_to_second_chunk(router):
+    """A stream of `a`, read through its head and its first linked chunk."""
+    response = await stream_a(router)
+    body = response.body_iterator
+    assert await body.__anext__() == HEAD
+    assert await asyncio.wait_for(body.__anext__(), 5) == b'data: {"n": 1}\n\n'
+    return response, body
+
+
+def test_stream_body_arrives_over_the_link_and_the_engine_yields_only_the_head(monkeypatch):
+    engine = Engine()
+    router, a, pool = linked_router(monkeypatch, engine)
 
     async def scenario():
-        response = await router.inference(_request({"model": "a", "stream": True, **CHAT}), "/v1/chat/completions")
+        response = await stream_a(router)
         parts = await read_all(response)
         pool.close()
         await router.forwarder.hub.stop()
@@ -137,12 +157,11 @@ def test_ray_transport_sends_no_link(monkeypatch):
 
 
 def test_replica_dying_after_the_head_ends_the_stream_with_an_error_event(monkeypatch):
-    engine, pool = Engine(die_after=1), LinkPool()
-    router = make_router({"a": FakeHandle("a", linked(engine, pool)), "b": FakeHandle("b", ok("b"))},
-                         monkeypatch=monkeypatch)
+    engine = Engine(die_after=1)
+    router, _, _ = linked_router(monkeypatch, engine)
 
     async def scenario():
-        response = await router.inference(_request({"model": "a", "stream": True, **CHAT}), "/v1/chat/completions")
+        response = await stream_a(router)
         return await asyncio.wait_for(read_all(response), 5)
 
     lines = events(asyncio.run(scenario()))
@@ -153,15 +172,11 @@ def test_replica_dying_after_the_head_ends_the_stream_with_an_error_event(monkey
 
 
 def test_link_dropping_mid_stream_fails_the_stream_at_once(monkeypatch):
-    engine, pool = Engine(stall_after=1), LinkPool()
-    a = FakeHandle("a", linked(engine, pool))
-    router = make_router({"a": a, "b": FakeHandle("b", ok("b"))}, monkeypatch=monkeypatch)
+    engine = Engine(stall_after=1)
+    router, a, pool = linked_router(monkeypatch, engine)
 
     async def scenario():
-        response = await router.inference(_request({"model": "a", "stream": True, **CHAT}), "/v1/chat/completions")
-        body = response.body_iterator
-        assert await body.__anext__() == HEAD
-        assert await asyncio.wait_for(body.__anext__(), 5) == b'data: {"n": 1}\n\n'
+        response, body = await read_to_second_chunk(router)
         for task in pool._links.values():  # the engine replica's process is gone: its socket closes
             task.result().transport.abort()
         rest = await asyncio.wait_for(read_all(response), 5)
@@ -174,15 +189,11 @@ def test_link_dropping_mid_stream_fails_the_stream_at_once(monkeypatch):
 
 
 def test_client_gone_mid_stream_cancels_the_call_and_aborts_the_engine(monkeypatch):
-    engine, pool = Engine(stall_after=1), LinkPool()
-    a = FakeHandle("a", linked(engine, pool))
-    router = make_router({"a": a, "b": FakeHandle("b", ok("b"))}, monkeypatch=monkeypatch)
+    engine = Engine(stall_after=1)
+    router, a, pool = linked_router(monkeypatch, engine)
 
     async def scenario():
-        response = await router.inference(_request({"model": "a", "stream": True, **CHAT}), "/v1/chat/completions")
-        body = response.body_iterator
-        assert await body.__anext__() == HEAD
-        assert await asyncio.wait_for(body.__anext__(), 5) == b'data: {"n": 1}\n\n'
+        response, body = await read_to_second_chunk(router)
         pending = asyncio.ensure_future(body.__anext__())
         await asyncio.sleep(0.05)
         pending.cancel()  # Starlette cancels the streaming task when the client disconnects
@@ -197,14 +208,13 @@ def test_client_gone_mid_stream_cancels_the_call_and_aborts_the_engine(monkeypat
 
 
 def test_deadline_mid_stream_sends_504_and_aborts_the_engine(monkeypatch):
-    engine, pool = Engine(stall_after=1), LinkPool()
-    a = FakeHandle("a", linked(engine, pool))
+    engine = Engine(stall_after=1)
     config = {"router": {"request_timeout_s": 0.5}, "models": [
         {"name": "a", "source": {"path": "/m/a"}, "task": "chat"}, {"name": "b", "source": {"path": "/m/b"}, "task": "chat"}]}
-    router = make_router({"a": a, "b": FakeHandle("b", ok("b"))}, config=config, monkeypatch=monkeypatch)
+    router, a, pool = linked_router(monkeypatch, engine, config)
 
     async def scenario():
-        response = await router.inference(_request({"model": "a", "stream": True, **CHAT}), "/v1/chat/completions")
+        response = await stream_a(router)
         return await asyncio.wait_for(read_all(response), 5)
 
     lines = events(asyncio.run(scenario()))
