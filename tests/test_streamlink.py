@@ -361,3 +361,25 @@ def test_a_stream_whose_end_never_arrives_fails_after_the_grace(monkeypatch):
             await asyncio.wait_for(inbox.take(), 2)
 
     asyncio.run(scenario())
+
+
+def test_frames_of_streams_flushing_in_one_turn_leave_in_one_write():
+    async def scenario():
+        hub = StreamHub("127.0.0.1")
+        await hub.start()
+        opened = [hub.open() for _ in range(8)]
+        pool = LinkPool()
+        link = await pool.link(opened[0][0])
+        writes = []
+        write = link.transport.write
+        link.transport.write = lambda data: (writes.append(len(data)), write(data))
+        await asyncio.gather(*(link.send(address.stream, DATA, b"data: %d\n\n" % i)
+                               for i, (address, _) in enumerate(opened)))
+        received = [await asyncio.wait_for(inbox.take(), 2) for _, inbox in opened]
+        pool.close()
+        await hub.stop()
+        return writes, received
+
+    writes, received = asyncio.run(scenario())
+    assert len(writes) == 1
+    assert received == [[b"data: %d\n\n" % i] for i in range(8)]
