@@ -38,6 +38,7 @@ TOKEN_BYTES = 16
 DATA, TAIL = 0, 1
 END_GRACE_S = 5.0  # after the engine's call ended, how long its last frames may still be in flight
 MAX_FRAME = 64 << 20  # a frame this big is a broken peer, not a stream chunk
+CORK_MAX = 64 << 10  # corked bytes written at once, not at the loop's next turn
 
 
 class LinkBroken(ConnectionError):
@@ -249,6 +250,7 @@ class _Link(asyncio.Protocol):
         self.closed = False
         self._resume: asyncio.Future | None = None
         self._corked: list[bytes] = []
+        self._corked_size = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -271,11 +273,16 @@ class _Link(asyncio.Protocol):
         if not self._corked:
             asyncio.get_running_loop().call_soon(self._flush)
         self._corked += (HEADER.pack(stream, len(payload), kind), payload)
+        self._corked_size += HEADER.size + len(payload)
+        if self._corked_size >= CORK_MAX:  # a burst: write it now, so that back-pressure applies
+            self._flush()
         if self._resume is not None:  # the router reads slower than the engine writes
             await self._resume
 
     def _flush(self) -> None:
-        corked, self._corked = self._corked, []
+        if not self._corked:
+            return
+        corked, self._corked, self._corked_size = self._corked, [], 0
         if not (self.closed or self.transport.is_closing()):
             self.transport.write(b"".join(corked))
 

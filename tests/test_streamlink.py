@@ -383,3 +383,41 @@ def test_frames_of_streams_flushing_in_one_turn_leave_in_one_write():
     writes, received = asyncio.run(scenario())
     assert len(writes) == 1
     assert received == [[b"data: %d\n\n" % i] for i in range(8)]
+
+
+def test_an_engine_writing_faster_than_the_router_reads_waits_and_loses_nothing():
+    frame, count = b"x" * (64 << 10), 256  # 16 MiB: more than the sockets' buffers hold
+
+    async def scenario():
+        hub = StreamHub("127.0.0.1")
+        await hub.start()
+        address, inbox = hub.open()
+        pool = LinkPool()
+        link = await pool.link(address)
+        await link.send(address.stream, DATA, b"")
+        while not hub.connections:
+            await asyncio.sleep(0.01)
+        reader = next(iter(hub.connections)).transport
+        reader.pause_reading()  # the router stops reading
+        writer = asyncio.create_task(_send_all(link, address.stream, frame, count))
+        await asyncio.sleep(0.5)
+        blocked = not writer.done()
+        buffered = link.transport.get_write_buffer_size()
+        reader.resume_reading()
+        await asyncio.wait_for(writer, 10)
+        received = []
+        while len(received) < count + 1:
+            received += await asyncio.wait_for(inbox.take(), 5)
+        pool.close()
+        await hub.stop()
+        return blocked, buffered, received
+
+    blocked, buffered, received = asyncio.run(scenario())
+    assert blocked  # the engine waited for the router instead of buffering the whole stream
+    assert buffered < 4 * len(frame) + (1 << 20)  # its user-space buffer stayed near the high-water mark
+    assert received == [b""] + [frame] * count
+
+
+async def _send_all(link, stream: int, frame: bytes, count: int) -> None:
+    for _ in range(count):
+        await link.send(stream, DATA, frame)

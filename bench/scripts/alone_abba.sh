@@ -6,27 +6,40 @@
 # concurrency 1 and 8 on it (128 random tokens in, 64 out, ignore_eos), and stops it.
 #   flock /tmp/serving-heavy.lock bench/scripts/alone_abba.sh [OUT] [ORDER="vllm stack stack vllm vllm stack stack vllm"]
 # Then: python bench/scripts/alone_abba.sh's summary (printed at the end, also OUT/summary.md).
+# CPU_PROFILE=1: CPU per process role around each c8 run. ENGINE_METRICS=1: vLLM's own TTFT/ITL
+# and the stack's own time outside the engine around each run (splits the stack's added latency).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-$PWD/.venv/bin/python}
 export OUT=${1:-bench/results/request-path/alone-abba}
 ORDER=${2:-"vllm stack stack vllm vllm stack stack vllm"}
 export TOK=${TOK:-${SERVING_CACHE_DIR:-$HOME/.cache/serving}/models/smollm2-135m}
-mkdir -p "$OUT"
+mkdir -p "$OUT" ${ENGINE_METRICS:+"$OUT/engine"}
+
+snapshot() {  # NAME PORT WHEN: ENGINE_METRICS=1 reads vLLM's own histograms (and the stack's split)
+    [[ -n "${ENGINE_METRICS:-}" ]] || return 0
+    [[ $3 == before ]] || sleep 12  # Ray exports the engine's metrics every few seconds
+    "$PY" bench/scripts/engine_itl.py "http://127.0.0.1:$2" "$OUT/engine/$1-$3.json" >/dev/null
+}
+export -f snapshot
 
 segment() {  # NAME PORT: both servers restart per segment, so the same prompts are fresh to each
     bench/scripts/settle.sh 80 300 || true
+    snapshot "$1-c1" "$2" before
     "$PY" -m bench run --base-url "http://127.0.0.1:$2" --model smollm2-135m --tokenizer "$TOK" \
         --workload random --input-len 128 --output-len 64 --ignore-eos --no-progress --out "$OUT" \
         --seed 900 --concurrency 1 --num-requests 12 --warmup 1 --name "$1-c1"
+    snapshot "$1-c1" "$2" after
+    snapshot "$1-c8" "$2" before
     # CPU_PROFILE=1: CPU per process role around the c8 run (`python -m bench cpu`, into OUT/cpu)
     ${CPU_PROFILE:+"$PY" -m bench cpu --port "$2" --out "$OUT/cpu" --name "$1-c8" --run-json "$OUT/$1-c8-c8.json" --} \
     "$PY" -m bench run --base-url "http://127.0.0.1:$2" --model smollm2-135m --tokenizer "$TOK" \
         --workload random --input-len 128 --output-len 64 --ignore-eos --no-progress --out "$OUT" \
         --seed 901 --concurrency 8 --num-requests 40 --warmup 2 --name "$1-c8"
+    snapshot "$1-c8" "$2" after
 }
 export -f segment
-export PY CPU_PROFILE
+export PY CPU_PROFILE ENGINE_METRICS
 
 STACK_CONFIG=$(mktemp --suffix .yaml)
 "$PY" bench/scripts/chat_only_config.py "$STACK_CONFIG"
@@ -73,4 +86,17 @@ for conc, server in sorted(k for k in pooled if k[1] != "vllm"):
     if v:
         print(f"{conc}: {server}/vLLM output tok/s {s[0] / v[0]:.3f}x, added TTFT p50 {s[1] - v[1]:+.1f} ms, "
               f"TPOT p50 {100 * (s[2] / v[2] - 1):+.1f} %, ITL p99 {s[3] / v[3]:.2f}x")
+if glob.glob(f"{out}/engine/*-after.json"):  # ENGINE_METRICS=1: means over each run, from histograms
+    print("\nMeans inside each run, ms: vLLM's own TTFT / ITL / prefill (measured inside the engine, no relay), "
+          "and the stack's own split at the router (its TTFT, time outside the engine per request)\n")
+    print("| run | vLLM TTFT | vLLM ITL | vLLM prefill | stack TTFT at router | stack overhead per request |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for after in sorted(glob.glob(f"{out}/engine/*-after.json")):
+        a, b = json.load(open(after)), json.load(open(after.replace("-after", "-before")))
+        def mean(base, a=a, b=b):
+            n = a.get(base + "_count", 0) - b.get(base + "_count", 0)
+            return f"{1000 * (a[base + '_sum'] - b.get(base + '_sum', 0)) / n:.1f}" if n else ""
+        print(f"| {after.split('/')[-1][:-11]} | {mean('time_to_first_token_seconds')} | "
+              f"{mean('inter_token_latency_seconds')} | {mean('request_prefill_time_seconds')} | "
+              f"{mean('serving_time_to_first_token_seconds')} | {mean('serving_overhead_seconds')} |")
 PYEOF
