@@ -38,7 +38,6 @@ TOKEN_BYTES = 16
 DATA, TAIL = 0, 1
 END_GRACE_S = 5.0  # after the engine's call ended, how long its last frames may still be in flight
 MAX_FRAME = 64 << 20  # a frame this big is a broken peer, not a stream chunk
-CORK_MAX = 64 << 10  # corked bytes written at once, not at the loop's next turn
 
 
 class LinkBroken(ConnectionError):
@@ -239,18 +238,12 @@ def _node_ip() -> str:
 
 
 class _Link(asyncio.Protocol):
-    """An engine replica's connection to one router hub; writes frames, honours back-pressure.
-
-    Frames are corked until the loop's next turn: the streams of one engine step flush in the
-    same turn, and one write (one syscall, one wake-up of the router) then carries all of them
-    instead of one per stream."""
+    """An engine replica's connection to one router hub; writes frames, honours back-pressure."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._resume: asyncio.Future | None = None
-        self._corked: list[bytes] = []
-        self._corked_size = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -270,21 +263,9 @@ class _Link(asyncio.Protocol):
     async def send(self, stream: int, kind: int, payload: bytes) -> None:
         if self.closed:
             raise LinkBroken("the router's stream link closed")
-        if not self._corked:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._corked += (HEADER.pack(stream, len(payload), kind), payload)
-        self._corked_size += HEADER.size + len(payload)
-        if self._corked_size >= CORK_MAX:  # a burst: write it now, so that back-pressure applies
-            self._flush()
+        self.transport.write(HEADER.pack(stream, len(payload), kind) + payload)
         if self._resume is not None:  # the router reads slower than the engine writes
             await self._resume
-
-    def _flush(self) -> None:
-        if not self._corked:
-            return
-        corked, self._corked, self._corked_size = self._corked, [], 0
-        if not (self.closed or self.transport.is_closing()):
-            self.transport.write(b"".join(corked))
 
 
 class LinkPool:

@@ -363,28 +363,6 @@ def test_a_stream_whose_end_never_arrives_fails_after_the_grace(monkeypatch):
     asyncio.run(scenario())
 
 
-def test_frames_of_streams_flushing_in_one_turn_leave_in_one_write():
-    async def scenario():
-        hub = StreamHub("127.0.0.1")
-        await hub.start()
-        opened = [hub.open() for _ in range(8)]
-        pool = LinkPool()
-        link = await pool.link(opened[0][0])
-        writes = []
-        write = link.transport.write
-        link.transport.write = lambda data: (writes.append(len(data)), write(data))
-        await asyncio.gather(*(link.send(address.stream, DATA, b"data: %d\n\n" % i)
-                               for i, (address, _) in enumerate(opened)))
-        received = [await asyncio.wait_for(inbox.take(), 2) for _, inbox in opened]
-        pool.close()
-        await hub.stop()
-        return writes, received
-
-    writes, received = asyncio.run(scenario())
-    assert len(writes) == 1
-    assert received == [[b"data: %d\n\n" % i] for i in range(8)]
-
-
 def test_an_engine_writing_faster_than_the_router_reads_waits_and_loses_nothing():
     frame, count = b"x" * (64 << 10), 256  # 16 MiB: more than the sockets' buffers hold
 
