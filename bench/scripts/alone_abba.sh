@@ -48,7 +48,10 @@ for server in $ORDER; do
     i=$((i + 1))
     echo "=== segment $i: $server"
     case $server in
-        vllm) bench/scripts/bare_vllm.sh 8100 -- bash -c "segment seg$i-vllm 8100" ;;
+        vllm*)  # vllm[:ENV]: bare vLLM with the variables of $STACK_ENV_<ENV>, for settings both sides get
+            envs=""; label=vllm
+            if [[ $server == vllm:* ]]; then var="STACK_ENV_${server#vllm:}"; envs=${!var}; label=vllm${server#vllm:}; fi
+            env $envs bench/scripts/bare_vllm.sh 8100 -- bash -c "segment seg$i-$label 8100" ;;
         stack*)  # stack[:ENV][+HOOK]: with the variables of $STACK_ENV_<ENV> (e.g. "RAY_worker_niceness=15"),
                  # then "$STACK_HOOK HOOK" once the stack is up; the segment is labelled ENV+HOOK or "stack"
             spec=${server#stack}; envs=""; hook=""; label=""
@@ -81,8 +84,8 @@ for (conc, server), runs in sorted(rows.items()):
     p = pooled[conc, server]
     print(f"| {conc} | {server} | {len(runs)} | {tps:.1f} | {p[1]:.0f} ms | {p[2]:.1f} ms | {p[3]:.0f} ms |")
 print()
-for conc, server in sorted(k for k in pooled if k[1] != "vllm"):
-    s, v = pooled[conc, server], pooled.get((conc, "vllm"))
+for conc, server in sorted(k for k in pooled if not k[1].startswith("vllm")):  # a variant against bare vLLM with
+    s, v = pooled[conc, server], pooled.get((conc, "vllm" + server)) or pooled.get((conc, "vllm"))  # it, if run
     if v:
         print(f"{conc}: {server}/vLLM output tok/s {s[0] / v[0]:.3f}x, added TTFT p50 {s[1] - v[1]:+.1f} ms, "
               f"TPOT p50 {100 * (s[2] / v[2] - 1):+.1f} %, ITL p99 {s[3] / v[3]:.2f}x")
