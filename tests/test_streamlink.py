@@ -390,7 +390,7 @@ def test_an_engine_writing_faster_than_the_router_reads_waits_and_loses_nothing(
         await hub.stop()
         return blocked, buffered, received
 
-    blocked, buffered, received = asyncio.run(scenario())
+    blocked, buffered, received = asyncio.run(asyncio.wait_for(scenario(), 30))  # a hang fails, not stalls CI
     assert blocked  # the engine waited for the router instead of buffering the whole stream
     assert buffered < 4 * len(frame) + (1 << 20)  # its user-space buffer stayed near the high-water mark
     assert received == [b""] + [frame] * count
