@@ -28,6 +28,9 @@ CHAT_MODEL = "smollm2-135m"
 SECOND_CHAT_MODEL = "smollm2-135m-b"
 EMBED_MODEL = "all-minilm-l6-v2"
 START_TIMEOUT_S = 900
+# The second stack shape (auto pair + embeddings, 2 router replicas, a keys file): shared by the
+# tenants, abuse and metrics tests.
+TENANTS_PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "28010"))
 
 
 def e2e_config(tmp: Path) -> Path:
@@ -102,6 +105,81 @@ def stack(tmp_path_factory) -> Stack:
             Stack(process, url, log).stop()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Order by what a test needs, not by file name: tests that stop the shared stack
+    (marker `stops_stack`) run after every other user of it, and the tenants stack's users run
+    last and together, so at most one extra stack runs beside the shared one."""
+    def group(item) -> int:
+        if "tenants" in getattr(item, "fixturenames", ()):
+            return 2
+        return 1 if item.get_closest_marker("stops_stack") else 0
+    items.sort(key=group)  # stable: file order within a group
+
+
 @pytest.fixture(scope="session")
 def stack_url(stack: Stack) -> str:
     return stack.url
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def create_key(keys: Path, name: str, *flags: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "keys", "create", name, "--file", str(keys), *flags],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def tenants(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tenants")
+    keys = tmp / "keys.yaml"
+    made = {
+        "limited": create_key(keys, "team-rpm", "--rpm", "30"),
+        "chat-only": create_key(keys, "team-chat", "--models", CHAT_MODEL),
+        "admin": create_key(keys, "ops", "--admin"),
+        "plain": create_key(keys, "team-plain"),
+        # abuse cases (tests/test_e2e_abuse.py): each limit alone on its own key
+        "tpm": create_key(keys, "team-tpm", "--tpm", "600"),
+        "concurrency": create_key(keys, "team-conc", "--concurrency", "2"),
+        "small-only": create_key(keys, "team-small", "--models", CHAT_MODEL),
+        "budget": create_key(keys, "team-budget", "--budget", "0.000002"),
+    }
+    assert all(key not in keys.read_text() for key in made.values())  # only hashes are stored
+    from serving.config import load_config
+    from serving.provision import model_dir
+
+    raw = yaml.safe_load((ROOT / "deploy" / "models.auto-cpu.yaml").read_text())
+    chat = next(m for m in load_config(ROOT / "models.yaml").models if m.name == CHAT_MODEL)
+    for model in raw["models"]:
+        if "path" in model["source"]:  # the large twin reads the folder provisioning filled
+            model["source"] = {"path": str(model_dir(chat))}
+    # exact counts even on a loaded 2-core CI machine: wait for the limits actor, never fail open
+    raw["router"] = {**raw.get("router", {}), "port": TENANTS_PORT, "replicas": 2, "cpus": 0.1, "keys_file": str(keys),
+                     "limits_timeout_s": 30, "limits_fail_open": False,
+                     "request_log_file": str(tmp / "requests.jsonl")}
+    config = tmp / "models.tenants.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    log = tmp / "serving-up.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("SERVING_API_KEYS", None)
+    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", str(config)], cwd=ROOT, env=env,
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{TENANTS_PORT}"
+    deadline = time.monotonic() + 900
+    try:
+        while not all_models_ready(url):
+            if process.poll() is not None:
+                pytest.fail(f"`serving up` exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"tenant stack not ready:\n{log.read_text()[-4000:]}")
+            time.sleep(2)
+        yield {"url": url, "keys": made, "log": log, "request_log": tmp / "requests.jsonl"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()

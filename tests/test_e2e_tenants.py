@@ -24,69 +24,9 @@ import pytest
 import yaml
 
 from serving.cli import all_models_ready
-from tests.conftest import CHAT_MODEL, EMBED_MODEL, ROOT
+from tests.conftest import CHAT_MODEL, EMBED_MODEL, ROOT, bearer
 
-PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "28010"))
 pytestmark = pytest.mark.e2e
-
-
-def create_key(keys: Path, name: str, *flags: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "keys", "create", name, "--file", str(keys), *flags],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="module")
-def tenants(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tenants")
-    keys = tmp / "keys.yaml"
-    made = {
-        "limited": create_key(keys, "team-rpm", "--rpm", "30"),
-        "chat-only": create_key(keys, "team-chat", "--models", CHAT_MODEL),
-        "admin": create_key(keys, "ops", "--admin"),
-        "plain": create_key(keys, "team-plain"),
-    }
-    assert all(key not in keys.read_text() for key in made.values())  # only hashes are stored
-    from serving.config import load_config
-    from serving.provision import model_dir
-
-    raw = yaml.safe_load((ROOT / "deploy" / "models.auto-cpu.yaml").read_text())
-    chat = next(m for m in load_config(ROOT / "models.yaml").models if m.name == CHAT_MODEL)
-    for model in raw["models"]:
-        if "path" in model["source"]:  # the large twin reads the folder provisioning filled
-            model["source"] = {"path": str(model_dir(chat))}
-    # exact counts even on a loaded 2-core CI machine: wait for the limits actor, never fail open
-    raw["router"] = {**raw.get("router", {}), "port": PORT, "replicas": 2, "cpus": 0.1, "keys_file": str(keys),
-                     "limits_timeout_s": 30, "limits_fail_open": False,
-                     "request_log_file": str(tmp / "requests.jsonl")}
-    config = tmp / "models.tenants.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    log = tmp / "serving-up.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("SERVING_API_KEYS", None)
-    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", str(config)], cwd=ROOT, env=env,
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{PORT}"
-    deadline = time.monotonic() + 900
-    try:
-        while not all_models_ready(url):
-            if process.poll() is not None:
-                pytest.fail(f"`serving up` exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"tenant stack not ready:\n{log.read_text()[-4000:]}")
-            time.sleep(2)
-        yield {"url": url, "keys": made, "log": log, "request_log": tmp / "requests.jsonl"}
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
 
 
 COMPLETION = {"model": CHAT_MODEL, "prompt": "Hi", "max_tokens": 1}

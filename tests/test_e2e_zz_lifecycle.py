@@ -1,6 +1,6 @@
 """The CLI against the running stack, then Ctrl-C: everything it started must be gone.
 
-Named to run last: it stops the session's shared stack.
+Runs after every other user of the session's shared stack (marker `stops_stack`, ordered in conftest): it stops it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, SECOND_CHAT_MODEL
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.stops_stack]
 
 
 def test_status_command_shows_models_and_deployments(stack):
