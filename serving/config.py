@@ -245,6 +245,11 @@ class RouterSpec(_Strict):
     request_log_file: str | None = Field(None, description="also append the JSON request log (one line per request) to this file")
     request_timeout_s: float = Field(600, gt=0, description="end-to-end limit for one request")
     api_keys_env: str = Field("SERVING_API_KEYS", pattern=ENV_NAME_PATTERN, description="env var holding comma-separated API keys; unset or empty: no auth")
+    api_keys_admin: bool = Field(False, description="keys from api_keys_env may read GET /v1/usage (admin); off: "
+                                 "they are plain keys with no limits, and admins come from the keys file")
+    max_body_bytes: int = Field(
+        16 << 20, ge=1024, description="largest request body the router reads; a larger one is refused with 413 "
+        "before it is read whole (checked on Content-Length, then while reading)")
     load_report_interval_s: float = Field(
         1.0, gt=0, description="how often each engine replica reports load and health (Ray Serve routing stats)")
     report_stale_after_s: float = Field(

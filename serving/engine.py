@@ -21,14 +21,17 @@ outside request slots. The engine knows nothing about tags, keys or other models
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from serving import errors
 from serving.config import ModelSpec
+from serving.limiter import report_usage
 from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage, estimate_body_tokens
 from serving.provision import provision_model
 from serving.streamlink import LinkPool, deliver
@@ -63,6 +66,51 @@ def _count_cores(id_list: str) -> int:
         low, _, high = part.strip().partition("-")
         count += int(high or low) - int(low) + 1
     return count
+
+
+@dataclass(slots=True)
+class RequestCounts:
+    """One request's tokens as vLLM counted them when it was aborted (see `count_aborted_tokens`),
+    and whether its usage already left for the router."""
+
+    prompt: int = 0
+    completion: int = 0
+    aborted: bool = False
+    delivered: bool = False
+    pump: asyncio.Task | None = None  # a stream's reader of vLLM's generator; it aborts when cancelled
+
+    def usage(self) -> Usage | None:
+        return Usage(self.prompt, self.completion) if self.aborted else None
+
+
+_COUNTS: contextvars.ContextVar[RequestCounts | None] = contextvars.ContextVar("serving_request_counts", default=None)
+
+
+def count_aborted_tokens(engine: Any) -> None:
+    """Note an aborted request's real token counts for the request being cancelled.
+
+    vLLM reports usage only in a finished answer; for a request aborted midway (client gone,
+    deadline) it drops the counts with the request's state. Its abort runs in the cancelled
+    request's own task (AsyncLLM.generate's cancellation handler), so the state is read there,
+    just before vLLM drops it, into that task's `RequestCounts` (a ContextVar names it). The
+    same counts feed vLLM's own generation-token metrics, so usage and vLLM agree.
+    """
+    processor = engine.output_processor
+    abort = processor.abort_requests
+
+    def abort_requests(request_ids, internal):
+        counts = _COUNTS.get()
+        if counts is not None:
+            for request_id in request_ids:
+                for internal_id in [request_id] if internal else list(processor.external_req_ids.get(request_id, ())):
+                    state = processor.request_states.get(internal_id)
+                    if state is not None:
+                        counts.aborted = True
+                        counts.prompt = max(counts.prompt, state.prompt_len or 0)  # n > 1: one prompt
+                        counts.completion += state.stats.num_generation_tokens if state.stats else 0
+        return abort(request_ids, internal)
+
+    processor.abort_requests = abort_requests
 
 
 class EngineDeployment:
@@ -103,6 +151,7 @@ class EngineDeployment:
             # as in Ray Serve LLM; being a PrometheusStatLogger it replaces vLLM's default one.
             stat_loggers=[self._stats.factory, RayPrometheusStatLogger],
         )
+        count_aborted_tokens(self.engine)
         self._handlers = await _openai_handlers(self.engine, model_path, name)
         self._parsers = _request_parsers()
         self._links = LinkPool()
@@ -122,31 +171,55 @@ class EngineDeployment:
         started = time.perf_counter()
         budget = request.deadline - time.time()
         self._unstarted[request.request_id] = estimate_body_tokens(request.body)
+        counts = RequestCounts()
+        _COUNTS.set(counts)
         try:
             try:
                 parsed, wants_usage = self._parse(request)
                 async with asyncio.timeout(max(budget, 0.001)):
                     result = await self._handlers[request.endpoint](parsed)
             except Exception as error:  # vLLM raises for bad input as well as for engine faults
-                yield self._error_head(_as_serving_error(error, budget), retryable=self.engine.errored)
+                head = self._error_head(_as_serving_error(error, budget), retryable=self.engine.errored)
+                head.usage = counts.usage()  # a deadline past the prefill: what it generated
+                counts.delivered = True
+                yield head
                 return
             if isinstance(result, ErrorResponse):
+                counts.delivered = True
                 yield self._error_head(_from_vllm_response(result))
                 return
             if not hasattr(result, "__aiter__"):
                 body, usage = _answer_bytes(result)
+                counts.delivered = True
                 yield ReplyHead(200, self.replica, self.name, body=body, usage=usage,
                                 engine_s=time.perf_counter() - started)
                 return
-            async for item in self._coalesce(result, wants_usage, started, budget, request.request_id):
+            async for item in self._coalesce(result, wants_usage, started, budget, request.request_id, counts):
                 yield item
+        except (asyncio.CancelledError, GeneratorExit):  # the router ended the call: it saw no usage
+            if not counts.delivered and request.usage_ticket is not None:
+                self._report_when_aborted(counts, request)
+            raise
         finally:  # answered, failed or cancelled: no longer waiting for its prefill
             self._unstarted.pop(request.request_id, None)
+
+    def _report_when_aborted(self, counts: RequestCounts, request: EngineRequest) -> None:
+        """Settle a request the router cut with what vLLM generated for it. A stream's pump aborts
+        vLLM's sequence as it is cancelled: report once it has."""
+        def report(_=None) -> None:
+            usage = counts.usage() or Usage()
+            report_usage(request.usage_ticket, self.name, usage.prompt_tokens, usage.completion_tokens)
+        if counts.pump is not None and not counts.pump.done():
+            counts.pump.cancel()  # now, not when the closed generator is finalised
+            counts.pump.add_done_callback(report)
+        else:
+            report()
 
     def _error_head(self, error: errors.ServingError, retryable: bool = False) -> ReplyHead:
         return ReplyHead(error.status, self.replica, self.name, body=error.json_bytes(), retryable=retryable)
 
-    async def _coalesce(self, result, wants_usage: bool, started: float, budget: float, request_id: str):
+    async def _coalesce(self, result, wants_usage: bool, started: float, budget: float, request_id: str,
+                        counts: RequestCounts):
         """Relay vLLM's SSE strings: the first at once, then whatever is ready per flush interval."""
         ready: list[str] = []
         wake = asyncio.Event()
@@ -177,7 +250,7 @@ class EngineDeployment:
                 wake.set()
 
         pump_done = asyncio.Event()
-        task = asyncio.create_task(pump())
+        task = counts.pump = asyncio.create_task(pump())
         try:
             await wake.wait()
             wake.clear()
@@ -194,6 +267,9 @@ class EngineDeployment:
                     data = "".join(ready).encode()
                     ready.clear()
                     yield data
+            if tail.usage is None:  # vLLM's generator ended early (deadline, fault): its counts at the abort
+                tail.usage = counts.usage()
+            counts.delivered = True
             yield tail
         finally:
             if not task.done():  # cancelled by the caller: cancelling the pump aborts in vLLM

@@ -101,6 +101,11 @@ def invalid_request(message: str, param: str | None = None, code: str | None = "
     return ServingError(400, message, "invalid_request_error", param, code, origin="client")
 
 
+def body_too_large(limit: int) -> ServingError:
+    return ServingError(413, f"The request body is larger than this endpoint accepts ({limit} bytes; "
+                        "router.max_body_bytes).", "invalid_request_error", None, "request_too_large", origin="client")
+
+
 def model_not_found(model: str, known: list[str]) -> ServingError:
     return ServingError(
         404,

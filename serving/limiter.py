@@ -1,15 +1,19 @@
 """Limits and usage shared by every router replica: one named Ray actor, one client per replica.
 
 The actor (`serving-limits` in namespace `serving`) wraps the pure `Limits` and `UsageBook`
-of serving/limits.py; it runs calls one at a time, so admit/settle/release are atomic without
-locks. Each router replica holds a `Limiter`:
+of serving/limits.py. It is an asyncio actor whose methods never await: Ray runs many calls
+concurrently (no queue of one call at a time behind a slow caller), and each call still runs
+to its end before the next starts, so admit/settle/release stay atomic without locks. Each
+router replica holds a `Limiter`:
 
-    admission = await limiter.admit(record, model)      # ServingError 429 when over a limit
-    try:
-        ... serve; response headers += admission.headers
-        await limiter.settle(admission, prompt_tokens, completion_tokens, cost)
-    finally:
-        await limiter.release(admission)                 # idempotent; a no-op after settle
+    admission = await limiter.admit(record, model, reserve_tokens, reserve_cost)  # 429 when over
+    ... serve; response headers += admission.headers; then exactly one of:
+    await limiter.settle(admission, prompt_tokens, completion_tokens, cost)  # counts seen
+    await limiter.hold(admission)      # ended unseen (cut, timeout): the engine settles it
+    await limiter.release(admission)   # the engine did no work
+
+The engine replica settles what the router could not see with `report_usage` and the
+request's `UsageTicket` (serving.messages).
 
 Keys without limits (and the open API) never call the actor on the request path: their
 usage is summed locally and sent in one batch every `flush_interval_s`.
@@ -29,50 +33,66 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving import errors
-from serving.limits import Limits, Quota, UsageBook
+from serving.limits import Decision, Limits, Quota, UsageBook
+from serving.messages import UsageTicket
 from serving.tenants import OPEN_KEY
 
 logger = logging.getLogger("serving.limiter")
 
 ACTOR_NAME = "serving-limits"
 ACTOR_NAMESPACE = "serving"
+MAX_CONCURRENT_CALLS = 1000  # calls the asyncio actor accepts at once (each runs without awaiting)
 
 
 class LimitsActor:
     """The shared counters. Plain class here; made a Ray actor by `_actor_class()`."""
 
-    def __init__(self, window_s: float = 60.0, lease_ttl_s: float = 660.0, manual_clock: float | None = None):
+    def __init__(self, window_s: float = 60.0, lease_ttl_s: float = 660.0, manual_clock: float | None = None,
+                 hold_s: float = 30.0):
         self._manual = manual_clock
         clock = (lambda: self._manual) if manual_clock is not None else time.time
-        self.limits = Limits(clock, window_s, lease_ttl_s)
+        self.limits = Limits(clock, window_s, lease_ttl_s, hold_s)
         self.usage = UsageBook(clock)
 
-    def admit(self, key: str, quota: tuple, lease_id: str, estimated_tokens: int = 0) -> tuple:
-        d = self.limits.admit(key, Quota(*quota), lease_id, estimated_tokens)
-        return d.allowed, d.headers, d.kind, d.retry_after_s, d.message
+    # async without awaits: concurrent calls, each atomic (see the module docstring)
+    async def admit(self, key: str, quota: Quota, lease_id: str, estimated_tokens: int = 0,
+                    estimated_cost: float = 0.0) -> Decision:
+        return self.limits.admit(key, quota, lease_id, estimated_tokens, estimated_cost)
 
-    def settle(self, key: str, model: str, lease_id: str | None, prompt_tokens: int, completion_tokens: int,
-               cost: float) -> None:
-        self.limits.settle(key, lease_id, prompt_tokens + completion_tokens, cost)
+    async def settle(self, key: str, model: str, lease_id: str | None, prompt_tokens: int, completion_tokens: int,
+                     cost: float) -> None:
+        """Real usage of one request: ends its lease (or held reservation) and counts it."""
+        if lease_id is not None:
+            self.limits.settle(key, lease_id, prompt_tokens + completion_tokens, cost)
         self.usage.add(key, model, 1, prompt_tokens, completion_tokens, cost)
 
-    def release(self, lease_id: str) -> None:
+    async def release(self, lease_id: str) -> None:
         self.limits.release(lease_id)
 
-    def add_usage(self, rows: list[tuple]) -> None:
+    async def hold(self, lease_id: str) -> None:
+        self.limits.hold(lease_id)
+
+    async def add_usage(self, rows: list[tuple]) -> None:
         """Batched usage of unlimited keys: (key, model, requests, prompt, completion, cost)."""
         for row in rows:
             self.usage.add(*row)
 
-    def snapshot(self) -> dict[str, Any]:
-        return self.usage.snapshot(lambda key: self.limits.spent_today(key) if self.limits.tracks(key) else None)
+    async def snapshot(self) -> dict[str, Any]:
+        """Usage totals, plus per limited key the requests running and the reservations held for
+        cut requests (`limits`): what should go back to 0 when the key is idle."""
+        body = self.usage.snapshot(lambda key: self.limits.spent_today(key) if self.limits.tracks(key) else None)
+        body["limits"] = self.limits.lease_counts()
+        return body
 
-    def advance(self, seconds: float) -> float:
+    async def lease_counts(self) -> dict[str, dict[str, int]]:
+        return self.limits.lease_counts()
+
+    async def advance(self, seconds: float) -> float:
         """Tests only (manual clock): move time forward."""
         self._manual += seconds
         return self._manual
 
-    def ping(self) -> bool:
+    async def ping(self) -> bool:
         return True
 
 
@@ -101,7 +121,7 @@ def get_or_create_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE
         raise RuntimeError("Ray is not running: no shared limits actor")
     return _actor_class().options(
         name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_restarts=-1, max_concurrency=1,
+        num_cpus=0, max_restarts=-1, max_concurrency=MAX_CONCURRENT_CALLS,
     ).remote(**init)
 
 
@@ -129,11 +149,17 @@ def kill_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE, wait_s:
 @dataclass(eq=False)
 class Admission:
     key: str  # key name (OPEN_KEY for the open API)
-    model: str
+    model: str  # the model its usage is booked under (the served one once known)
     lease_id: str | None = None  # set when the actor counted the request
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the response
     degraded: bool = False  # admitted without checking (actor unreachable, fail-open)
     done: bool = False
+    actor: Any = None  # the actor that holds the lease: its end goes there, whatever happens meanwhile
+
+    def ticket(self, price: Any = None) -> UsageTicket:
+        """What the engine needs to settle this request itself when the router cannot."""
+        return UsageTicket(self.key, self.lease_id, price.input_per_million if price else 0.0,
+                           price.output_per_million if price else 0.0)
 
 
 class Limiter:
@@ -176,9 +202,11 @@ class Limiter:
         return self._actor
 
     async def _call(self, method: str, *args: Any) -> Any:
-        actor = self._actor_for_cleanup = await self._handle()
-        ref = getattr(actor, method).remote(*args)
-        return await asyncio.wait_for(ref.as_future(), self.call_timeout_s)
+        """One actor call, its lookup included in the timeout (a lookup that hangs must fail open too)."""
+        async def call():
+            actor = self._actor_for_cleanup = await self._handle()
+            return await getattr(actor, method).remote(*args)
+        return await asyncio.wait_for(call(), self.call_timeout_s)
 
     def _submit(self, actor: Any, method: str, *args: Any) -> None:
         """Send a call without waiting for it (logged if it fails). Calls from one caller run in order."""
@@ -196,15 +224,15 @@ class Limiter:
                            "admitting without limits (fail-open)" if self.fail_open else "refusing limited keys (fail-closed)")
 
     # --- request path ----------------------------------------------------------------------
-    async def admit(self, key: Any, model: str, estimated_tokens: int = 0) -> Admission:
-        """Admit a request of `key` (a KeyRecord, or None for the open API) or raise a 429."""
+    async def admit(self, key: Any, model: str, estimated_tokens: int = 0, estimated_cost: float = 0.0) -> Admission:
+        """Admit a request of `key` (a KeyRecord, or None for the open API) or raise a 429.
+        `estimated_*`: the request's worst case, reserved until it settles."""
         if key is None or not key.limited:
             return Admission(key.name if key is not None else OPEN_KEY, model)
         lease_id = uuid.uuid4().hex
-        quota = (key.rpm, key.tpm, key.concurrency, key.daily_budget)
         try:
-            allowed, headers, kind, retry_after, message = await self._call("admit", key.name, quota, lease_id,
-                                                                            estimated_tokens)
+            decision: Decision = await self._call("admit", key.name, Quota.of(key), lease_id, estimated_tokens,
+                                                  estimated_cost)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # actor gone, restarting, or too slow
@@ -215,11 +243,11 @@ class Limiter:
             if self.fail_open:
                 return Admission(key.name, model, degraded=True)
             raise errors.limits_unavailable() from None
-        if not allowed:
-            if kind == "budget":
-                raise errors.quota_exceeded(message, headers)
-            raise errors.rate_limited(message, kind, headers)
-        return Admission(key.name, model, lease_id, headers)
+        if not decision.allowed:
+            if decision.kind == "budget":
+                raise errors.quota_exceeded(decision.message, decision.headers)
+            raise errors.rate_limited(decision.message, decision.kind, decision.headers)
+        return Admission(key.name, model, lease_id, decision.headers, actor=self._actor_for_cleanup)
 
     async def settle(self, admission: Admission, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
         """Count the real usage of an answered request (and end its lease); never raises, never waits."""
@@ -229,11 +257,9 @@ class Limiter:
             return
         lease = None if admission.done else admission.lease_id
         admission.done = True
-        if self._actor is None:  # lost since admit: keep the usage for the next flush
-            self._add_pending(admission, prompt_tokens, completion_tokens, cost)
-            return
-        # submitted, not awaited: the answer is already out and nothing here depends on it
-        self._submit(self._actor, "settle", admission.key, admission.model, lease, prompt_tokens,
+        # submitted, not awaited: the answer is already out and nothing here depends on it. To
+        # the actor that holds the lease, even if this replica lost track of it since.
+        self._submit(admission.actor, "settle", admission.key, admission.model, lease, prompt_tokens,
                      completion_tokens, cost)
 
     async def release(self, admission: Admission) -> None:
@@ -242,12 +268,19 @@ class Limiter:
         The call is only submitted, not awaited: it must happen even when the request's task is
         being cancelled, and its result changes nothing for this request.
         """
+        self._end(admission, "release")
+
+    async def hold(self, admission: Admission) -> None:
+        """The request ended without counts (client gone, cut, timeout): free its slot, keep its
+        reservation until the engine reports what it generated (`report_usage`)."""
+        self._end(admission, "hold")
+
+    def _end(self, admission: Admission, method: str) -> None:
         if admission.done:
             return
         admission.done = True
-        if admission.lease_id is None or self._actor is None:
-            return
-        self._submit(self._actor, "release", admission.lease_id)
+        if admission.lease_id is not None and admission.actor is not None:
+            self._submit(admission.actor, method, admission.lease_id)
 
     # --- usage -----------------------------------------------------------------------------
     def _add_pending(self, admission: Admission, prompt: int, completion: int, cost: float) -> None:
@@ -299,6 +332,26 @@ class Limiter:
         if self._flusher is not None:
             self._flusher.cancel()
         await self.flush()
+
+
+_REPORT_ACTOR: Any = None
+
+
+def report_usage(ticket: UsageTicket, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    """From an engine replica: settle a request the router ended without seeing its counts
+    (client gone, stream cut, timeout), with what the engine really generated. Never raises,
+    never waits (called while the request's task is being cancelled)."""
+    global _REPORT_ACTOR
+    cost = (prompt_tokens * ticket.input_per_million + completion_tokens * ticket.output_per_million) / 1e6
+    try:
+        import ray
+
+        if _REPORT_ACTOR is None:
+            _REPORT_ACTOR = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+        _REPORT_ACTOR.settle.remote(ticket.key, model, ticket.lease_id, prompt_tokens, completion_tokens, cost)
+    except Exception as error:  # no actor (outside Ray, or it is restarting): the hold expires on its own
+        _REPORT_ACTOR = None
+        logger.warning("could not report the usage of a cut request (%s)", type(error).__name__)
 
 
 def _log_failure(future) -> None:

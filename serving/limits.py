@@ -6,11 +6,18 @@ team is "at most N requests in any minute", and a bucket with burst N admits up 
 60-second span (a full burst, then the refill). The log costs one float per admitted request
 per key (bounded by rpm) and one entry per settled request for tokens; amortised O(1) per call.
 
-Tokens per minute use the engine's real counts: a request is admitted while the key has
-tokens left in the window (settled usage plus the estimates of requests still running); when
-it finishes, `settle` replaces its estimate with the real prompt + completion tokens. A burst
-of concurrent requests can overshoot by what they consume together; the next ones wait until
-the window frees enough (Retry-After says when).
+Tokens per minute and daily budgets work by reservation: at admission a request reserves its
+worst case (prompt estimate + max_tokens, or the model's context window; its cost at the
+highest price it could be served at) and is admitted only if the window's settled usage plus
+every live reservation plus its own stays within the limit (an empty window admits any single
+request, so a request larger than the limit is not refused forever). When it ends, `settle`
+replaces the reservation with the engine's real counts. So what a key consumes in any window
+exceeds its limit by at most one request's reservation, however many run at once.
+
+A request whose end the router did not see the counts of (client gone, stream cut, timeout)
+is `hold`-ed: its concurrency slot is freed at once, its reservation stays until the engine
+reports what it really generated (`settle` with the same lease id, from the engine replica) or
+`hold_s` passes.
 
 Concurrency is a count of leases; a lease expires after `lease_ttl_s` so a router replica that
 died mid-request cannot hold a key's slots forever. Daily budgets add each request's estimated
@@ -27,6 +34,24 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 DAY_S = 86400.0
+UNKNOWN_WINDOW = 1 << 20  # tokens: a model whose context window models.yaml does not state
+TEMPLATE_TOKENS = 64  # chat template and special tokens around the prompt, at most
+
+
+def worst_case_tokens(body_bytes: int, max_tokens: int | None, choices: int, windows: list[int | None],
+                      generates: bool = True) -> int:
+    """The most tokens one request can consume, for its reservation.
+
+    Its prompt is at most its body's bytes (a token is at least one byte of text; JSON only
+    adds) plus the template; each choice generates at most max_tokens, or the context window
+    when absent; prompt and completion together never exceed the largest window per choice.
+    """
+    window = max((w or UNKNOWN_WINDOW for w in windows), default=UNKNOWN_WINDOW)
+    prompt = min(body_bytes + TEMPLATE_TOKENS, window)
+    if not generates:
+        return prompt
+    completion = min(max_tokens if max_tokens is not None and max_tokens >= 0 else window, window)
+    return min(prompt + completion, window) + (max(choices, 1) - 1) * completion
 
 
 @dataclass(frozen=True)
@@ -67,7 +92,8 @@ def format_reset(seconds: float) -> str:
 @dataclass
 class _Lease:
     key: str
-    estimate: int
+    estimate: int  # reserved tokens (0 unless the key has a tpm)
+    cost: float  # reserved cost (0 unless the key has a daily budget)
     expires: float
 
 
@@ -76,7 +102,8 @@ class _KeyState:
     requests: deque = field(default_factory=deque)  # admit times
     tokens: deque = field(default_factory=deque)  # (settle time, tokens)
     tokens_sum: int = 0
-    leases: dict[str, _Lease] = field(default_factory=dict)
+    leases: dict[str, _Lease] = field(default_factory=dict)  # running: a concurrency slot and a reservation
+    held: dict[str, _Lease] = field(default_factory=dict)  # ended unseen: only the reservation, until reported
     day: int = -1
     spent: float = 0.0
 
@@ -84,10 +111,12 @@ class _KeyState:
 class Limits:
     """Counters for every limited key; one instance holds the truth for all router replicas."""
 
-    def __init__(self, clock: Callable[[], float] = time.time, window_s: float = 60.0, lease_ttl_s: float = 660.0):
+    def __init__(self, clock: Callable[[], float] = time.time, window_s: float = 60.0, lease_ttl_s: float = 660.0,
+                 hold_s: float = 30.0):
         self.clock = clock
         self.window_s = window_s
         self.lease_ttl_s = lease_ttl_s
+        self.hold_s = hold_s
         self._keys: dict[str, _KeyState] = {}
         self._lease_keys: dict[str, str] = {}
 
@@ -101,17 +130,22 @@ class Limits:
             state.requests.popleft()
         while state.tokens and state.tokens[0][0] <= horizon:
             state.tokens_sum -= state.tokens.popleft()[1]
-        if state.leases:
-            for lease_id in [i for i, lease in state.leases.items() if lease.expires <= now]:
-                del state.leases[lease_id]
+        for leases in (state.leases, state.held):
+            for lease_id in [i for i, lease in leases.items() if lease.expires <= now]:
+                del leases[lease_id]
                 self._lease_keys.pop(lease_id, None)
         day = int(now // DAY_S)
         if day != state.day:
             state.day, state.spent = day, 0.0
         return state
 
-    def _reserved(self, state: _KeyState) -> int:
-        return sum(lease.estimate for lease in state.leases.values())
+    @staticmethod
+    def _reserved(state: _KeyState) -> int:
+        return sum(lease.estimate for lease in state.leases.values()) + sum(h.estimate for h in state.held.values())
+
+    @staticmethod
+    def _reserved_cost(state: _KeyState) -> float:
+        return sum(lease.cost for lease in state.leases.values()) + sum(h.cost for h in state.held.values())
 
     def _headers(self, quota: Quota, state: _KeyState, now: float) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -129,8 +163,9 @@ class Limits:
         return headers
 
     # --- the three calls ---------------------------------------------------------------------
-    def admit(self, key: str, quota: Quota, lease_id: str, estimated_tokens: int = 0) -> Decision:
-        """Admit one request now (counting it) or refuse it with when to retry."""
+    def admit(self, key: str, quota: Quota, lease_id: str, estimated_tokens: int = 0,
+              estimated_cost: float = 0.0) -> Decision:
+        """Admit one request now (counting it and reserving its worst case) or refuse it with when to retry."""
         now = self.clock()
         state = self._state(key, now)
         refusals: list[tuple[float, str, str]] = []  # (retry after, kind, message)
@@ -148,10 +183,13 @@ class Limits:
                 wait = self._tokens_wait(state, quota.tpm, reserved, estimated_tokens, now)
                 refusals.append((wait, "tokens", f"Rate limit reached for key {key!r} on tokens per min (TPM): "
                                                  f"Limit {quota.tpm}, Used {used}, Requested {estimated_tokens}."))
-        if quota.daily_budget is not None and state.spent >= quota.daily_budget:
-            wait = (state.day + 1) * DAY_S - now
-            refusals.append((wait, "budget", f"Daily budget of key {key!r} is spent: {state.spent:.6g} of "
-                                             f"{quota.daily_budget:g} (estimated cost); it resets at 00:00 UTC."))
+        if quota.daily_budget is not None:
+            committed = state.spent + self._reserved_cost(state)
+            if committed >= quota.daily_budget or (committed and committed + estimated_cost > quota.daily_budget):
+                wait = (state.day + 1) * DAY_S - now if state.spent >= quota.daily_budget else 1.0
+                refusals.append((wait, "budget", f"Daily budget of key {key!r} is spent: {state.spent:.6g} of "
+                                                 f"{quota.daily_budget:g} (estimated cost), {committed - state.spent:.6g} "
+                                                 f"reserved by requests running; it resets at 00:00 UTC."))
         if refusals:
             wait, kind, message = max(refusals)
             wait = max(wait, 0.001)
@@ -162,6 +200,7 @@ class Limits:
         if quota.rpm is not None:
             state.requests.append(now)
         state.leases[lease_id] = _Lease(key, max(estimated_tokens, 0) if quota.tpm is not None else 0,
+                                        max(estimated_cost, 0.0) if quota.daily_budget is not None else 0.0,
                                         now + self.lease_ttl_s)
         self._lease_keys[lease_id] = key
         return Decision(True, self._headers(quota, state, now))
@@ -181,7 +220,8 @@ class Limits:
         return 1.0
 
     def settle(self, key: str, lease_id: str | None, tokens: int, cost: float) -> None:
-        """Count a finished request's real tokens and cost; ends its lease."""
+        """Count a finished request's real tokens and cost; ends its lease or held reservation.
+        From the router (it saw the counts) or the engine (the router did not: `hold`)."""
         now = self.clock()
         state = self._state(key, now)
         if lease_id is not None:
@@ -193,18 +233,40 @@ class Limits:
             state.spent += cost
 
     def release(self, lease_id: str) -> None:
-        """End a lease without usage (failed or cancelled request); unknown ids are ignored."""
+        """End a lease without usage (the engine did no work); unknown ids are ignored."""
         self._end(lease_id)
+
+    def hold(self, lease_id: str) -> None:
+        """The request ended without the router seeing its counts: free its concurrency slot now,
+        keep its reservation until the engine's `settle` (or `hold_s`). A lease already settled
+        (the engine's report came first) or unknown is ignored."""
+        key = self._lease_keys.get(lease_id)
+        if key is None:
+            return
+        state = self._keys[key]
+        lease = state.leases.pop(lease_id, None)
+        if lease is not None:
+            lease.expires = self.clock() + self.hold_s
+            state.held[lease_id] = lease
 
     def _end(self, lease_id: str) -> None:
         key = self._lease_keys.pop(lease_id, None)
         if key is not None:
-            self._keys[key].leases.pop(lease_id, None)
+            state = self._keys[key]
+            state.leases.pop(lease_id, None)
+            state.held.pop(lease_id, None)
 
     # --- views -----------------------------------------------------------------------------
     def inflight(self, key: str) -> int:
         state = self._keys.get(key)
         return len(state.leases) if state else 0
+
+    def lease_counts(self) -> dict[str, dict[str, int]]:
+        """Per key: running leases and held reservations (expired ones dropped): what tests and
+        `bench abuse` check goes back to 0."""
+        now = self.clock()
+        return {key: {"leases": len(state.leases), "held": len(state.held)}
+                for key, state in ((k, self._state(k, now)) for k in list(self._keys))}
 
     def tracks(self, key: str) -> bool:
         return key in self._keys

@@ -48,6 +48,18 @@ class LinkAddress:
     stream: int
 
 
+@dataclass(frozen=True, slots=True)
+class UsageTicket:
+    """How an engine settles a request whose end the router did not see (client gone, stream
+    cut, timeout): the key's name and lease at the shared limits actor, and the model's price.
+    The engine only hands it back with its real counts (serving.limiter.report_usage)."""
+
+    key: str
+    lease_id: str | None  # None: a key without limits (usage only)
+    input_per_million: float = 0.0
+    output_per_million: float = 0.0
+
+
 @dataclass(slots=True)
 class EngineRequest:
     endpoint: str  # one of ENDPOINTS
@@ -57,6 +69,7 @@ class EngineRequest:
     prefix_key: str | None = None  # hash of the prompt's head: prefix-cache affinity
     session_key: str | None = None  # x-session-id header or the body's `user`: session affinity
     reply_to: LinkAddress | None = None  # streams: send the body after the head over this link
+    usage_ticket: UsageTicket | None = None  # settle with it if the request ends before its usage was sent
 
 
 @dataclass(slots=True)

@@ -45,8 +45,9 @@ class RequestLogRecord:
     fallback_from: str | None = None  # the model tried first when a fallback served
 
     def to_json(self) -> str:
-        # not dataclasses.asdict: it deep-copies and costs 3x the whole dumps
-        return json.dumps({name: getattr(self, name) for name in _FIELDS}, ensure_ascii=False)
+        # not dataclasses.asdict: it deep-copies and costs 3x the whole dumps. ASCII escapes: any
+        # client string (a lone surrogate included) becomes valid JSON that every sink can write.
+        return json.dumps({name: getattr(self, name) for name in _FIELDS})
 
 
 _FIELDS = tuple(f.name for f in fields(RequestLogRecord))
@@ -100,8 +101,23 @@ class RequestLog:
             try:
                 out.write(text)
                 out.flush()
+            except UnicodeError:  # a sink that cannot encode some line: write the others, one by one
+                self._emit_each(out, lines)
             except (OSError, ValueError):  # closed or broken output: the request path must not care
                 pass
+
+    def _emit_each(self, out: IO[str], lines: list[str]) -> None:
+        for line in lines:
+            try:
+                out.write(line)
+            except UnicodeError:
+                self.dropped += 1
+            except (OSError, ValueError):
+                return
+        try:
+            out.flush()
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         """Write what is pending and stop the writer (idempotent)."""

@@ -16,8 +16,8 @@ SHA-256 of the key, never the key itself:
 `KeyStore` loads it, notices changes without a restart (a stat at most once per second; a
 broken file keeps the last good keys and logs why) and adds the keys of the older
 comma-separated env var (`SERVING_API_KEYS`) as records named `env-1`, `env-2`, ... with no
-limits, every model, and admin rights: they are operator keys from the deployment's
-environment, which could already do everything before key records existed.
+limits and every model; admin rights (GET /v1/usage) only with `router.api_keys_admin: true`,
+since such a key is typically shared by whole services.
 
 Nothing here logs, prints or stores a key: only names and digests.
 """
@@ -164,9 +164,9 @@ class KeyRecord:
                    entry.concurrency, entry.daily_budget, entry.admin, bytes.fromhex(entry.sha256))
 
 
-def env_records(env_keys: str) -> list[KeyRecord]:
+def env_records(env_keys: str, admin: bool = False) -> list[KeyRecord]:
     keys = [k.strip() for k in env_keys.split(",") if k.strip()]
-    return [KeyRecord(f"{ENV_KEY_PREFIX}{i}", admin=True, digest=hashlib.sha256(k.encode()).digest())
+    return [KeyRecord(f"{ENV_KEY_PREFIX}{i}", admin=admin, digest=hashlib.sha256(k.encode()).digest())
             for i, k in enumerate(keys, 1)]
 
 
@@ -183,11 +183,11 @@ class KeyStore:
     """
 
     def __init__(self, path: str | None, env_keys: str = "", clock: Callable[[], float] = time.monotonic,
-                 check_interval_s: float = RELOAD_CHECK_INTERVAL_S):
+                 check_interval_s: float = RELOAD_CHECK_INTERVAL_S, env_admin: bool = False):
         self.path = path
         self._clock = clock
         self._check_interval = check_interval_s
-        self._env = env_records(env_keys)
+        self._env = env_records(env_keys, env_admin)
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._next_check = 0.0
@@ -309,43 +309,28 @@ def allowed_names(record: KeyRecord | None, catalog: Catalog) -> frozenset[str] 
     return frozenset(allowed)
 
 
-def permitted(record: KeyRecord | None, resolved_names: Iterable[str], catalog: Catalog) -> list[str]:
-    """The resolved candidates the key may use, in their order (narrow a tag/auto match with it)."""
-    names = list(resolved_names)
-    allowed = allowed_names(record, catalog)
-    return names if allowed is None else [n for n in names if n in allowed]
-
-
-def allows(record: KeyRecord | None, requested_model: str, resolved_names: list[str], catalog: Catalog) -> bool:
-    """May this key send a request for `requested_model` (which resolved to `resolved_names`)?
-
-    True when the requested string itself is on the key's list (covers selectors the catalog
-    does not name, e.g. a route like `auto`), or when at least one resolved model is allowed;
-    route only to `permitted(...)` then, so a tag selector never reaches a forbidden model.
-    """
-    if record is None or record.models is None:
-        return True
-    if requested_model in record.models:
-        return True
-    return bool(permitted(record, resolved_names, catalog))
-
-
 def visible_models(record: KeyRecord | None, catalog: Catalog) -> list[str]:
     """Model names /v1/models lists for this key (catalog order); their aliases go with them."""
     allowed = allowed_names(record, catalog)
     return [name for name in catalog if allowed is None or name in allowed]
 
 
-def require_allowed(record: KeyRecord | None, requested_model: str, resolved_names: list[str],
-                    catalog: Catalog) -> list[str]:
-    """`permitted` candidates, or ServingError 403 `model_not_allowed` naming what the key may use."""
+def require_allowed(record: KeyRecord | None, requested_model: str, resolved_names: Iterable[str],
+                    catalog: Catalog, route_models: Iterable[str] = ()) -> list[str]:
+    """The candidates the key may use, in order, or ServingError 403 `model_not_allowed` naming
+    what the key may use. Every candidate is checked: tag matches, fallbacks and route sides.
+
+    `route_models`: when the request names a route (e.g. `auto`), the models its sides resolve
+    to; a key that lists the route may use those through it (and nothing else they fall back to).
+    """
     if record is None or record.models is None:
         return list(resolved_names)
-    names = permitted(record, resolved_names, catalog)
+    allowed = set(allowed_names(record, catalog) or ())
+    if requested_model in record.models:
+        allowed.update(route_models)
+    names = [n for n in resolved_names if n in allowed]
     if names:
         return names
-    if requested_model in record.models:  # a pseudo-model on the list: let the router decide
-        return list(resolved_names)
     raise errors.model_not_allowed(requested_model, record.name, visible_models(record, catalog))
 
 

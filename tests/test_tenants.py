@@ -13,8 +13,8 @@ import yaml
 from serving.config import load_config
 from serving.errors import ServingError
 from serving.routing import catalog_from_config
-from serving.tenants import (KeyRecord, KeyStore, KeysFileError, allowed_names, allows, key_digest,
-                             parse_keys_file, permitted, require_allowed, visible_models)
+from serving.tenants import (KeyRecord, KeyStore, KeysFileError, allowed_names, key_digest, parse_keys_file, require_admin,
+                             require_allowed, visible_models)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,10 +82,14 @@ def test_no_keys_means_open_api():
     assert store.open and store.authenticate("") is None and store.authenticate("Bearer anything") is None
 
 
-def test_env_keys_are_unlimited_admin_records():
+def test_env_keys_are_unlimited_records_and_not_admins_unless_asked():
     store = KeyStore(None, " k1, k2 ,,")
     record = store.authenticate("Bearer k2")
-    assert record.name == "env-2" and record.admin and not record.limited and record.models is None
+    assert record.name == "env-2" and not record.admin and not record.limited and record.models is None
+    with pytest.raises(ServingError) as denied:
+        require_admin(record)
+    assert denied.value.status == 403
+    assert KeyStore(None, "k1", env_admin=True).authenticate("Bearer k1").admin  # router.api_keys_admin: true
     assert store.authenticate("bearer k1").name == "env-1"  # scheme is case-insensitive
     for bad in ["", "Bearer", "Bearer k3", "k1", "Basic k1", "Bearer k1,k2"]:
         with pytest.raises(ServingError) as error:
@@ -214,6 +218,14 @@ def rec(models=None) -> KeyRecord:
     return KeyRecord("team", tuple(models) if models is not None else None)
 
 
+def allows(record, requested, resolved, catalog) -> bool:
+    try:
+        return bool(require_allowed(record, requested, resolved, catalog))
+    except ServingError as error:
+        assert error.status == 403
+        return False
+
+
 def test_no_list_allows_everything(catalog):
     assert allowed_names(rec(), catalog) is None
     assert allows(rec(), "tag:small", ["smollm2-135m", "all-minilm-l6-v2"], catalog)
@@ -248,14 +260,25 @@ def test_a_tag_request_is_narrowed_to_the_allowed_models(catalog):
     key = rec(["smollm2"])
     resolved = ["all-minilm-l6-v2", "smollm2-135m"]
     assert allows(key, "tag:small", resolved, catalog)
-    assert permitted(key, resolved, catalog) == ["smollm2-135m"]
     assert require_allowed(key, "tag:small", resolved, catalog) == ["smollm2-135m"]
 
 
-def test_a_pseudo_model_on_the_list_is_allowed_as_requested(catalog):
+def test_a_route_on_the_list_allows_its_sides_through_it_and_nothing_they_fall_back_to(catalog):
     key = rec(["auto"])
-    assert allows(key, "auto", ["smollm2-135m"], catalog)
-    assert require_allowed(key, "auto", ["smollm2-135m"], catalog) == ["smollm2-135m"]
+    sides = ["smollm2-135m"]
+    assert require_allowed(key, "auto", ["smollm2-135m", "all-minilm-l6-v2"], catalog, route_models=sides) == sides
+    with pytest.raises(ServingError):  # the route's models are not the key's outside the route
+        require_allowed(key, "smollm2-135m", ["smollm2-135m"], catalog)
+
+
+def test_every_candidate_is_checked_fallbacks_included(catalog):
+    """A key allowed one model is never served by another candidate, even when the requested
+    model itself is on the key's list (the old code returned every candidate then)."""
+    key = rec(["smollm2-135m"])
+    assert require_allowed(key, "smollm2-135m", ["smollm2-135m", "all-minilm-l6-v2"], catalog) == ["smollm2-135m"]
+    with pytest.raises(ServingError) as error:  # only the fallback left: refused, not served by it
+        require_allowed(key, "smollm2-135m", ["all-minilm-l6-v2"], catalog)
+    assert error.value.status == 403
 
 
 def test_forbidden_is_a_403_naming_what_the_key_may_use(catalog):

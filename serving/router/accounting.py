@@ -42,6 +42,8 @@ class RequestRecord:
     session_key: str | None = None
     prompt: str | None = None  # only when the trace records prompts
     max_tokens: int | None = None
+    engine_called: bool = False  # an engine call was made: it may have generated tokens
+    engine_ended: bool = False  # its final head or tail arrived: whatever it counted is in `usage`
     closed: bool = False
 
     def elapsed(self) -> float:
@@ -104,13 +106,23 @@ class Accounting:
             except Exception:  # a broken log sink must not fail requests
                 logger.exception("request log failed")
 
+    def ticket(self, record: RequestRecord, model: str):
+        """The engine's way to settle this request if the router ends it without its counts."""
+        return record.admission.ticket(self.prices.get(model)) if record.admission is not None else None
+
     def _settle(self, record: RequestRecord, usage, cost: float) -> None:
-        """Count real tokens against the key's limits and usage (answered requests), or just end the lease."""
+        """End the request at the limits, on every path: the real counts when the router has them
+        (any status: a deadline after the prefill still consumed tokens); a hold when the engine
+        was cut before its counts arrived (it settles them itself: serving.limiter.report_usage);
+        else only the lease's end (no engine work)."""
         import asyncio
 
         admission = record.admission
-        if usage and record.status == 200:
+        admission.model = record.model
+        if usage:
             coro = self.limiter.settle(admission, usage.prompt_tokens, usage.completion_tokens, cost)
+        elif record.engine_called and not record.engine_ended:
+            coro = self.limiter.hold(admission)
         else:
             coro = self.limiter.release(admission)
         try:

@@ -33,6 +33,7 @@ from serving.routing import (Decision, RoutingError, catalog_from_config, known_
 from serving.routing.replicas import policy_from_spec, prefix_key, session_key
 from serving.routing.text import estimate_tokens, prompt_text
 from serving.router.auto import AutoRouter
+from serving.limits import worst_case_tokens
 from serving.tenants import KeyRecord, KeyStore, key_label, require_admin, require_allowed, visible_models
 
 logger = logging.getLogger("serving.router")
@@ -56,8 +57,9 @@ class Router:
         self.metrics = RouterMetrics()
         self.loads = LoadView(list(self.catalog), load_views, router.report_stale_after_s)
         self.metrics.engines.reports = lambda: {name: self.loads.reports(name) for name in self.catalog}
-        prices = {spec.name: spec.price for spec in self.config.models if spec.price}
-        self.keys = KeyStore(router.keys_file, os.environ.get(router.api_keys_env, ""))
+        self.prices = prices = {spec.name: spec.price for spec in self.config.models if spec.price}
+        self.keys = KeyStore(router.keys_file, os.environ.get(router.api_keys_env, ""), env_admin=router.api_keys_admin)
+        self.max_body_bytes = router.max_body_bytes
         self.limiter = make_limiter(router)
         self.trace_prompts = router.trace_prompts
         trace = make_request_log(router, path=router.trace_file, stdout=False) if router.trace_file else None
@@ -83,46 +85,19 @@ class Router:
         return self.keys.authenticate(request.headers.get("authorization"))
 
     async def inference(self, request: Request, path: str) -> Response:
+        """Authenticate, read the body (bounded), check the key may reach what the request names,
+        admit it against the key's limits, then classify and decide, then forward. Cheap checks
+        come first, so a refused request costs no classification and no engine work."""
         request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
         record = RequestRecord(request_id, path)
         headers = self._id_header(request_id)
-        decision: Decision | None = None
         try:
-            key = self.authenticate(request)
-            record.key_name = key_label(key)
-            raw = await request.body()
-            body = parse_json_object(raw)
-            model = body.get("model")
-            if not isinstance(model, str) or not model.strip():
-                raise errors.invalid_request("`model` is required: a model name, an alias, or 'tag:<tag>'", "model",
-                                             "missing_model")
-            record.requested_model = model
-            endpoint = ENDPOINTS[path]
-            source = body.get("messages") if endpoint == "chat" else body.get("prompt")
-            difficulty = None
-            chosen_route = route_for(model, self.routes)
-            if chosen_route is not None:
-                difficulty = await self.auto.classify(chosen_route, source, body.get("max_tokens"))
-            prompt_tokens = estimate_tokens(source) if self.needs_prompt_tokens and source else None
-            decision = self.decide(model, endpoint, difficulty, prompt_tokens, body.get("max_tokens"))
-            if chosen_route is not None:
-                self.auto.count(decision)
-            record.rule, record.decision, record.endpoint = decision.rule, decision, endpoint
-            record.fallback_from = decision.fallback_from
-            record.max_tokens = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else None
-            headers.update(route_headers(decision))
-            allowed = require_allowed(key, model, list(decision.candidates), self.catalog)
-            if len(allowed) != len(decision.candidates):  # a tag matched models this key may not use
-                decision = dataclasses.replace(decision, candidates=tuple(allowed))
-            record.admission = await self.limiter.admit(key, decision.candidates[0])
-            headers.update(record.admission.headers)
-            prefix, session = self.affinity_keys(decision, request, body, source)
-            record.prefix_key, record.session_key = prefix, session
-            if self.trace_prompts and source:
-                record.prompt = prompt_text(source)
-            response = await self.forwarder.forward(record, decision, endpoint, raw, headers,
-                                                    prefix_key=prefix, session_key=session,
-                                                    stream=body.get("stream") is True)
+            try:
+                response = await self._serve(request, path, record, headers)
+            except asyncio.CancelledError:  # the client went away (Ray Serve cancels the handler)
+                record.status, record.error_origin = 499, "client"
+                self.accounting.close(record)  # ends the lease: a cancelled request holds no slot
+                raise
         except Exception as failure:  # every failure answers in the API's shape, with provenance
             error = failure if isinstance(failure, errors.ServingError) else None
             if error is None:
@@ -135,6 +110,67 @@ class Router:
         if not isinstance(response, StreamingResponse):
             self.accounting.close(record)
         return response
+
+    async def _serve(self, request: Request, path: str, record: RequestRecord, headers: dict[str, str]) -> Response:
+        key = self.authenticate(request)
+        record.key_name = key_label(key)
+        raw = await read_body(request, self.max_body_bytes)
+        body = parse_json_object(raw)
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise errors.invalid_request("`model` is required: a model name, an alias, or 'tag:<tag>'", "model",
+                                         "missing_model")
+        record.requested_model = model
+        endpoint = record.endpoint = ENDPOINTS[path]
+        max_tokens = requested_max_tokens(body)
+        record.max_tokens = max_tokens
+        chosen_route = route_for(model, self.routes)
+        # Everything the request could reach (every side of a route, every fallback), before
+        # load or difficulty: the key must allow some of it, and its reservation covers all of it.
+        reachable = self.decide(model, endpoint, loads={}).candidates
+        route_models = reachable if chosen_route is not None else ()
+        allowed = require_allowed(key, model, reachable, self.catalog, route_models)
+        tokens, cost = self.reservation(key, len(raw), body, endpoint, max_tokens, allowed)
+        record.admission = await self.limiter.admit(key, model, tokens, cost)
+        headers.update(record.admission.headers)
+        source = body.get("messages") if endpoint == "chat" else body.get("prompt")
+        difficulty = None
+        if chosen_route is not None:
+            difficulty = await self.auto.classify(chosen_route, source, max_tokens)
+        prompt_tokens = estimate_tokens(source) if self.needs_prompt_tokens and source else None
+        decision = self.decide(model, endpoint, difficulty, prompt_tokens, max_tokens)
+        if chosen_route is not None:
+            self.auto.count(decision)
+        record.rule, record.decision = decision.rule, decision
+        record.fallback_from = decision.fallback_from
+        headers.update(route_headers(decision))
+        permitted = tuple(name for name in decision.candidates if name in allowed)
+        if len(permitted) != len(decision.candidates):  # a tag, fallback or side this key may not use
+            if not permitted:  # what it may use is down: never its fallback instead
+                raise errors.unavailable(f"no engine that this key may use for {model!r} is up right now "
+                                         f"({', '.join(allowed)})")
+            decision = dataclasses.replace(decision, candidates=permitted)
+            record.decision = decision
+        prefix, session = self.affinity_keys(decision, request, body, source)
+        record.prefix_key, record.session_key = prefix, session
+        if self.trace_prompts and source:
+            record.prompt = prompt_text(source)
+        return await self.forwarder.forward(record, decision, endpoint, raw, headers,
+                                            prefix_key=prefix, session_key=session,
+                                            stream=body.get("stream") is True)
+
+    def reservation(self, key: KeyRecord | None, body_bytes: int, body: dict, endpoint: str,
+                    max_tokens: int | None, names: list[str]) -> tuple[int, float]:
+        """The request's worst case in tokens and cost, over every model it may reach (see
+        serving.limits.worst_case_tokens); only keys with a tpm or budget reserve."""
+        if key is None or (key.tpm is None and key.daily_budget is None):
+            return 0, 0.0
+        choices = body.get("n") if isinstance(body.get("n"), int) else 1
+        tokens = worst_case_tokens(body_bytes, max_tokens, choices, [self.catalog[n].max_model_len for n in names],
+                                   generates=endpoint != "embed")
+        prices = [self.prices[n] for n in names if n in self.prices]
+        per_token = max((max(p.input_per_million, p.output_per_million) for p in prices), default=0.0) / 1e6
+        return tokens, tokens * per_token
 
     def _id_header(self, request_id: str) -> dict[str, str]:
         return {"x-request-id": errors.header_safe(request_id)} if self.echo_request_id else {}
@@ -152,10 +188,12 @@ class Router:
         return prefix, session
 
     def decide(self, model: str, endpoint: str, difficulty=None, prompt_tokens: int | None = None,
-               max_tokens=None) -> Decision:
+               max_tokens=None, loads=None) -> Decision:
+        """The routing decision; `loads={}` treats every engine as up: all a request could reach."""
         try:
-            return route(model, endpoint, self.catalog, self.loads.loads(), routes=self.routes, difficulty=difficulty,
-                         prompt_tokens=prompt_tokens, max_tokens=max_tokens if isinstance(max_tokens, int) else None)
+            return route(model, endpoint, self.catalog, self.loads.loads() if loads is None else loads,
+                         routes=self.routes, difficulty=difficulty, prompt_tokens=prompt_tokens,
+                         max_tokens=max_tokens if isinstance(max_tokens, int) else None)
         except RoutingError as error:
             if error.kind == "bad_selector":
                 raise errors.invalid_request(error.message, "model", "invalid_model_selector") from None
@@ -195,6 +233,30 @@ def make_request_log(router_spec, path: str | None = None, stdout: bool = True):
     from serving.requestlog import RequestLog
 
     return RequestLog(stdout=stdout, path=path or router_spec.request_log_file)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (by Content-Length, else
+    while reading): an oversized body is never held whole nor sent to an engine."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.body_too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def requested_max_tokens(body: dict[str, Any]) -> int | None:
+    """The completion limit the client set (`max_completion_tokens` is the newer chat name)."""
+    for field in ("max_completion_tokens", "max_tokens"):
+        value = body.get(field)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

@@ -83,8 +83,10 @@ class Forwarder:
             self.loads.acquire(name)
             self.accounting.metrics.inflight.labels(name).inc()
             reply_to, inbox = self.hub.open() if use_link else (None, None)
+            record.engine_called, record.engine_ended = True, False
             call = Call(self.streams[name].generate.remote(
-                EngineRequest(endpoint, raw, record.request_id, deadline, prefix_key, session_key, reply_to)), name)
+                EngineRequest(endpoint, raw, record.request_id, deadline, prefix_key, session_key, reply_to,
+                              self.accounting.ticket(record, name))), name)
             call.timer = loop.call_at(loop.time() + max(deadline - time.time(), 0.0), call.expire)
             handed_over = False
             try:
@@ -126,6 +128,7 @@ class Forwarder:
                     except Exception as error:  # the answer is complete; a replica dying now changes nothing
                         logger.debug("ending the call to %s: %r", name, error)
                     record.status, record.usage, record.engine_s = head.status, head.usage, head.engine_s
+                    record.engine_ended = True
                     if head.status != 200:
                         record.error_origin = errors.origin_of(head.status)
                         served["x-error-origin"] = record.error_origin
@@ -149,6 +152,7 @@ class Forwarder:
                     call.stop()
                     self.loads.release(name)
                     self.accounting.metrics.inflight.labels(name).dec()
+        record.engine_called = False  # no candidate took it: no engine is working on it
         if attempts.tried and all(why == "overloaded" for _, why in attempts.tried):
             error = errors.overloaded(", ".join(n for n, _ in attempts.tried))
         else:
@@ -237,7 +241,7 @@ class Forwarder:
 
 
 def _record_tail(record: RequestRecord, tail: ReplyTail) -> None:
-    record.usage, record.engine_s = tail.usage, tail.engine_s
+    record.usage, record.engine_s, record.engine_ended = tail.usage, tail.engine_s, True
     if tail.error:  # the engine already sent the error event
         record.status = 504 if tail.error == "timeout" else 502
         record.error_origin = "timeout" if tail.error == "timeout" else "engine"
