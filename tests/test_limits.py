@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from serving.limits import DAY_S, Limits, Quota, UsageBook, format_reset
+from serving.limits import (DAY_S, TEMPLATE_TOKENS, UNKNOWN_WINDOW, Limits, Quota, UsageBook, format_reset,
+                            worst_case_tokens)
 
 
 class Clock:
@@ -202,3 +203,79 @@ def test_usage_book_totals_per_key_and_model():
     assert snap["models"]["m1"]["requests"] == 4 and snap["models"]["m1"]["prompt_tokens"] == 33
     assert snap["totals"] == {"requests": 5, "prompt_tokens": 34, "completion_tokens": 15, "total_tokens": 49,
                               "estimated_cost": pytest.approx(0.503)}
+
+
+# --- reservations (issue 18: tpm 3.3x in a burst, cut streams charged nothing) ----------------
+def test_a_burst_never_takes_more_than_the_limit_plus_one_reservation():
+    """Six requests at once, each reserving 300 + its prompt against tpm 600: only what fits runs;
+    whatever they really use, the minute's total stays within 600 + one reservation."""
+    limits = Limits(Clock())
+    quota = Quota(tpm=600)
+    reservation = 300 + 40
+    admitted = [lease for lease, d in (admit(limits, "a", quota, reservation) for _ in range(6)) if d.allowed]
+    assert len(admitted) == 1  # 340 + 340 > 600: the second waits for the first to settle
+    for lease in admitted:  # each used its whole reservation
+        limits.settle("a", lease, reservation, 0.0)
+    more = [lease for lease, d in (admit(limits, "a", quota, reservation) for _ in range(6)) if d.allowed]
+    assert more == []  # 340 settled + 340 > 600
+    state = limits._state("a", limits.clock())
+    assert state.tokens_sum + limits._reserved(state) <= 600 + reservation
+
+
+def test_a_held_reservation_counts_until_the_engine_settles_it():
+    clock = Clock()
+    limits = Limits(clock, hold_s=30)
+    quota = Quota(tpm=1000, concurrency=1)
+    lease, d = admit(limits, "a", quota, 800)
+    assert d.allowed
+    limits.hold(lease)  # the client went away: its slot is free at once ...
+    assert limits.inflight("a") == 0 and limits.lease_counts()["a"] == {"leases": 0, "held": 1}
+    assert not admit(limits, "a", quota, 800)[1].allowed  # ... its reservation is not
+    limits.settle("a", lease, 120, 0.0)  # the engine's report: what vLLM generated before the abort
+    assert limits.lease_counts()["a"] == {"leases": 0, "held": 0}
+    assert limits._state("a", clock()).tokens_sum == 120
+    assert admit(limits, "a", quota, 800)[1].allowed  # 120 + 800 fits
+
+
+def test_the_engine_report_may_arrive_before_the_hold():
+    limits = Limits(Clock())
+    lease, _ = admit(limits, "a", Quota(tpm=1000, concurrency=2), 500)
+    limits.settle("a", lease, 70, 0.0)  # engine first
+    limits.hold(lease)  # then the router: a no-op, nothing left held
+    assert limits.lease_counts()["a"] == {"leases": 0, "held": 0}
+    assert limits._state("a", limits.clock()).tokens_sum == 70
+
+
+def test_an_unreported_hold_expires():
+    clock = Clock()
+    limits = Limits(clock, hold_s=30)
+    lease, _ = admit(limits, "a", Quota(tpm=1000), 900)
+    limits.hold(lease)
+    clock.t += 31
+    assert limits.lease_counts()["a"] == {"leases": 0, "held": 0}
+    assert admit(limits, "a", Quota(tpm=1000), 900)[1].allowed
+
+
+def test_daily_budget_reserves_the_worst_case_cost():
+    limits = Limits(Clock())
+    quota = Quota(daily_budget=1.0)
+    first = limits.admit("a", quota, "x1", 0, 0.7)
+    assert first.allowed
+    second = limits.admit("a", quota, "x2", 0, 0.7)  # 0.7 reserved + 0.7 > 1.0
+    assert not second.allowed and second.kind == "budget" and second.retry_after_s == 1.0
+    limits.settle("a", "x1", 0, 0.1)  # it cost less
+    assert limits.admit("a", quota, "x3", 0, 0.7).allowed
+
+
+@pytest.mark.parametrize("body_bytes, max_tokens, choices, windows, generates, expected", [
+    (100, 300, 1, [2048], True, 100 + TEMPLATE_TOKENS + 300),
+    (100, None, 1, [2048], True, 2048),  # no max_tokens: the context window
+    (100, None, 1, [1024, 2048], True, 2048),  # the largest window of every model it may reach
+    (5000, 300, 1, [1024], True, 1024),  # prompt + completion never above the window
+    (100, 300, 2, [2048], True, 100 + TEMPLATE_TOKENS + 300 + 300),  # n = 2 choices
+    (100, 300, 1, [None], True, 100 + TEMPLATE_TOKENS + 300),  # unknown window
+    (100, None, 1, [None], True, UNKNOWN_WINDOW),
+    (100, 300, 1, [256], False, 100 + TEMPLATE_TOKENS),  # embeddings generate nothing
+])
+def test_worst_case_tokens(body_bytes, max_tokens, choices, windows, generates, expected):
+    assert worst_case_tokens(body_bytes, max_tokens, choices, windows, generates) == expected

@@ -100,3 +100,18 @@ def test_no_key_material_only_the_name(tmp_path):
     parsed = [json.loads(line) for line in path.read_text().splitlines()]
     assert [p["key"] for p in parsed] == ["team-a", None]
     assert set(parsed[0]) == set(FIELDS)  # no field could carry a key or its digest
+
+
+def test_any_client_string_survives_and_takes_no_other_line_with_it(tmp_path):
+    """A lone surrogate in a client-chosen field (the model name) used to fail the writer's whole
+    batch; every line is now valid ASCII JSON that round-trips."""
+    path = tmp_path / "requests.jsonl"
+    log = RequestLog(stdout=False, path=str(path))
+    odd = ["\ud800", "caf\u00e9 \U0001f600", "\x00\x1b[31m", "a\nb"]
+    for i, text in enumerate(odd * 3):
+        log.write(record(i, requested_model=text))
+    log.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 12
+    assert [json.loads(line)["requested_model"] for line in lines] == odd * 3
+    assert all(line.isascii() for line in lines)
