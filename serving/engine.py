@@ -173,6 +173,9 @@ class EngineDeployment:
         self._unstarted[request.request_id] = estimate_body_tokens(request.body)
         counts = RequestCounts()
         _COUNTS.set(counts)
+        # `delivered` is set when the consumer comes back for more after the item that carries the
+        # usage (or says there is none): only then did it take it. vLLM answers a cancelled
+        # non-streaming request with an error response ("Client disconnected"), which nobody takes.
         try:
             try:
                 parsed, wants_usage = self._parse(request)
@@ -181,18 +184,20 @@ class EngineDeployment:
             except Exception as error:  # vLLM raises for bad input as well as for engine faults
                 head = self._error_head(_as_serving_error(error, budget), retryable=self.engine.errored)
                 head.usage = counts.usage()  # a deadline past the prefill: what it generated
-                counts.delivered = True
                 yield head
+                counts.delivered = True
                 return
             if isinstance(result, ErrorResponse):
+                head = self._error_head(_from_vllm_response(result))
+                head.usage = counts.usage()
+                yield head
                 counts.delivered = True
-                yield self._error_head(_from_vllm_response(result))
                 return
             if not hasattr(result, "__aiter__"):
                 body, usage = _answer_bytes(result)
-                counts.delivered = True
                 yield ReplyHead(200, self.replica, self.name, body=body, usage=usage,
                                 engine_s=time.perf_counter() - started)
+                counts.delivered = True
                 return
             async for item in self._coalesce(result, wants_usage, started, budget, request.request_id, counts):
                 yield item
@@ -269,8 +274,8 @@ class EngineDeployment:
                     yield data
             if tail.usage is None:  # vLLM's generator ended early (deadline, fault): its counts at the abort
                 tail.usage = counts.usage()
-            counts.delivered = True
             yield tail
+            counts.delivered = True
         finally:
             if not task.done():  # cancelled by the caller: cancelling the pump aborts in vLLM
                 task.cancel()

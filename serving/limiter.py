@@ -62,8 +62,8 @@ class LimitsActor:
     async def settle(self, key: str, model: str, lease_id: str | None, prompt_tokens: int, completion_tokens: int,
                      cost: float) -> None:
         """Real usage of one request: ends its lease (or held reservation) and counts it."""
-        if lease_id is not None:
-            self.limits.settle(key, lease_id, prompt_tokens + completion_tokens, cost)
+        if lease_id is not None and not self.limits.settle(key, lease_id, prompt_tokens + completion_tokens, cost):
+            return  # settled already (router and engine both did): count once
         self.usage.add(key, model, 1, prompt_tokens, completion_tokens, cost)
 
     async def release(self, lease_id: str) -> None:

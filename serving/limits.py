@@ -119,6 +119,9 @@ class Limits:
         self.hold_s = hold_s
         self._keys: dict[str, _KeyState] = {}
         self._lease_keys: dict[str, str] = {}
+        # lease id -> when settled: a request settled by the router and by its engine (a rare race
+        # at a cut: the engine cannot know the router took its last item) counts once
+        self._settled: dict[str, float] = {}
 
     # --- bookkeeping -----------------------------------------------------------------------
     def _state(self, key: str, now: float) -> _KeyState:
@@ -219,18 +222,33 @@ class Limits:
                 return t + self.window_s - now
         return 1.0
 
-    def settle(self, key: str, lease_id: str | None, tokens: int, cost: float) -> None:
+    def settle(self, key: str, lease_id: str | None, tokens: int, cost: float) -> bool:
         """Count a finished request's real tokens and cost; ends its lease or held reservation.
-        From the router (it saw the counts) or the engine (the router did not: `hold`)."""
+        From the router (it saw the counts) or the engine (the router did not: `hold`). False:
+        that lease was settled already (not counted again)."""
         now = self.clock()
         state = self._state(key, now)
         if lease_id is not None:
+            if lease_id in self._settled:
+                return False
+            self._forget_settled(now)
+            self._settled[lease_id] = now
             self._end(lease_id)
         if tokens > 0:
             state.tokens.append((now, tokens))
             state.tokens_sum += tokens
         if cost > 0:
             state.spent += cost
+        return True
+
+    def _forget_settled(self, now: float) -> None:
+        """Settled ids are kept as long as a held reservation or a lease could still report."""
+        horizon = now - max(self.hold_s, self.lease_ttl_s)
+        while self._settled:
+            lease_id, at = next(iter(self._settled.items()))  # insertion order = settle order
+            if at > horizon:
+                break
+            del self._settled[lease_id]
 
     def release(self, lease_id: str) -> None:
         """End a lease without usage (the engine did no work); unknown ids are ignored."""

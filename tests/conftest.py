@@ -145,7 +145,7 @@ def tenants(tmp_path_factory):
         "tpm": create_key(keys, "team-tpm", "--tpm", "600"),
         "concurrency": create_key(keys, "team-conc", "--concurrency", "2"),
         "small-only": create_key(keys, "team-small", "--models", CHAT_MODEL),
-        "budget": create_key(keys, "team-budget", "--budget", "0.000002"),
+        "cut": create_key(keys, "team-cut", "--tpm", "100000"),
     }
     assert all(key not in keys.read_text() for key in made.values())  # only hashes are stored
     from serving.config import load_config

@@ -279,3 +279,12 @@ def test_daily_budget_reserves_the_worst_case_cost():
 ])
 def test_worst_case_tokens(body_bytes, max_tokens, choices, windows, generates, expected):
     assert worst_case_tokens(body_bytes, max_tokens, choices, windows, generates) == expected
+
+
+def test_a_lease_settled_twice_counts_once():
+    """The router and the engine may both settle a request cut at its very end."""
+    limits = Limits(Clock())
+    lease, _ = admit(limits, "a", Quota(tpm=1000), 100)
+    assert limits.settle("a", lease, 50, 0.0) is True
+    assert limits.settle("a", lease, 50, 0.0) is False
+    assert limits._state("a", limits.clock()).tokens_sum == 50

@@ -149,8 +149,10 @@ class Router:
             if not permitted:  # what it may use is down: never its fallback instead
                 raise errors.unavailable(f"no engine that this key may use for {model!r} is up right now "
                                          f"({', '.join(allowed)})")
-            decision = dataclasses.replace(decision, candidates=permitted)
-            record.decision = decision
+            fallback = decision.fallback_from if decision.fallback_from != permitted[0] else None
+            decision = dataclasses.replace(decision, candidates=permitted, fallback_from=fallback,
+                                           fallback_reason=decision.fallback_reason if fallback else None)
+            record.decision, record.fallback_from = decision, fallback
         prefix, session = self.affinity_keys(decision, request, body, source)
         record.prefix_key, record.session_key = prefix, session
         if self.trace_prompts and source:
