@@ -77,7 +77,8 @@ def test_interrupted_run_leaves_nothing_half_done(cache, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         provision_model(spec, log=lambda m: None)
     assert not model_dir(spec).exists()
-    assert [p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")] == []
+    left = [p for p in (cache / "models").rglob("*") if not p.is_dir() and not p.name.endswith(".lock")]
+    assert left == [] and list((cache / "models" / ".versions" / "tiny").iterdir()) == []
     monkeypatch.setattr(provision, "_from_pypi", real)
     assert provision_model(spec, log=lambda m: None).action == "provisioned"
 
