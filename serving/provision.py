@@ -2,8 +2,8 @@
 
 Idempotent and cached: a finished model folder carries a marker naming the source it was
 made from, so a second run does no work. Safe if interrupted: everything is built in a
-temporary folder beside the target; a file lock keeps two provisioners (two pods on one shared
-volume, say) from building the same model. No model hub is contacted unless the caller allows
+temporary folder and only linked in when complete; a file lock keeps two provisioners (two pods
+on one shared volume, say) from building the same model. No model hub is contacted unless the caller allows
 downloads.
 
 Layout: `models/<name>` is a relative symlink to a complete copy in `models/.versions/<name>/`.
@@ -18,7 +18,6 @@ import fcntl
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import stat
 import subprocess
