@@ -53,6 +53,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 2
     print(f"{args.file}: ok, {len(config.models)} models")
+    for i, spec in enumerate(config.models):  # valid, but not reproducible: said, not refused
+        if warning := spec.source.pin_warning():
+            print(f"warning: models[{i}] ({spec.name}).source: {warning}", file=sys.stderr)
     for spec in config.models:
         engine = config.engine_spec(spec)
         replicas = spec.replicas.min if spec.replicas.fixed else f"{spec.replicas.min}-{spec.replicas.max}"

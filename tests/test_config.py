@@ -109,6 +109,33 @@ def test_source_needs_exactly_one_kind():
     assert "pinned requirement" in found[0]
 
 
+def test_pypi_source_hashes_and_file():
+    digest = "ab" * 32
+    one = parse_config(mutate(lambda r: r["models"][0].update(source={"pypi": "pkg==1.0", "file": "m", "sha256": digest})))
+    assert one.models[0].source.sha256 == [digest]  # one hash or a list; always a list inside
+    found = problems(mutate(lambda r: r["models"][0].update(source={"pypi": "pkg==1.0", "file": "m", "sha256": ["AB12"]})))
+    assert found == ["models[0] (chat-a).source.sha256: sha256 'AB12' is not a sha256 hex digest (64 lowercase hex "
+                     "characters, as `pip hash FILE` prints after 'sha256:')"]
+    found = problems(mutate(lambda r: r["models"][0].update(source={"hub": "o/x", "sha256": digest})))
+    assert "`sha256` goes only with `pypi`" in found[0]
+    for climbing in ("../elsewhere/model", "pkg/../../x", "/etc/model"):
+        found = problems(mutate(lambda r: r["models"][0].update(source={"pypi": "pkg==1.0", "file": climbing})))
+        assert f"file {climbing!r} must be a path inside the package" in found[0]
+
+
+def test_check_warns_about_hub_sources_without_a_pinned_revision(tmp_path, capsys):
+    from serving.cli import main
+
+    raw = mutate(lambda r: r["models"].append({"name": "pinned", "source": {"hub": "org/c", "revision": "a1" * 20}}))
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["check", str(path), "--skip-engine-args"]) == 0  # a warning, not an error
+    err = capsys.readouterr().err
+    assert ("warning: models[1] (embed-b).source: hub source org/b: no revision is set (main is used), so the "
+            "weights may change under the same name; set source.revision to a commit hash to pin them") in err
+    assert "pinned" not in err and "chat-a" not in err
+
+
 @pytest.mark.parametrize("replicas,fragment", [(0, "at least 1"), (-2, "at least 1"), ({"min": 3, "max": 2}, "must not exceed"),
                                                (True, "whole number")])
 def test_bad_replicas(replicas, fragment):

@@ -59,6 +59,12 @@ CONFIGS = {
     "upper-case tag": ({"models": [{"name": "m", "source": {"hub": "o/m"}, "tags": ["Chat"]}]}, False),
     "alias with slash": ({"models": [{"name": "m", "source": {"hub": "o/m"}, "aliases": ["org/m:latest"]}]}, True),
     "port out of range": ({"router": {"port": 70000}, "models": [{"name": "m", "source": {"hub": "o/m"}}]}, False),
+    "pypi sha256": ({"models": [{"name": "m", "source": {"pypi": "p==1", "file": "m", "sha256": "ab" * 32}}]}, True),
+    "pypi sha256 list": ({"models": [{"name": "m", "source": {"pypi": "p==1", "file": "m", "sha256": ["ab" * 32, "cd" * 32]}}]}, True),
+    "short sha256": ({"models": [{"name": "m", "source": {"pypi": "p==1", "file": "m", "sha256": ["ab"]}}]}, False),
+    "sha256 with hub": ({"models": [{"name": "m", "source": {"hub": "o/m", "sha256": "ab" * 32}}]}, False),
+    "file climbing out": ({"models": [{"name": "m", "source": {"pypi": "p==1", "file": "p/../../m"}}]}, False),
+    "absolute file": ({"models": [{"name": "m", "source": {"pypi": "p==1", "file": "/m"}}]}, False),
     "graceful shutdown": ({"models": [{"name": "m", "source": {"hub": "o/m"}, "graceful_shutdown_timeout_s": 30}]}, True),
 }
 
