@@ -9,7 +9,7 @@ VLLM   ?= cpu
 BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install provision serve test unit check status clean generate
+.PHONY: install provision serve test unit check status clean generate checkov
 
 install: $(VENV)/.installed-$(VLLM)
 
@@ -28,8 +28,18 @@ provision: install
 serve: provision
 	$(BIN)/serving up $(MODELS)
 
-test: provision
+test: provision checkov
 	$(BIN)/python -m pytest
+
+# checkov (tests/test_chart_security.py, deploy/checkov_scan.py) in its own venv: it pins
+# packaging<24, which Ray (>=24.2) cannot share.
+CHECKOV_VERSION ?= 3.3.30
+checkov: .venv-checkov/.installed-$(CHECKOV_VERSION)
+
+.venv-checkov/.installed-$(CHECKOV_VERSION):
+	test -x .venv-checkov/bin/python || $(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
+	touch $@
 
 unit: install
 	$(BIN)/python -m pytest tests/test_config.py tests/test_routing.py tests/test_bench_metrics.py
@@ -41,7 +51,7 @@ status:
 	$(BIN)/serving status
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-checkov
 
 # Files generated from serving/config.py and the chart (README "Generated files"); tests compare them.
 generate:

@@ -171,6 +171,13 @@ metadata:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
+  {{- /* No API token in the Ray containers (they run models and user code). The head's autoscaler
+  sidecar, when on, gets one through its own mount of the sa-token volume (autoscalerOptions). */}}
+  automountServiceAccountToken: false
+  {{- with $v.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   {{- with $v.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -214,8 +221,13 @@ spec:
               name: {{ $v.huggingface.token.existingSecret }}
               key: {{ $v.huggingface.token.key }}
         {{- end }}
+        {{- include "serving.writableHomeEnv" $root | nindent 8 }}
       {{- with $v.modelCache.provisionResources }}
       resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.containerSecurityContext }}
+      securityContext:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       volumeMounts:
@@ -224,25 +236,32 @@ spec:
           readOnly: true
         - name: model-cache
           mountPath: {{ $cache }}
+        - name: tmp
+          mountPath: /tmp
   {{- end }}
   containers:
     - name: {{ printf "ray-%s" $kind }}
       image: {{ include "serving.image" $root }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
+      {{- /* KubeRay's head Service publishes exactly the head container's ports. The operator finds
+      the dashboard there by name; GCS (6379) and Ray Client (10001) are not declared, so the Service
+      does not publish them (workers reach GCS by the head's address; the NetworkPolicy decides who may). */}}
       ports:
         {{- if eq $kind "head" }}
-        - name: gcs-server
-          containerPort: 6379
         - name: dashboard
           containerPort: 8265
-        - name: client
-          containerPort: 10001
         {{- end }}
         - name: serve
           containerPort: {{ $servePort }}
         - name: metrics
           containerPort: 8080
       env:
+        # The pod's own address: head.rayStartParams binds the dashboard to it ($RAY_POD_IP), not 0.0.0.0.
+        - name: RAY_POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        {{- include "serving.writableHomeEnv" $root | nindent 8 }}
         - name: SERVING_CACHE_DIR
           value: {{ $cache | quote }}
         - name: HF_HOME
@@ -281,6 +300,11 @@ spec:
       resources:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      {{- /* KubeRay copies this to the wait-gcs-ready init container it adds to workers. */}}
+      {{- with $v.containerSecurityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       {{- if eq $kind "worker" }}
       # Ready when the router answers /health through this pod's Serve proxy (200: the router is
       # up and at least one engine is healthy). The head keeps KubeRay's own probes: KubeRay
@@ -317,6 +341,12 @@ spec:
           mountPath: {{ $cache }}
         - name: dshm
           mountPath: /dev/shm
+        # Writable scratch on a read-only root: /tmp (and HOME's caches, see serving.writableHomeEnv)
+        # and Ray's session dir /tmp/ray, named ray-logs so KubeRay mounts the same one into the autoscaler.
+        - name: tmp
+          mountPath: /tmp
+        - name: ray-logs
+          mountPath: /tmp/ray
         {{- if include "serving.keysEnabled" $root }}
         # A directory mount (not subPath), so Secret updates reach the running router.
         - name: api-keys
@@ -339,6 +369,15 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ $g.shmSize }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ $v.scratch.tmpSizeLimit }}
+    - name: ray-logs
+      emptyDir:
+        sizeLimit: {{ $v.scratch.rayLogsSizeLimit }}
+    {{- if and (eq $kind "head") $v.autoscaler.enabled }}
+    {{- include "serving.saTokenVolume" $root | nindent 4 }}
+    {{- end }}
     {{- if include "serving.keysEnabled" $root }}
     - name: api-keys
       secret:
@@ -347,4 +386,35 @@ spec:
           - key: {{ ternary $v.keys.key "keys.yaml" (not (empty $v.keys.existingSecret)) }}
             path: keys.yaml
     {{- end }}
+{{- end }}
+
+{{/* HOME on the writable /tmp when the root filesystem is read-only: Python tools write caches
+under ~ (pip, vLLM's ~/.cache/vllm and ~/.config/vllm, Triton, FlashInfer, CUDA). */}}
+{{- define "serving.writableHomeEnv" -}}
+{{- if (.Values.containerSecurityContext | default dict).readOnlyRootFilesystem }}
+- name: HOME
+  value: /tmp
+{{- end }}
+{{- end }}
+
+{{/* The ServiceAccount token, as Kubernetes would automount it, for the autoscaler sidecar only
+(it scales worker pods through the API server); the Ray containers do not mount it. */}}
+{{- define "serving.saTokenPath" -}}/var/run/secrets/kubernetes.io/serviceaccount{{- end }}
+{{- define "serving.saTokenVolume" -}}
+- name: sa-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                fieldPath: metadata.namespace
 {{- end }}
