@@ -233,7 +233,9 @@ class Limiter:
         try:
             decision: Decision = await self._call("admit", key.name, Quota.of(key), lease_id, estimated_tokens,
                                                   estimated_cost)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client left while the actor answered: it may have counted us
+            if self._actor_for_cleanup is not None:
+                self._submit(self._actor_for_cleanup, "release", lease_id)  # same caller: runs after the admit
             raise
         except Exception as error:  # actor gone, restarting, or too slow
             self._unreachable(error)

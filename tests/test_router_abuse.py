@@ -277,3 +277,25 @@ def test_the_limits_lookup_is_inside_the_timeout(monkeypatch):
     assert admission.degraded and open_s < 2
     refused, closed_s = asyncio.run(scenario(False))
     assert refused.status == 503 and refused.code == "limits_unavailable" and closed_s < 2
+
+
+def test_a_request_cancelled_while_its_admission_is_decided_holds_no_lease():
+    """The client leaves while the limits actor admits it: the lease it may have taken is released."""
+    from serving.tenants import KeyRecord
+
+    name = f"admitting-{time.monotonic_ns()}"
+
+    async def scenario():
+        limiter = Limiter(f"limits-{name}", call_timeout_s=30)
+        await limiter.warm_up()
+        key = KeyRecord(name, concurrency=1)
+        for _ in range(20):  # cancel at once: the admit call is on its way to the actor
+            task = asyncio.create_task(limiter.admit(key, "a"))
+            await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await limiter.sync()
+        return (await limiter.snapshot())["limits"].get(name, {"leases": 0})["leases"]
+
+    assert asyncio.run(scenario()) == 0
