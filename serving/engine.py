@@ -40,6 +40,10 @@ logger = logging.getLogger("serving.engine")
 
 USAGE_CHUNK_MARK = '"choices":[]'  # vLLM's final stream chunk that carries only `usage`
 VLLM_SSE_ERROR = 'data: {"error"'  # how vLLM's streaming handlers start an error event (json.dumps)
+# A stream's chunks read from vLLM and not yet handed on (characters of SSE): past this the pump
+# stops reading, and vLLM's per-request output collector merges the new tokens instead (bounded
+# by max_tokens), until the relay behind takes what is ready.
+PUMP_LIMIT = 64 << 10
 
 
 def expand_thread_binding(env: dict[str, str]) -> dict[str, str]:
@@ -225,12 +229,18 @@ class EngineDeployment:
 
     async def _coalesce(self, result, wants_usage: bool, started: float, budget: float, request_id: str,
                         counts: RequestCounts):
-        """Relay vLLM's SSE strings: the first at once, then whatever is ready per flush interval."""
+        """Relay vLLM's SSE strings: the first at once, then whatever is ready per flush interval.
+        The pump reads vLLM only while less than PUMP_LIMIT is waiting to be handed on: a relay
+        held back (its client not reading: link credit, socket) holds the pump back too."""
         ready: list[str] = []
         wake = asyncio.Event()
+        room = asyncio.Event()  # set while the pump may read on
+        room.set()
+        unsent = 0
         tail = ReplyTail()
 
         async def pump() -> None:
+            nonlocal unsent
             try:
                 async with asyncio.timeout(max(budget - (time.perf_counter() - started), 0.001)):
                     async for chunk in result:
@@ -242,6 +252,10 @@ class EngineDeployment:
                                 continue
                         ready.append(chunk)
                         wake.set()
+                        unsent += len(chunk)
+                        if unsent >= PUMP_LIMIT:
+                            room.clear()
+                            await room.wait()
             except TimeoutError:  # the deadline cancelled vLLM's generator: the sequence is aborted
                 tail.error = "timeout"
                 ready.append(errors.timed_out(budget).sse_bytes().decode())
@@ -253,6 +267,11 @@ class EngineDeployment:
                 tail.engine_s = time.perf_counter() - started
                 pump_done.set()
                 wake.set()
+                if hasattr(result, "aclose"):  # stopped while waiting for room: vLLM's generator aborts the sequence
+                    try:
+                        await result.aclose()
+                    except Exception as error:  # a generator that failed already: nothing left to abort
+                        logger.debug("closing the stream of %s: %r", self.name, error)
 
         pump_done = asyncio.Event()
         task = counts.pump = asyncio.create_task(pump())
@@ -262,6 +281,8 @@ class EngineDeployment:
             self._unstarted.pop(request_id, None)  # prefill done: its first token is out
             first = "".join(ready).encode()
             ready.clear()
+            unsent = 0
+            room.set()
             yield ReplyHead(200, self.replica, self.name, stream=True, body=first)
             while not (pump_done.is_set() and not ready):
                 if self.flush_s:
@@ -271,6 +292,8 @@ class EngineDeployment:
                 if ready:
                     data = "".join(ready).encode()
                     ready.clear()
+                    unsent = 0
+                    room.set()
                     yield data
             if tail.usage is None:  # vLLM's generator ended early (deadline, fault): its counts at the abort
                 tail.usage = counts.usage()

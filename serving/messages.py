@@ -46,6 +46,7 @@ class LinkAddress:
     port: int
     token: bytes
     stream: int
+    window: int = 0  # bytes the engine may have unacknowledged on this stream (credit); 0: no credit, write freely
 
 
 @dataclass(frozen=True, slots=True)

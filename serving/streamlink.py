@@ -15,6 +15,16 @@ An engine that cannot connect answers through Ray as before (`ReplyHead.linked` 
 Frames: `!IIB` header (stream number, payload length, kind) + payload. A connection starts
 with MAGIC + the hub's random token, which only reaches engines inside `EngineRequest`s, so
 nobody else on the network can inject bytes into a stream.
+
+Flow control is per stream, by credit (like HTTP/2's windows): an engine may have at most
+`LinkAddress.window` bytes of a stream's DATA that the router has not yet handed to its client;
+the router grants bytes back, over the same connection, as its relay passes them on (CREDIT
+frames, router -> engine: stream 0, a payload of `!II` (stream, bytes) pairs, every stream's
+grants of one loop turn in one frame, a stream's grant sent once it reaches half the window).
+So a client that stops reading stops only its own stream: the engine's writer for it waits at
+the window (and the engine's pump behind it), the router's inbox for it holds at most the
+window, and every other stream on the connection keeps flowing. The socket's own back-pressure
+(pause_writing) still applies when the router's whole loop falls behind.
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ logger = logging.getLogger("serving.streamlink")
 HEADER = struct.Struct("!IIB")
 MAGIC = b"SLK1"
 TOKEN_BYTES = 16
-DATA, TAIL = 0, 1
+DATA, TAIL, CREDIT = 0, 1, 2
+GRANT = struct.Struct("!II")  # one CREDIT entry: stream number, bytes granted
+WINDOW = 256 << 10  # per stream: DATA bytes an engine may have sent that the router's relay has not yet passed on
 END_GRACE_S = 5.0  # after the engine's call ended, how long its last frames may still be in flight
 MAX_FRAME = 64 << 20  # a frame this big is a broken peer, not a stream chunk
 
@@ -59,14 +71,24 @@ def decode_tail(payload: bytes) -> ReplyTail:
 
 
 class Inbox:
-    """One stream's frames as they arrive: bytes, then a ReplyTail; or the error that ended it."""
+    """One stream's frames as they arrive: bytes, then a ReplyTail; or the error that ended it.
 
-    __slots__ = ("items", "error", "ended", "_waiter", "_grace")
+    Byte counts for flow control: `buffered` arrived and not yet taken; `unacked` arrived and
+    not yet granted back to the engine (what the engine counts against its window)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("stream", "window", "items", "error", "ended", "buffered", "unacked", "passed", "connection",
+                 "_waiter", "_grace")
+
+    def __init__(self, stream: int = 0, window: int = 0) -> None:
+        self.stream = stream
+        self.window = window  # 0: the engine writes without credit (nothing to grant)
         self.items: collections.deque[bytes | ReplyTail] = collections.deque()
         self.error: BaseException | None = None
         self.ended = False  # the tail arrived
+        self.buffered = 0
+        self.unacked = 0
+        self.passed = 0  # bytes the relay passed on and not yet granted back
+        self.connection: _HubProtocol | None = None  # the engine connection its frames arrive on
         self._waiter: asyncio.Future | None = None
         self._grace: asyncio.TimerHandle | None = None
 
@@ -75,8 +97,22 @@ class Inbox:
             self.ended = True
             if self._grace is not None:
                 self._grace.cancel()
+        else:
+            self.buffered += len(item)
+            self.unacked += len(item)
         self.items.append(item)
         self._wake()
+
+    def passed_on(self, size: int) -> None:
+        """The relay handed `size` bytes of this stream to its client: grant them back to the
+        engine, batched (once half the window is owed), over the connection they came on."""
+        if not self.window or self.connection is None:
+            return
+        self.passed += size
+        if self.passed >= self.window >> 1:
+            self.connection.grant(self.stream, self.passed)
+            self.unacked -= self.passed
+            self.passed = 0
 
     def fail(self, error: BaseException) -> None:
         if self.error is None and not self.ended:
@@ -101,6 +137,7 @@ class Inbox:
                 self._waiter = None
         items = list(self.items)
         self.items.clear()
+        self.buffered = 0
         return items
 
     def close(self) -> None:
@@ -149,10 +186,11 @@ class StreamHub:
         self.host, self.port = host, self._server.sockets[0].getsockname()[1]
         logger.info("stream link hub listening on %s:%d", self.host, self.port)
 
-    def open(self) -> tuple[LinkAddress, Inbox]:
-        number = next(self._numbers) & 0xFFFFFFFF
-        inbox = self.inboxes[number] = Inbox()
-        return LinkAddress(self.host, self.port, self.token, number), inbox
+    def open(self, window: int | None = None) -> tuple[LinkAddress, Inbox]:
+        number = next(self._numbers) & 0xFFFFFFFF or next(self._numbers)  # 0 carries credit frames
+        window = WINDOW if window is None else window
+        inbox = self.inboxes[number] = Inbox(number, window)
+        return LinkAddress(self.host, self.port, self.token, number, window), inbox
 
     def close(self, address: LinkAddress) -> None:
         inbox = self.inboxes.pop(address.stream, None)
@@ -176,10 +214,23 @@ class _HubProtocol(asyncio.Protocol):
         self.trusted = False
         self.transport: asyncio.Transport | None = None
         self.streams: set[int] = set()  # streams that got frames here: failed if the connection drops
+        self.grants: dict[int, int] = {}  # credit owed to the engine, sent at the end of this loop turn
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.hub.connections.add(self)
+
+    def grant(self, stream: int, size: int) -> None:
+        if not self.grants:
+            asyncio.get_running_loop().call_soon(self._send_grants)
+        self.grants[stream] = self.grants.get(stream, 0) + size
+
+    def _send_grants(self) -> None:
+        grants, self.grants = self.grants, {}
+        if self.transport is None or self.transport.is_closing() or not grants:
+            return
+        payload = b"".join(GRANT.pack(stream, size) for stream, size in grants.items())
+        self.transport.write(HEADER.pack(0, len(payload), CREDIT) + payload)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -208,6 +259,7 @@ class _HubProtocol(asyncio.Protocol):
             if inbox is not None:  # else the stream was closed (client gone): drop its late frames
                 payload = bytes(buffer[at + HEADER.size:end])
                 self.streams.add(stream)
+                inbox.connection = self
                 inbox.put(payload if kind == DATA else decode_tail(payload))
                 if kind == TAIL:
                     self.streams.discard(stream)
@@ -238,12 +290,16 @@ def _node_ip() -> str:
 
 
 class _Link(asyncio.Protocol):
-    """An engine replica's connection to one router hub; writes frames, honours back-pressure."""
+    """An engine replica's connection to one router hub; writes frames, honours back-pressure:
+    the socket's (the router's loop behind) and each stream's credit (its client behind)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._resume: asyncio.Future | None = None
+        self.credit: dict[int, int] = {}  # open streams with a window -> bytes they may still send
+        self._waiting: dict[int, asyncio.Future] = {}  # streams whose writer waits for credit
+        self._buffer = bytearray()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -251,6 +307,42 @@ class _Link(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.resume_writing()
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        """CREDIT frames from the router: add each grant to its stream's credit, wake its writer."""
+        buffer = self._buffer
+        buffer += data
+        at, size = 0, len(buffer)
+        while size - at >= HEADER.size:
+            _, length, kind = HEADER.unpack_from(buffer, at)
+            if length > MAX_FRAME:
+                self.transport.close()
+                return
+            end = at + HEADER.size + length
+            if end > size:
+                break
+            if kind == CREDIT:
+                for stream, granted in GRANT.iter_unpack(buffer[at + HEADER.size:end]):
+                    if stream in self.credit:  # else the stream already ended here
+                        self.credit[stream] += granted
+                        waiter = self._waiting.get(stream)
+                        if waiter is not None and not waiter.done():
+                            waiter.set_result(None)
+            at = end
+        del buffer[:at]
+
+    def open_stream(self, stream: int, window: int) -> None:
+        if window > 0:
+            self.credit[stream] = window
+
+    def close_stream(self, stream: int) -> None:
+        self.credit.pop(stream, None)
+        waiter = self._waiting.pop(stream, None)
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
 
     def pause_writing(self) -> None:
         self._resume = asyncio.get_running_loop().create_future()
@@ -263,9 +355,37 @@ class _Link(asyncio.Protocol):
     async def send(self, stream: int, kind: int, payload: bytes) -> None:
         if self.closed:
             raise LinkBroken("the router's stream link closed")
-        self.transport.write(HEADER.pack(stream, len(payload), kind) + payload)
+        credit = self.credit.get(stream) if kind == DATA else None
+        if credit is not None and credit < len(payload):
+            await self._send_within_credit(stream, payload)
+        else:
+            if credit is not None:
+                self.credit[stream] = credit - len(payload)
+            self.transport.write(HEADER.pack(stream, len(payload), kind) + payload)
         if self._resume is not None:  # the router reads slower than the engine writes
             await self._resume
+
+    async def _send_within_credit(self, stream: int, payload: bytes) -> None:
+        """A stream whose client reads slower than the engine writes: send what the credit allows,
+        wait for the router's grants for the rest. Only this stream waits."""
+        view = memoryview(payload)
+        while view:
+            credit = self.credit.get(stream, 0)
+            while credit <= 0:
+                if self.closed:
+                    raise LinkBroken("the router's stream link closed")
+                waiter = self._waiting[stream] = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    if self._waiting.get(stream) is waiter:
+                        del self._waiting[stream]
+                if self.closed:
+                    raise LinkBroken("the router's stream link closed")
+                credit = self.credit.get(stream, 0)
+            piece, view = view[:credit], view[credit:]
+            self.credit[stream] = credit - len(piece)
+            self.transport.write(HEADER.pack(stream, len(piece), DATA) + piece)
 
 
 class LinkPool:
@@ -336,11 +456,15 @@ async def deliver(reply_to: LinkAddress | None, items: AsyncIterator[Any], pool:
                 yield item
             return
         head.linked = True
-        yield head
-        async for item in items:
-            if type(item) is bytes:
-                await link.send(reply_to.stream, DATA, item)
-            elif isinstance(item, ReplyTail):
-                await link.send(reply_to.stream, TAIL, encode_tail(item))
+        link.open_stream(reply_to.stream, reply_to.window)
+        try:
+            yield head
+            async for item in items:  # pulled only as the stream's credit allows: back-pressure to the pump
+                if type(item) is bytes:
+                    await link.send(reply_to.stream, DATA, item)
+                elif isinstance(item, ReplyTail):
+                    await link.send(reply_to.stream, TAIL, encode_tail(item))
+        finally:
+            link.close_stream(reply_to.stream)
     finally:
         await items.aclose()

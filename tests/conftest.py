@@ -28,6 +28,9 @@ CHAT_MODEL = "smollm2-135m"
 SECOND_CHAT_MODEL = "smollm2-135m-b"
 EMBED_MODEL = "all-minilm-l6-v2"
 START_TIMEOUT_S = 900
+# The shared stack's request deadline (the default is 600 s): tests/test_e2e_slow_reader.py waits
+# for it. Every e2e client gives up within 300 s of silence, and nothing it sends runs past ~60 s.
+E2E_REQUEST_TIMEOUT_S = 120
 # The second stack shape (auto pair + embeddings, 2 router replicas, a keys file): shared by the
 # tenants, abuse and metrics tests.
 TENANTS_PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "28010"))
@@ -47,7 +50,7 @@ def e2e_config(tmp: Path) -> Path:
     # Three engines + router on a 2-core machine: reserve fractions so Ray can place them all.
     for model in raw["models"]:
         model["resources"] = {"cpus": 0.4}
-    raw["router"] = {**raw.get("router", {}), "port": PORT, "cpus": 0.2}
+    raw["router"] = {**raw.get("router", {}), "port": PORT, "cpus": 0.2, "request_timeout_s": E2E_REQUEST_TIMEOUT_S}
     path = tmp / "models.e2e.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

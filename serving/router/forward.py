@@ -5,6 +5,14 @@ picks the replica), one timer for the whole request (it cancels the engine call,
 the sequence in vLLM), and a relay that passes the engine's coalesced SSE bytes through without
 decoding them. In-flight counts are released and the request accounted exactly once on every
 path: answer, error, failover, client gone, timeout.
+
+Buffers on a stream's way to its client are bounded, each by the next one's pace: the engine's
+pump (serving.engine `_coalesce`), the link's per-stream credit (serving.streamlink: the relay
+grants bytes back only as it hands them to the client), and the client's connection (the ASGI
+send waits while the server's socket buffer is full). A client that stops reading therefore
+stalls only its own stream, and the deadline still ends it: `RelayResponse` cuts a send blocked
+past the deadline (plus `CUT_GRACE_S` for the 504 event), which closes the relay, cancels the
+engine call and accounts the request once, as 504 timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +33,34 @@ from serving.routing import Decision
 from serving.streamlink import Inbox, StreamHub
 
 logger = logging.getLogger("serving.router")
+
+CUT_GRACE_S = 1.0  # after the deadline: how long the relay may take to send the 504 event before it is cut
+
+
+class RelayResponse(StreamingResponse):
+    """A relayed stream that ends by its deadline even when the client stops reading.
+
+    The deadline timer cancels the engine call, and a relay that is waiting for the engine then
+    sends the 504 event and ends. A relay suspended in a send to a client that does not read
+    (the server's socket buffer full: uvicorn's send waits for it to drain) would wait forever:
+    at `cut_at` (loop time) the send is cancelled, the relay closed (it accounts the request,
+    as 504 timeout), and the response returns unfinished, so the server closes the connection."""
+
+    def __init__(self, content, cut_at: float, **kwargs):
+        super().__init__(content, **kwargs)
+        self.cut_at = cut_at
+        self.cut = False
+
+    async def stream_response(self, send) -> None:
+        try:
+            async with asyncio.timeout_at(self.cut_at) as deadline:
+                await super().stream_response(send)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            self.cut = True
+            logger.info("stream cut at its deadline: the client stopped reading")
+            await self.body_iterator.aclose()
 
 
 @dataclass(slots=True)
@@ -144,7 +180,8 @@ class Forwarder:
                 relay = self._relay(call, head, record, body)
                 if not head.linked and reply_to is not None:
                     self.hub.close(reply_to)
-                return StreamingResponse(relay, media_type="text/event-stream", headers=served)
+                return RelayResponse(relay, call.timer.when() + CUT_GRACE_S, media_type="text/event-stream",
+                                     headers=served)
             finally:
                 if not handed_over:
                     if reply_to is not None:
@@ -192,7 +229,10 @@ class Forwarder:
             record.status, record.error_origin = 504, "timeout"
             yield errors.timed_out(self.timeout_s).sse_bytes()
         except (asyncio.CancelledError, GeneratorExit):  # client went away: cancelling the call aborts in vLLM
-            record.status, record.error_origin = 499, "client"
+            if call.timed_out:  # or stopped reading, and the deadline cut the send (RelayResponse)
+                record.status, record.error_origin = 504, "timeout"
+            else:
+                record.status, record.error_origin = 499, "client"
             raise
         except Exception as error:
             logger.warning("stream from %s broke: %r", call.name, error)
@@ -227,6 +267,7 @@ class Forwarder:
                 data = b"".join(item for item in items if type(item) is bytes)
                 if data:
                     yield data
+                    inbox.passed_on(len(data))  # the client's send took it: the engine may send as much again
                 if isinstance(items[-1], ReplyTail):
                     yield items[-1]
         finally:
