@@ -86,12 +86,14 @@ class RouterMetrics:
         # replica sees the same engines): kept out of `registry`, which is what replicas publish.
         self.engines = EngineReportCollector()
 
-    def exposition(self, view: "MetricsView | None" = None, published: Sequence[Metric] | None = None) -> bytes:
+    def exposition(self, view: "MetricsView | None" = None, published: Sequence[Metric] | None = None,
+                   engines: Sequence[Metric] | None = None) -> bytes:
         """The /metrics body for `view` (default: everything). `published`: the router replicas'
-        merged families (serving.metrics_export) in place of this replica's own registry."""
+        merged families (serving.metrics_export) in place of this replica's own registry;
+        `engines`: the engine families if already collected (default: collected here)."""
         own = list(self.registry.collect()) if published is None else list(published)
-        families = visible(own + list(self.engines.collect()), view or MetricsView.everything())
-        return generate_latest(_Families(families))
+        engines = list(self.engines.collect()) if engines is None else list(engines)
+        return generate_latest(_Families(visible(own + engines, view or MetricsView.everything())))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from typing import Any, Mapping, Sequence
 
@@ -41,7 +42,7 @@ REPLICA_LABEL = "router_replica"
 INTERVAL_S = 1.0
 TTL_S = 10.0
 
-# (sample name, sorted label pairs, value): plain tuples pickle small and compare by value
+# (sample name, label pairs in the metric's label order, value): plain tuples pickle small and compare by value
 SampleRow = tuple[str, tuple[tuple[str, str], ...], float]
 # (family name, documentation, type, unit, samples)
 FamilyRow = tuple[str, str, str, str, tuple[SampleRow, ...]]
@@ -51,7 +52,7 @@ def snapshot(collector: Any) -> tuple[FamilyRow, ...]:
     """A registry's (anything with collect()) families as plain tuples. Timestamps and exemplars
     are not kept: the router's metrics set neither."""
     return tuple((f.name, f.documentation, f.type, f.unit,
-                  tuple((s.name, tuple(sorted(s.labels.items())), float(s.value)) for s in f.samples))
+                  tuple((s.name, tuple(s.labels.items()), s.value) for s in f.samples))
                  for f in collector.collect())
 
 
@@ -164,6 +165,7 @@ class MetricsExport:
         self.interval_s, self.ttl_s, self.call_timeout_s = interval_s, ttl_s, call_timeout_s
         self._actor = actor
         self._seq = itertools.count(1)
+        self._taking = threading.Lock()  # a snapshot and its sequence number, taken together
         self._sent: tuple[FamilyRow, ...] | None = None  # what the board holds of ours, as far as we know
         self._sent_at = 0.0
         self._task: asyncio.Task | None = None
@@ -178,6 +180,11 @@ class MetricsExport:
     async def _call(self, method: str, *args: Any) -> Any:
         actor = await self._handle()
         return await asyncio.wait_for(getattr(actor, method).remote(*args).as_future(), self.call_timeout_s)
+
+    def _take(self) -> tuple[int, tuple[FamilyRow, ...]]:
+        """(sequence number, snapshot): numbered in the order taken, so the board keeps the newest."""
+        with self._taking:
+            return next(self._seq), snapshot(self.registry)
 
     def _unreachable(self, error: BaseException) -> None:
         self._actor, self._sent = None, None  # look it up again; resend in full
@@ -203,9 +210,10 @@ class MetricsExport:
             await asyncio.sleep(self.interval_s)
 
     async def publish_once(self) -> bool:
-        """Publish if the samples changed (or a heartbeat is due); True when a call was made."""
-        families = snapshot(self.registry)
-        seq = next(self._seq)  # taken with the snapshot: the board orders by it
+        """Publish if the samples changed (or a heartbeat is due); True when a call was made.
+        The snapshot is taken on a worker thread: collecting a registry of a few thousand samples
+        takes milliseconds, which the event loop (the requests) should not wait for in one piece."""
+        seq, families = await asyncio.to_thread(self._take)
         changed = families != self._sent
         if not changed and time.monotonic() - self._sent_at < self.ttl_s / 3:
             return False
@@ -216,8 +224,7 @@ class MetricsExport:
     # --- scrape ----------------------------------------------------------------------------
     async def scrape(self) -> list[Metric]:
         """Every live replica's families, merged and labelled (this one's as of now)."""
-        families = snapshot(self.registry)
-        seq = next(self._seq)
+        seq, families = await asyncio.to_thread(self._take)
         try:
             published = await self._call("exchange", self.replica, seq, families)
             self._sent, self._sent_at = families, time.monotonic()
@@ -227,7 +234,7 @@ class MetricsExport:
             self._unreachable(error)
             published = {self.replica: families}
         published[self.replica] = families  # never older than what the board answered
-        return merge(published)
+        return await asyncio.to_thread(merge, published)
 
     def stop(self) -> None:
         """Stop publishing and withdraw this replica's series (submitted, not awaited)."""

@@ -140,4 +140,7 @@ async def metrics(request: Request) -> Response:
         return _error(error, router, request)
     export = getattr(router, "metrics_export", None)  # set by the Ray Serve deployment (serving/app.py)
     published = await export.scrape() if export is not None else None
-    return Response(router.metrics.exposition(view, published), media_type=CONTENT_TYPE)
+    engines = list(router.metrics.engines.collect())  # the load view belongs to the event loop: read it here
+    # rendering a few thousand samples takes milliseconds: on a worker thread, not the event loop
+    body = await asyncio.to_thread(router.metrics.exposition, view, published, engines)
+    return Response(body, media_type=CONTENT_TYPE)
