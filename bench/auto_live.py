@@ -35,12 +35,13 @@ def classify_histogram(text: str, route: str = "auto") -> dict[str, dict[float, 
             if s.labels.get("route") != route:
                 continue
             row = out.setdefault(s.labels["method"], {})
+            # summed: with several router replicas each has its own series (label router_replica)
             if s.name.endswith("_bucket"):
-                row[float(s.labels["le"])] = s.value
+                row[float(s.labels["le"])] = row.get(float(s.labels["le"]), 0.0) + s.value
             elif s.name.endswith("_sum"):
-                row["sum"] = s.value
+                row["sum"] = row.get("sum", 0.0) + s.value
             elif s.name.endswith("_count"):
-                row["count"] = s.value
+                row["count"] = row.get("count", 0.0) + s.value
     return out
 
 

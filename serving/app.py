@@ -15,6 +15,7 @@ from ray.serve import Application
 from serving.capacity import gpu_workers
 from serving.config import SERVE_ENV_DEFAULTS, EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
 from serving.engine import EngineDeployment
+from serving.metrics_export import MetricsExport, replica_id
 from serving.router import Router, activate
 from serving.router.http import app as router_http_app
 
@@ -37,7 +38,15 @@ class RouterIngress(Router):
         if not self.keys.open:  # keys mean limits and usage: have the shared counters up before traffic
             await self.limiter.warm_up()
         self.auto.start()  # exemplar embeddings ready before the first `auto` request, where possible
+        # every replica's metrics in one /metrics: published in the background to a shared actor
+        self.metrics_export = MetricsExport(self.metrics.registry, replica_id() or "router")
+        self.metrics_export.start()
         activate(self)
+
+    def __del__(self):  # Ray Serve calls it on a graceful stop: withdraw this replica's series now
+        export = getattr(self, "metrics_export", None)
+        if export is not None:
+            export.stop()
 
 
 def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:

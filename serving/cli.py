@@ -226,6 +226,12 @@ def _stop_app(config: ServingConfig, stop: _Stop, own_cluster: bool, shutdown_cl
         kill_actor()  # the shared limits actor is detached: it would outlive the app
     except Exception as error:
         print(f"  limits actor not stopped: {type(error).__name__}", flush=True)
+    try:
+        from serving.metrics_export import kill_actor as kill_metrics_actor
+
+        kill_metrics_actor()  # detached too: the router replicas' merged /metrics
+    except Exception as error:
+        print(f"  metrics actor not stopped: {type(error).__name__}", flush=True)
     if own_cluster or shutdown_cluster:
         print("shutting down engines and Ray...", flush=True)
         serve.shutdown()

@@ -5,15 +5,27 @@ registry holds Ray's internals). Engine load gauges come from the same routing-s
 the replica choice uses, read at scrape time, with a `replica` label. vLLM's own metrics are
 not here: each engine exports them through Ray's metrics port of its node (`ray_vllm_*`,
 labelled `ReplicaId`); /v1/status lists those endpoints.
+
+Who sees what (`exposition(view)`): series labelled by API key name (the `serving_key_*`
+families, and any sample with a `key` label) are for admin keys; an unauthenticated scrape of
+the open /metrics gets every other family, a non-admin key also its own key's series
+(`MetricsView`, decided in serving/router/http.py). With several router replicas, each one's
+registry is published to a shared actor and /metrics answers the union, labelled
+`router_replica` (serving/metrics_export.py).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+KEY_LABEL = "key"  # the label that names an API key (bounded: names from the keys file)
+PER_KEY_PREFIX = "serving_key_"  # families that exist only per key: withheld whole, HELP included
 
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 # classification's target is 5 ms p50 (issue 9): fine buckets below 10 ms so the histogram can show it
@@ -67,11 +79,63 @@ class RouterMetrics:
         self.classify_seconds = Histogram(
             "serving_route_classify_seconds", "Time to score a request's difficulty (method: static_embedding, local_embedding, deployment_embedding, or rules only).",
             ["route", "method"], buckets=CLASSIFY_BUCKETS, registry=r)
+        self.started = Gauge("serving_router_start_time_seconds",
+                             "When this router replica started (unix time): one series per live replica.", registry=r)
+        self.started.set(time.time())
+        # Engine load is read at scrape time from this replica's view of the engines (every router
+        # replica sees the same engines): kept out of `registry`, which is what replicas publish.
         self.engines = EngineReportCollector()
-        r.register(self.engines)
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, view: "MetricsView | None" = None, published: Sequence[Metric] | None = None,
+                   engines: Sequence[Metric] | None = None) -> bytes:
+        """The /metrics body for `view` (default: everything). `published`: the router replicas'
+        merged families (serving.metrics_export) in place of this replica's own registry;
+        `engines`: the engine families if already collected (default: collected here)."""
+        own = list(self.registry.collect()) if published is None else list(published)
+        engines = list(self.engines.collect()) if engines is None else list(engines)
+        return generate_latest(_Families(visible(own + engines, view or MetricsView.everything())))
+
+
+@dataclass(frozen=True)
+class MetricsView:
+    """What one scrape may read: every key's series (admin, or an open API), or only `own_key`'s
+    (a non-admin key; None: no key at all)."""
+
+    all_keys: bool
+    own_key: str | None = None
+
+    @classmethod
+    def everything(cls) -> "MetricsView":
+        return cls(True)
+
+
+def visible(families: Iterable[Metric], view: MetricsView) -> list[Metric]:
+    """`families` without the per-key series `view` may not read. A family left empty by the filter
+    is dropped, as is every `serving_key_*` family with nothing visible (not even its HELP)."""
+    if view.all_keys:
+        return list(families)
+    out = []
+    for family in families:
+        kept = [s for s in family.samples if KEY_LABEL not in s.labels or
+                (view.own_key is not None and s.labels[KEY_LABEL] == view.own_key)]
+        if not kept and (family.samples or family.name.startswith(PER_KEY_PREFIX)):
+            continue
+        if len(kept) != len(family.samples):
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            copy.samples = kept
+            family = copy
+        out.append(family)
+    return out
+
+
+class _Families:
+    """Ready families in the shape generate_latest reads (anything with collect())."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 class EngineReportCollector:

@@ -70,11 +70,12 @@ def test_stream_is_not_buffered(http):
 
 
 def _streams_counted(http, transport: str) -> float:
-    prefix = f'serving_streams_total{{model="{CHAT_MODEL}",transport="{transport}"}} '
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix):])
-    return 0.0
+    """Summed over router replicas (each one's series carries a `router_replica` label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(http.get("/metrics").text)
+               for s in family.samples if s.name == "serving_streams_total"
+               and s.labels.get("model") == CHAT_MODEL and s.labels.get("transport") == transport)
 
 
 def test_stream_bodies_travel_over_the_stream_link(http, client):

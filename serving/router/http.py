@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from serving import errors
 from serving.drain import DrainMiddleware
+from serving.metrics import CONTENT_TYPE, MetricsView
 from serving.router.core import Router
 from serving.tenants import require_admin
 
@@ -114,8 +115,32 @@ async def status(request: Request) -> Response:
     return await _keyed(request, answer)
 
 
+def metrics_view(router: Router, request: Request) -> MetricsView:
+    """Who reads this scrape. Open API: everything. With keys, per-key series are for admin keys:
+    a scrape without a key (allowed while /metrics is in `router.open_paths`) gets every other
+    family; a non-admin key also its own key's series. A key that is sent is checked even on the
+    open path (a wrong one is a 401: a misconfigured Prometheus shows as a failing target)."""
+    if router.keys.open:
+        return MetricsView.everything()
+    header = request.headers.get("authorization")
+    if not header and request.url.path in router.open_paths:
+        return MetricsView(all_keys=False)
+    key = router.keys.authenticate(header)  # 401 on a missing (path not open) or unknown key
+    return MetricsView.everything() if key.admin else MetricsView(all_keys=False, own_key=key.name)
+
+
 @app.get("/metrics")
 async def metrics(request: Request) -> Response:
-    async def answer(router: Router, key) -> Response:
-        return Response(router.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
-    return await _keyed(request, answer)
+    """The router's metrics; with several router replicas, every replica's series labelled
+    `router_replica` (serving/metrics_export.py), whichever replica answers."""
+    router = _router()
+    try:
+        view = metrics_view(router, request)
+    except errors.ServingError as error:
+        return _error(error, router, request)
+    export = getattr(router, "metrics_export", None)  # set by the Ray Serve deployment (serving/app.py)
+    published = await export.scrape() if export is not None else None
+    engines = list(router.metrics.engines.collect())  # the load view belongs to the event loop: read it here
+    # rendering a few thousand samples takes milliseconds: on a worker thread, not the event loop
+    body = await asyncio.to_thread(router.metrics.exposition, view, published, engines)
+    return Response(body, media_type=CONTENT_TYPE)
