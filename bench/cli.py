@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     auto_live.add_parser(sub)
     cpuprof.add_parser(sub)
     capacity.add_parser(sub)
-    from bench import chaos  # starts and breaks a real stack; needs the serving package
+    from bench import abuse, chaos  # start and break a real stack; need the serving package
     chaos.add_parser(sub)
+    abuse.add_parser(sub)
     return ap
 
 

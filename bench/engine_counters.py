@@ -23,7 +23,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 FAMILIES = {"ray_vllm_prefix_cache_queries": "queries", "ray_vllm_prefix_cache_hits": "hits",
-            "ray_vllm_request_success": "requests"}
+            "ray_vllm_request_success": "requests", "ray_vllm_prompt_tokens": "prompt_tokens",
+            "ray_vllm_generation_tokens": "generation_tokens"}
 
 
 def counters_from_text(texts: list[str], model: str) -> dict[str, dict[str, float]]:
@@ -53,16 +54,17 @@ def difference(after: dict[str, dict[str, float]], before: dict[str, dict[str, f
     return {"replicas": rows, "total": total}
 
 
-def engine_metric_texts(url: str) -> list[str]:
-    """The exposition texts that carry the stack's engine metrics: the endpoints /v1/status lists."""
-    endpoints = httpx.get(f"{url.rstrip('/')}/v1/status", timeout=30).json().get("metrics_endpoints") or []
+def engine_metric_texts(url: str, headers: dict[str, str] | None = None) -> list[str]:
+    """The exposition texts that carry the stack's engine metrics: the endpoints /v1/status lists
+    (`headers`: an API key when keys are on)."""
+    endpoints = httpx.get(f"{url.rstrip('/')}/v1/status", timeout=30, headers=headers).json().get("metrics_endpoints") or []
     if not endpoints:
         raise SystemExit(f"{url}/v1/status lists no metrics endpoints")
     return [httpx.get(e, timeout=30).text for e in endpoints]
 
 
-def scrape(url: str, model: str) -> dict[str, dict[str, float]]:
-    return counters_from_text(engine_metric_texts(url), model)
+def scrape(url: str, model: str, headers: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+    return counters_from_text(engine_metric_texts(url, headers), model)
 
 
 def add_parser(sub) -> None:

@@ -108,10 +108,19 @@ def stack(tmp_path_factory) -> Stack:
             Stack(process, url, log).stop()
 
 
+STACK_FIXTURES = {"stack", "stack_url", "tenants"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not e2e"` never starts a stack
 def pytest_collection_modifyitems(config, items):
-    """Order by what a test needs, not by file name: tests that stop the shared stack
-    (marker `stops_stack`) run after every other user of it, and the tenants stack's users run
-    last and together, so at most one extra stack runs beside the shared one."""
+    """Every test that uses a stack is marked e2e, whatever its file says. Then order by what a
+    test needs, not by file name: tests that stop the shared stack (marker `stops_stack`) run
+    after every other user of it, and the tenants stack's users run last and together, so at
+    most one extra stack runs beside the shared one."""
+    for item in items:
+        if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
     def group(item) -> int:
         if "tenants" in getattr(item, "fixturenames", ()):
             return 2

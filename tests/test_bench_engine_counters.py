@@ -20,14 +20,16 @@ ray_vllm_request_success_total{ReplicaId="r1",finished_reason="stop",model_name=
 
 def test_counters_per_replica_for_one_model():
     counters = counters_from_text([NODE], "m")
-    assert counters == {"r1": {"queries": 1000.0, "hits": 600.0, "requests": 4.0},
-                        "r2": {"queries": 500.0, "hits": 100.0, "requests": 0.0}}
+    zero = {"prompt_tokens": 0.0, "generation_tokens": 0.0}
+    assert counters == {"r1": {"queries": 1000.0, "hits": 600.0, "requests": 4.0, **zero},
+                        "r2": {"queries": 500.0, "hits": 100.0, "requests": 0.0, **zero}}
 
 
 def test_difference_gives_the_window_hit_rate():
     before = {"r1": {"queries": 400.0, "hits": 100.0, "requests": 1.0}}
     window = difference(counters_from_text([NODE], "m"), before)
-    assert window["replicas"]["r1"] == {"queries": 600.0, "hits": 500.0, "requests": 3.0}
+    assert {k: window["replicas"]["r1"][k] for k in ("queries", "hits", "requests")} == \
+        {"queries": 600.0, "hits": 500.0, "requests": 3.0}
     assert window["replicas"]["r2"]["queries"] == 500.0  # a replica first seen after `before` counts whole
     assert window["total"]["queries"] == 1100.0 and window["total"]["hits"] == 600.0
     assert abs(window["total"]["hit_rate"] - 600 / 1100) < 1e-9

@@ -10,6 +10,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # starts (or uses) the shared stack
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, OUT_LEN = 3, 4
 

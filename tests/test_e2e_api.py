@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, SECOND_CHAT_MODEL
 
+pytestmark = pytest.mark.e2e  # starts (or uses) the shared stack
+
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 

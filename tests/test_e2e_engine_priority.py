@@ -5,11 +5,15 @@ bench/results/request-path/priority)."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 
 import psutil
 
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, SECOND_CHAT_MODEL
+
+pytestmark = pytest.mark.e2e  # starts (or uses) the shared stack
 
 
 def _nice_of_threads(proc: psutil.Process) -> set[int]:

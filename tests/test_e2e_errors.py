@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import CHAT_MODEL, EMBED_MODEL
 
+pytestmark = pytest.mark.e2e  # starts (or uses) the shared stack
+
 
 @pytest.fixture(scope="module")
 def http(stack_url):

@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import CHAT_MODEL, SECOND_CHAT_MODEL
 
+pytestmark = pytest.mark.e2e  # starts (or uses) the shared stack
+
 SELECTOR = "tag:chat,small"  # both chat deployments carry these tags
 
 
