@@ -261,3 +261,25 @@ def _samples(router, name):
 
 async def _read_all(response) -> list[bytes]:
     return [part async for part in response.body_iterator]
+
+
+def test_a_relay_cancelled_by_ray_serves_own_timeout_just_before_the_deadline_counts_as_a_timeout(monkeypatch):
+    """Ray Serve's HTTP request timeout is the same deadline, started a little earlier (when the
+    request reached the replica): its cancel of a relay blocked on the client is the deadline's
+    504, not a client's 499; the engine call is cancelled either way."""
+    router, a, pool, engines = firehose_router(monkeypatch, count=None, config=config_with(request_timeout_s=1.5))
+
+    async def scenario():
+        response = await stream_a(router)
+        body = response.body_iterator
+        await body.__anext__()
+        await asyncio.sleep(0.5)  # the client reads nothing more; then Ray Serve's timer, 1 s early
+        await body.aclose()
+        await settle(lambda: engines[0].aborted)
+        pool.close()
+        await router.forwarder.hub.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert a.streams[0].cancelled and engines[0].aborted and router.loads.inflight["a"] == 0
+    requests = _samples(router, "serving_requests_total")
+    assert [(s.labels["status"], s.labels["error_origin"], s.value) for s in requests] == [("504", "timeout", 1.0)]

@@ -35,6 +35,10 @@ from serving.streamlink import Inbox, StreamHub
 logger = logging.getLogger("serving.router")
 
 CUT_GRACE_S = 1.0  # after the deadline: how long the relay may take to send the 504 event before it is cut
+# Ray Serve's own HTTP request timeout is the same deadline (serving up sets http_options from
+# router.request_timeout_s), started when the request reached the replica, slightly before ours:
+# a relay cancelled this close to its deadline was cut by the deadline, not by its client.
+DEADLINE_SLACK_S = 2.0
 
 
 class RelayResponse(StreamingResponse):
@@ -60,6 +64,7 @@ class RelayResponse(StreamingResponse):
                 raise
             self.cut = True
             logger.info("stream cut at its deadline: the client stopped reading")
+        finally:  # cut, cancelled (client gone, Ray Serve's request timeout) or done: the relay accounts now
             await self.body_iterator.aclose()
 
 
@@ -76,6 +81,16 @@ class Call:
     def expire(self) -> None:
         self.timed_out = True
         self.stream.cancel()
+
+    def at_deadline(self) -> bool:
+        """The deadline fired, or (Ray Serve's copy of it) is about to."""
+        if self.timed_out:
+            return True
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:
+            return False
+        return self.timer is not None and now >= self.timer.when() - DEADLINE_SLACK_S
 
     def stop(self) -> None:
         """Cancel the engine call unless it already ended (aborts the sequence in vLLM)."""
@@ -229,7 +244,7 @@ class Forwarder:
             record.status, record.error_origin = 504, "timeout"
             yield errors.timed_out(self.timeout_s).sse_bytes()
         except (asyncio.CancelledError, GeneratorExit):  # client went away: cancelling the call aborts in vLLM
-            if call.timed_out:  # or stopped reading, and the deadline cut the send (RelayResponse)
+            if call.at_deadline():  # or stopped reading, and the deadline cut the send (RelayResponse, Ray Serve)
                 record.status, record.error_origin = 504, "timeout"
             else:
                 record.status, record.error_origin = 499, "client"
