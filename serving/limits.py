@@ -170,6 +170,8 @@ class Limits:
               estimated_cost: float = 0.0) -> Decision:
         """Admit one request now (counting it and reserving its worst case) or refuse it with when to retry."""
         now = self.clock()
+        if lease_id in self._settled:  # its release overtook it (a cancelled admit): it is already over
+            return Decision(False, {}, "cancelled", 0.0, "The request ended before it was admitted.")
         state = self._state(key, now)
         refusals: list[tuple[float, str, str]] = []  # (retry after, kind, message)
         if quota.concurrency is not None and len(state.leases) >= quota.concurrency:
@@ -251,7 +253,12 @@ class Limits:
             del self._settled[lease_id]
 
     def release(self, lease_id: str) -> None:
-        """End a lease without usage (the engine did no work); unknown ids are ignored."""
+        """End a lease without usage (the engine did no work). An id not admitted yet is remembered:
+        an asyncio actor does not promise to run one caller's calls in order, and the admit of a
+        request cancelled meanwhile must not create a lease nobody ends."""
+        if lease_id not in self._lease_keys:
+            self._forget_settled(self.clock())
+            self._settled[lease_id] = self.clock()
         self._end(lease_id)
 
     def hold(self, lease_id: str) -> None:

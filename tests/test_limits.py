@@ -288,3 +288,12 @@ def test_a_lease_settled_twice_counts_once():
     assert limits.settle("a", lease, 50, 0.0) is True
     assert limits.settle("a", lease, 50, 0.0) is False
     assert limits._state("a", limits.clock()).tokens_sum == 50
+
+
+def test_a_release_that_overtakes_its_admit_leaves_no_lease():
+    limits = Limits(Clock())
+    limits.release("early")  # the cancelled request's release arrived first
+    decision = limits.admit("a", Quota(concurrency=1, rpm=5), "early")
+    assert not decision.allowed and decision.kind == "cancelled"
+    assert limits.inflight("a") == 0
+    assert admit(limits, "a", Quota(concurrency=1, rpm=5))[1].allowed  # the slot and the rpm are untouched
