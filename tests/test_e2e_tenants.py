@@ -81,8 +81,11 @@ def test_key_limited_to_one_model(tenants):
 
 def test_usage_per_key_equals_what_its_responses_reported(tenants):
     key = tenants["keys"]["plain"]
-    prompt = completion = 0
-    with httpx.Client(base_url=tenants["url"], timeout=120) as http:
+    with httpx.Client(base_url=tenants["url"], timeout=120) as http:  # other tests use this key too: deltas
+        before = http.get("/v1/usage", headers=bearer(tenants["keys"]["admin"])).json()
+        start = before["keys"].get("team-plain", {}).get("models", {}).get(CHAT_MODEL, {})
+        requests0, prompt, completion = (start.get(k, 0) for k in ("requests", "prompt_tokens", "completion_tokens"))
+        cost0 = start.get("estimated_cost", 0.0)
         for i in range(6):
             body = {"model": CHAT_MODEL, "prompt": f"Count to {i}", "max_tokens": 3 + i, "ignore_eos": True}
             response = http.post("/v1/completions", json=body, headers=bearer(key))
@@ -98,9 +101,9 @@ def test_usage_per_key_equals_what_its_responses_reported(tenants):
             if row.get("completion_tokens") == completion or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-    assert row["requests"] == 6
+    assert row["requests"] == requests0 + 6
     assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
-    assert row["estimated_cost"] > 0
+    assert row["estimated_cost"] > cost0
 
 
 def test_invalid_keys_are_401_and_no_key_material_leaks(tenants):
