@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving import errors
+from serving import errors, shared_actor
 from serving.limits import Decision, Limits, Quota, UsageBook
 from serving.messages import UsageTicket
 from serving.tenants import OPEN_KEY
@@ -45,7 +45,7 @@ MAX_CONCURRENT_CALLS = 1000  # calls the asyncio actor accepts at once (each run
 
 
 class LimitsActor:
-    """The shared counters. Plain class here; made a Ray actor by `_actor_class()`."""
+    """The shared counters. Plain class here; made a Ray actor by serving.shared_actor."""
 
     def __init__(self, window_s: float = 60.0, lease_ttl_s: float = 660.0, manual_clock: float | None = None,
                  hold_s: float = 30.0):
@@ -96,33 +96,10 @@ class LimitsActor:
         return True
 
 
-_ACTOR_CLASS = None
-
-
-def _actor_class():
-    global _ACTOR_CLASS
-    if _ACTOR_CLASS is None:
-        import ray
-
-        _ACTOR_CLASS = ray.remote(LimitsActor)
-    return _ACTOR_CLASS
-
-
 def get_or_create_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE, **init: Any):
-    """The shared actor, created by whichever replica asks first.
-
-    Detached with unlimited restarts: its lifetime is the Ray cluster's, not one router
-    replica's (a replica that dies must not take every key's counters with it). `serving up`
-    ends it with the cluster; on Kubernetes a new RayCluster (upgrade) starts a fresh one.
-    """
-    import ray
-
-    if not ray.is_initialized():  # never start a Ray cluster from here (e.g. a router built outside Serve)
-        raise RuntimeError("Ray is not running: no shared limits actor")
-    return _actor_class().options(
-        name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_restarts=-1, max_concurrency=MAX_CONCURRENT_CALLS,
-    ).remote(**init)
+    """The shared limits actor (serving.shared_actor): `serving up` ends it with the cluster; on
+    Kubernetes a new RayCluster (upgrade) starts a fresh one."""
+    return shared_actor.get_or_create(LimitsActor, name, namespace, MAX_CONCURRENT_CALLS, **init)
 
 
 def kill_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE, wait_s: float = 10.0) -> bool:

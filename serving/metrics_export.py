@@ -76,7 +76,7 @@ def merge(published: Mapping[str, Sequence[FamilyRow]], label: str = REPLICA_LAB
 
 class MetricsBoard:
     """The shared store: the newest snapshot of each router replica. Plain class here; made a Ray
-    actor by `_actor_class()`. Calls run one at a time (max_concurrency=1)."""
+    actor by serving.shared_actor. Calls run one at a time (max_concurrency=1)."""
 
     def __init__(self, ttl_s: float = TTL_S, clock=time.monotonic) -> None:
         self.ttl_s = ttl_s
@@ -117,29 +117,11 @@ class MetricsBoard:
         return True
 
 
-_ACTOR_CLASS = None
-
-
-def _actor_class():
-    global _ACTOR_CLASS
-    if _ACTOR_CLASS is None:
-        import ray
-
-        _ACTOR_CLASS = ray.remote(MetricsBoard)
-    return _ACTOR_CLASS
-
-
 def get_or_create_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE, **init: Any):
-    """The shared board, created by whichever replica asks first; detached (its life is the
-    cluster's, not one replica's), restarted by Ray if it dies, like the limits actor."""
-    import ray
+    """The shared board (serving.shared_actor); its calls run one at a time."""
+    from serving import shared_actor
 
-    if not ray.is_initialized():  # never start a Ray cluster from here
-        raise RuntimeError("Ray is not running: no shared metrics actor")
-    return _actor_class().options(
-        name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_restarts=-1, max_concurrency=1,
-    ).remote(**init)
+    return shared_actor.get_or_create(MetricsBoard, name, namespace, 1, **init)
 
 
 def kill_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE) -> bool:
