@@ -7,6 +7,9 @@ KubeRay's serveConfigV2 (import_path `serving.app:build_app`, args = the models 
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -15,6 +18,7 @@ from ray.serve import Application
 from serving.capacity import gpu_workers
 from serving.config import SERVE_ENV_DEFAULTS, EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
 from serving.engine import EngineDeployment
+from serving.haproxy_launcher import BINARY_ENV
 from serving.metrics_export import MetricsExport, replica_id
 from serving.router import Router, activate
 from serving.router.http import app as router_http_app
@@ -125,7 +129,19 @@ def ray_env(config: ServingConfig, port: int) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": base + 12, "RAY_SERVE_HAPROXY_STATS_PORT": base + 13,
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": base + 14, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": base + 15,
     }
-    return {**{k: str(v) for k, v in derived.items()}, **config.router.serve_env}
+    env = {**{k: str(v) for k, v in derived.items()}, **config.router.serve_env}
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and BINARY_ENV not in env and BINARY_ENV not in os.environ:
+        env[BINARY_ENV] = haproxy_launcher_path()
+    return env
+
+
+def haproxy_launcher_path() -> str:
+    """`serving-haproxy` beside this Python (serving.haproxy_launcher: HAProxy without splice, so a
+    client's abort reaches the router). Every node runs the same installed package."""
+    launcher = Path(sys.executable).parent / "serving-haproxy"
+    if not os.access(launcher, os.X_OK):
+        raise RuntimeError(f"{launcher} is missing: reinstall the package (pip install -e .), it is a console script")
+    return str(launcher)
 
 
 def build(config: ServingConfig, engine_cls: type = EngineDeployment) -> Application:
