@@ -28,6 +28,10 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 COMMIT_PATTERN = r"^[0-9a-f]{40}$"  # a hub commit: the only revision that cannot move
 UNSAFE_FILE_PATTERN = r"^/|(^|/)\.\.(/|$)"  # absolute or climbing out of the package
 TAG_SELECTOR_PREFIX = "tag:"
+# The Ray Serve application and its router deployment, as `serving up`, the router's /v1/status and
+# the drain find them (the Helm chart names the application the same in its serveConfigV2).
+APP_NAME = "serving"
+ROUTER_DEPLOYMENT = "router"
 Task = Literal["chat", "completion", "embed"]
 
 # Engine arguments the stack sets itself from other keys of the model entry.
@@ -295,7 +299,7 @@ class RouterSpec(_Strict):
                                 "cheapest at high token rates in stream-link (0, 5, 20; the stream link)")
     stream_transport: Literal["link", "ray"] = Field(
         "link", description="how a stream's body travels from engine to router after its first chunk: link = "
-        "frames on one TCP connection per engine/router replica pair (serving/streamlink.py), ray = a Ray "
+        "frames on one TCP connection per engine/router replica pair (serving/protocol/streamlink.py), ray = a Ray "
         "streaming item per flush; bench/results/request-path/stream-link measures both")
     max_queued_requests: int = Field(
         1024, ge=-1, description="requests waiting for a router replica before Ray Serve answers 503 with Retry-After")
@@ -350,6 +354,15 @@ class EngineSpec:
     def parallel_size(self) -> int:
         """Devices vLLM spreads one replica over: tensor_parallel_size x pipeline_parallel_size."""
         return int(self.engine_args.get("tensor_parallel_size", 1)) * int(self.engine_args.get("pipeline_parallel_size", 1))
+
+    @property
+    def gpu_workers(self) -> int:
+        """GPUs vLLM spreads one replica over (tensor x pipeline parallel); 0 on CPU.
+
+        serving/app.py reserves them as one STRICT_PACK placement group, [{"CPU": cpus}] + [{"GPU": 1}] * workers,
+        and serving/engine/capacity.py places the same bundles.
+        """
+        return self.parallel_size if self.resources.gpus else 0
 
 
 @dataclass(frozen=True)

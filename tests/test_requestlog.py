@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from serving.requestlog import RequestLog, RequestLogRecord, utc_now_iso
+from serving.router.requestlog import RequestLog, RequestLogRecord, utc_now_iso
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_the_file_is_appended_not_truncated(tmp_path):
 
 
 def test_stdout_gets_the_lines_and_they_are_flushed_at_exit():
-    code = ("from serving.requestlog import *\n"
+    code = ("from serving.router.requestlog import *\n"
             "log = RequestLog()\n"
             "for i in range(3): log.write(RequestLogRecord(utc_now_iso(), f'r{i}', 'k', 'm', 'm', None, 'name', 200, None))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

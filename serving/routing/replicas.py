@@ -1,6 +1,6 @@
 """Which replica of one deployment takes a request: a pure policy over what replicas last reported.
 
-The lead's Ray Serve `RequestRouter` subclass (serving/replica_router.py) and the simulator
+The lead's Ray Serve `RequestRouter` subclass (serving/router/replica_router.py) and the simulator
 (bench/simulate.py) both call `rank_replicas`; neither re-implements a policy.
 
 Eligibility comes first, whatever the strategy: replicas that reported healthy within the

@@ -9,7 +9,7 @@ The engine answers with a stream of items:
     ReplyTail                      streams only, last: usage and the engine's own timings
 
 When the request carries `reply_to` and the head says `linked`, the bytes and the tail travel
-as frames over serving.streamlink instead, and the Ray call yields only the head.
+as frames over serving.protocol.streamlink instead, and the Ray call yields only the head.
 
 The router relays the bytes untouched and reads only the head and the tail. Engines publish
 `RoutingStats` through Ray Serve's `record_routing_stats` (outside request slots); the replica
@@ -39,7 +39,7 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class LinkAddress:
-    """Where an engine writes one stream's frames (serving.streamlink): the router replica's hub,
+    """Where an engine writes one stream's frames (serving.protocol.streamlink): the router replica's hub,
     its token, and the stream's number there."""
 
     host: str
@@ -53,7 +53,7 @@ class LinkAddress:
 class UsageTicket:
     """How an engine settles a request whose end the router did not see (client gone, stream
     cut, timeout): the key's name and lease at the shared limits actor, and the model's price.
-    The engine only hands it back with its real counts (serving.limiter.report_usage)."""
+    The engine only hands it back with its real counts (serving.tenants.limiter.report_usage)."""
 
     key: str
     lease_id: str | None  # None: a key without limits (usage only)

@@ -1,4 +1,4 @@
-"""Per-key limits and usage as pure logic with an injected clock (no Ray; serving/limiter.py shares it).
+"""Per-key limits and usage as pure logic with an injected clock (no Ray; serving/tenants/limiter.py shares it).
 
 Requests and tokens per minute use an exact sliding window (a log of what was admitted /
 consumed in the last `window_s` seconds), not a token bucket or GCRA: the promise made to a

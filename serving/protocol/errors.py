@@ -162,7 +162,7 @@ def header_safe(text: str, limit: int = 200) -> str:
     return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
-# --- tenants: keys, allow-lists, limits (serving/tenants.py, serving/limits.py) ----------------
+# --- tenants: keys, allow-lists, limits (serving/tenants/keys.py, serving/tenants/limits.py) ----------------
 def model_not_allowed(model: str, key_name: str, allowed: list[str]) -> ServingError:
     return ServingError(
         403, f"The API key {key_name!r} may not use the model {header_safe(model, 120)!r}. "

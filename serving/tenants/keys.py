@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serving import errors
+from serving.protocol import errors
 from serving.config import NAME_PATTERN, TAG_SELECTOR_PREFIX
 
 logger = logging.getLogger("serving.tenants")

@@ -22,7 +22,7 @@ from typing import Iterator
 import yaml
 
 from serving.config import TAG_SELECTOR_PREFIX, ConfigError, load_config
-from serving.tenants import KeyEntry, KeysFile, KeysFileError, key_digest, parse_keys_file
+from serving.tenants.keys import KeyEntry, KeysFile, KeysFileError, key_digest, parse_keys_file
 
 DEFAULT_KEYS_FILE = "keys.yaml"
 KEY_PREFIX = "sk-"
