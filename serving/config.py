@@ -11,7 +11,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Collection, Iterable, Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -478,19 +478,44 @@ def _cross_checks(config: ServingConfig) -> list[Problem]:
     return problems
 
 
+class Named(Protocol):
+    """What a model reference resolves among: a ModelSpec here, a serving.routing.Target in the router."""
+
+    name: str
+    aliases: Iterable[str]
+    tags: Iterable[str]
+
+
+N = TypeVar("N", bound=Named)
+
+
+def selector_tags(ref: str) -> frozenset[str] | None:
+    """The tags a tag selector ('tag:a,b') lists (empty when it lists none); None if `ref` is no tag selector."""
+    if not ref.startswith(TAG_SELECTOR_PREFIX):
+        return None
+    return frozenset(t.strip() for t in ref[len(TAG_SELECTOR_PREFIX):].split(",") if t.strip())
+
+
+def resolve_ref(ref: str, entries: Collection[N]) -> tuple[str | None, list[N]]:
+    """What a model reference names among `entries`, and by which rule: an exact name ("name"), else an
+    alias ("alias"), else a tag selector: every entry carrying all the tags it lists ("tag"; none when it
+    lists no tag); else (None, []). The one resolution of name -> alias -> tag: for the config's own
+    checks (fallbacks, routes), the router (serving.routing.resolve) and key allow-lists."""
+    for entry in entries:
+        if entry.name == ref:
+            return "name", [entry]
+    for entry in entries:
+        if ref in entry.aliases:
+            return "alias", [entry]
+    wanted = selector_tags(ref)
+    if wanted is not None:
+        return "tag", [entry for entry in entries if wanted and wanted.issubset(entry.tags)]
+    return None, []
+
+
 def select_models(config: ServingConfig, ref: str) -> list[ModelSpec]:
     """The models a name, an alias or a tag selector ('tag:a,b': all tags) refers to."""
-    for spec in config.models:
-        if spec.name == ref:
-            return [spec]
-    for spec in config.models:
-        if ref in spec.aliases:
-            return [spec]
-    if ref.startswith(TAG_SELECTOR_PREFIX):
-        wanted = {t.strip() for t in ref[len(TAG_SELECTOR_PREFIX):].split(",") if t.strip()}
-        if wanted:
-            return [spec for spec in config.models if wanted <= set(spec.tags)]
-    return []
+    return resolve_ref(ref, config.models)[1]
 
 
 def fallback_graph(config: ServingConfig) -> dict[str, list[str]]:

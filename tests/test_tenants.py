@@ -304,7 +304,8 @@ def test_1000_random_requests_half_invalid_leave_no_key_material(tmp_path, caplo
     import random
     import time
 
-    from serving.router.requestlog import RequestLog, RequestLogRecord, utc_now_iso
+    from serving.protocol.timestamps import utc_iso
+    from serving.router.requestlog import RequestLog, RequestLogRecord
 
     caplog.set_level(logging.DEBUG)
     valid = [f"sk-{secrets.token_urlsafe(32)}" for _ in range(50)]
@@ -326,7 +327,7 @@ def test_1000_random_requests_half_invalid_leave_no_key_material(tmp_path, caplo
             status, origin, name = error.status, "auth", None
         elapsed += time.perf_counter() - started
         assert status == (200 if i % 2 else 401)
-        log.write(RequestLogRecord(utc_now_iso(), f"r{i}", name, "smollm2", None, None, None, status, origin))
+        log.write(RequestLogRecord(utc_iso(timespec="milliseconds"), f"r{i}", name, "smollm2", None, None, None, status, origin))
     log.close()
     text = (tmp_path / "requests.jsonl").read_text() + caplog.text
     assert len(text.splitlines()) >= 1000

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+# Where an error came from: the `x-error-origin` header, the request log's `error_origin`, the metrics' label.
 ORIGINS = ("client", "auth", "limit", "router", "engine", "overload", "timeout")
 
 _STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

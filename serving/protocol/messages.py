@@ -22,7 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ENDPOINTS = ("chat", "completion", "embed")
+# the OpenAI paths the router serves -> the endpoint an EngineRequest names
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embed"}
 
 
 @dataclass(slots=True)
@@ -63,7 +64,7 @@ class UsageTicket:
 
 @dataclass(slots=True)
 class EngineRequest:
-    endpoint: str  # one of ENDPOINTS
+    endpoint: str  # one of ENDPOINTS' values
     body: bytes  # the client's JSON body exactly as received; the engine validates it with vLLM's models
     request_id: str
     deadline: float  # time.time() after which the engine gives up on the request

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from serving.protocol.messages import Usage
+from serving.protocol.timestamps import utc_iso
 from serving.router.metrics import RouterMetrics
 
 logger = logging.getLogger("serving.router")
@@ -153,7 +153,7 @@ class Accounting:
 
         usage = record.usage
         return RequestLogRecord(
-            time=datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            time=utc_iso(timespec="milliseconds"),
             request_id=record.request_id, key=record.key_name, requested_model=record.requested_model,
             served_model=record.model if record.model != "none" else None, replica=record.replica,
             route_rule=record.rule if record.rule != "none" else None, status=record.status,

@@ -27,6 +27,7 @@ from serving.router.accounting import Accounting, RequestRecord
 from serving.router.forward import Forwarder
 from serving.router.listing import model_list
 from serving.router.loads import LoadView
+from serving.protocol.messages import ENDPOINTS
 from serving.protocol.streamlink import StreamHub
 from serving.routing import (Decision, RoutingError, catalog_from_config, known_model_ids, route, route_for,
                              routes_from_config)
@@ -34,11 +35,9 @@ from serving.routing.replicas import policy_from_spec, prefix_key, session_key
 from serving.routing.text import estimate_tokens, prompt_text
 from serving.router.auto import AutoRouter
 from serving.tenants.limits import worst_case_tokens
-from serving.tenants.keys import KeyRecord, KeyStore, key_label, require_admin, require_allowed, visible_models
+from serving.tenants.keys import KeyRecord, KeyStore, key_label, require_allowed, visible_models
 
 logger = logging.getLogger("serving.router")
-
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embed"}
 
 
 class Router:

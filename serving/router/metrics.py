@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from serving.protocol.errors import ORIGINS
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KEY_LABEL = "key"  # the label that names an API key (bounded: names from the keys file)
 PER_KEY_PREFIX = "serving_key_"  # families that exist only per key: withheld whole, HELP included
@@ -39,7 +41,7 @@ class RouterMetrics:
         r = self.registry
         self.requests = Counter(
             "serving_requests", "Requests finished by the router, by served model, route, routing rule, HTTP status "
-            "and error origin (client, auth, limit, router, engine, overload, timeout; empty on success).",
+            f"and error origin ({', '.join(ORIGINS)}; empty on success).",
             ["model", "route", "rule", "status", "error_origin"], registry=r)
         self.ttft = Histogram(
             "serving_time_to_first_token_seconds", "Time from request arrival at the router to the first streamed token.",

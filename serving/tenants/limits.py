@@ -30,8 +30,9 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
+
+from serving.protocol.timestamps import utc_iso
 
 DAY_S = 86400.0
 UNKNOWN_WINDOW = 1 << 20  # tokens: a model whose context window models.yaml does not state
@@ -303,10 +304,6 @@ class Limits:
         return state.spent
 
 
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "estimated_cost")
 
 
@@ -355,5 +352,5 @@ class UsageBook:
             today = spent_today(key)
             if today is not None:
                 entry["estimated_cost_today"] = round(today, 12)
-        return {"object": "usage", "since": _iso(self.since), "until": _iso(self.clock()),
+        return {"object": "usage", "since": utc_iso(self.since), "until": utc_iso(self.clock()),
                 "keys": keys, "models": {m: block(v) for m, v in sorted(models.items())}, "totals": block(total)}
