@@ -55,10 +55,6 @@ def error_response(message: str, type_: str, param: str | None = None, code: str
     return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return error_response(message, type_, param, code).model_dump()
-
-
 def origin_of(status: int) -> str:
     """Where an error with this status came from when nothing more specific is known."""
     if status in (401, 403):

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 import uuid
 from typing import Any
 

@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -333,9 +333,3 @@ def key_label(record: KeyRecord | None) -> str:
     """
     return record.name if record is not None else OPEN_KEY
 
-
-def describe(record: KeyRecord) -> dict[str, Any]:
-    """A record without its digest, for listings and logs."""
-    return {"name": record.name, "models": list(record.models) if record.models is not None else None,
-            "rpm": record.rpm, "tpm": record.tpm, "concurrency": record.concurrency,
-            "daily_budget": record.daily_budget, "admin": record.admin}

@@ -62,10 +62,6 @@ class Quota:
     concurrency: int | None = None
     daily_budget: float | None = None
 
-    @property
-    def limited(self) -> bool:
-        return any(v is not None for v in (self.rpm, self.tpm, self.concurrency, self.daily_budget))
-
     @classmethod
     def of(cls, record: Any) -> "Quota":
         return cls(record.rpm, record.tpm, record.concurrency, record.daily_budget)
