@@ -1,4 +1,8 @@
-"""The engine deployment: one vLLM `AsyncLLM` in-process, behind vLLM's own OpenAI handlers.
+"""The engine deployment: one vLLM `AsyncLLM` per replica, behind vLLM's own OpenAI handlers.
+
+The replica process runs AsyncLLM's frontend (these handlers, tokenising, detokenising); the
+engine core (scheduler and model) is always its own process, `VLLM::EngineCore`, a child of the
+replica (VLLM_ENABLE_V1_MULTIPROCESSING acts only on vLLM's synchronous engine).
 
 Request handling, validation and error messages are vLLM's (its chat, completion and
 embedding serving classes); this class adapts them to one Ray Serve streaming call per
