@@ -40,7 +40,7 @@ PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
 
 def create_key(keys: Path, name: str, *flags: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "serving.cli", "keys", "create", name, "--file", str(keys), *flags],
+    out = subprocess.run([sys.executable, "-m", "serving.control.cli", "keys", "create", name, "--file", str(keys), *flags],
                          capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
 

@@ -77,7 +77,7 @@ class Stack:
 
     def start(self, timeout: float = 900) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", str(self.config_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "serving.control.cli", "up", str(self.config_path)],
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -49,7 +49,7 @@ ENGINE = ("engine_core", "engine_worker")
 AROUND_ENGINE = tuple(r for r in ROLES if r not in ENGINE + ("bench_client", "other"))
 
 _INGRESS = re.compile(r"router|ingress", re.I)
-_DRIVER = re.compile(r"serving(\.cli)? up|bin/serving up|null_stack\.py|ray_serve_llm\.py|serve run|"
+_DRIVER = re.compile(r"serving(\.control\.cli|\.cli)? up|bin/serving up|null_stack\.py|ray_serve_llm\.py|serve run|"
                      r"ray(\.scripts\.scripts)? start")
 _AGENTS = re.compile(r"ray::(DashboardAgent|RuntimeEnvAgent)|dashboard/(agent|dashboard)\.py|"
                      r"runtime_env/agent/main\.py|log_monitor\.py|_private/monitor\.py|"

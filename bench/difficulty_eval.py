@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.provision import cache_dir
+from serving.engine.provision import cache_dir
 from serving.router.embedder import LocalEmbedder, StaticEmbedder
 from serving.routing.difficulty import DifficultyClassifier, Exemplar, embedding_text, load_exemplars
 

@@ -1,6 +1,6 @@
 """A stand-in engine that emits tokens at a set rate without computing: router capacity.
 
-Same interface as serving.engine.EngineDeployment (typed messages of serving/messages.py), so
+Same interface as serving.engine.deployment.EngineDeployment (typed messages of serving/protocol/messages.py), so
 `serving.app.build(config, engine_cls=NullEngine)` puts the full request path (proxy, router,
 relay) in front of it, and what the path alone sustains on a machine can be measured with no
 model competing for the cores. It lives in bench/, never in serving's real path.
@@ -28,9 +28,9 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from serving import errors
-from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
-from serving.streamlink import LinkPool, deliver
+from serving.protocol import errors
+from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
+from serving.protocol.streamlink import LinkPool, deliver
 
 TOKEN = " tok"  # every generated token's text
 

@@ -15,16 +15,15 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving.capacity import gpu_workers
-from serving.config import SERVE_ENV_DEFAULTS, EngineSpec, ServingConfig, config_to_dict, load_config, parse_config
-from serving.engine import EngineDeployment
-from serving.haproxy_launcher import BINARY_ENV
-from serving.metrics_export import MetricsExport, replica_id
-from serving.router import Router, activate
+from serving.config import (ROUTER_DEPLOYMENT, SERVE_ENV_DEFAULTS, EngineSpec, ServingConfig, config_to_dict, load_config,
+                            parse_config)
+from serving.engine.deployment import EngineDeployment
+from serving.control.haproxy_launcher import BINARY_ENV
+from serving.router.metrics_export import MetricsExport, replica_id
+from serving.router.core import Router
 from serving.router.http import app as router_http_app
+from serving.router.registry import activate
 
-APP_NAME = "serving"
-ROUTER_DEPLOYMENT = "router"
 # Ray starts every worker at nice 15 (its `worker_niceness`), and vLLM's engine core inherits it
 # from the replica: Ray's daemons, at 0, then preempted the engine's OpenMP threads, each slice
 # stalling a whole step (bench/results/request-path/priority). router.serve_env sets 0 for every
@@ -77,14 +76,14 @@ def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
         # Replicas publish load through record_routing_stats (polled by Ray's controller outside
         # request slots); our RequestRouter ranks them from it.
         "request_router_config": RequestRouterConfig(
-            request_router_class="serving.replica_router:EngineRequestRouter",
+            request_router_class="serving.router.replica_router:EngineRequestRouter",
             request_router_kwargs={"stale_after_s": config.router.report_stale_after_s,
                                    "policy": spec.routing.model_dump(), "routers": config.router.replicas},
             request_routing_stats_period_s=config.router.load_report_interval_s,
             request_routing_stats_timeout_s=max(2.0, config.router.load_report_interval_s * 2),
         ),
     }
-    parallel = gpu_workers(engine)
+    parallel = engine.gpu_workers
     if parallel > 1:
         # vLLM places its own GPU workers: reserve them as one placement group beside the replica.
         options["placement_group_bundles"] = [{"CPU": res.cpus}] + [{"GPU": 1}] * parallel
@@ -107,7 +106,7 @@ def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
 
 def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
     args = dict(engine.engine_args)
-    if gpu_workers(engine) > 1:  # workers live in the replica's placement group, placed by Ray
+    if engine.gpu_workers > 1:  # workers live in the replica's placement group, placed by Ray
         args.setdefault("distributed_executor_backend", "ray")
     return {"model": engine.model.model_dump(mode="json"), "engine_args": args, "env": dict(engine.env),
             "stream_flush_ms": config.router.stream_flush_ms}
@@ -136,7 +135,7 @@ def ray_env(config: ServingConfig, port: int) -> dict[str, str]:
 
 
 def haproxy_launcher_path() -> str:
-    """`serving-haproxy` beside this Python (serving.haproxy_launcher: HAProxy without splice, so a
+    """`serving-haproxy` beside this Python (serving.control.haproxy_launcher: HAProxy without splice, so a
     client's abort reaches the router). Every node runs the same installed package."""
     launcher = Path(sys.executable).parent / "serving-haproxy"
     if not os.access(launcher, os.X_OK):

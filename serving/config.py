@@ -11,7 +11,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Collection, Iterable, Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,10 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 COMMIT_PATTERN = r"^[0-9a-f]{40}$"  # a hub commit: the only revision that cannot move
 UNSAFE_FILE_PATTERN = r"^/|(^|/)\.\.(/|$)"  # absolute or climbing out of the package
 TAG_SELECTOR_PREFIX = "tag:"
+# The Ray Serve application and its router deployment, as `serving up`, the router's /v1/status and
+# the drain find them (the Helm chart names the application the same in its serveConfigV2).
+APP_NAME = "serving"
+ROUTER_DEPLOYMENT = "router"
 Task = Literal["chat", "completion", "embed"]
 
 # Engine arguments the stack sets itself from other keys of the model entry.
@@ -295,7 +299,7 @@ class RouterSpec(_Strict):
                                 "cheapest at high token rates in stream-link (0, 5, 20; the stream link)")
     stream_transport: Literal["link", "ray"] = Field(
         "link", description="how a stream's body travels from engine to router after its first chunk: link = "
-        "frames on one TCP connection per engine/router replica pair (serving/streamlink.py), ray = a Ray "
+        "frames on one TCP connection per engine/router replica pair (serving/protocol/streamlink.py), ray = a Ray "
         "streaming item per flush; bench/results/request-path/stream-link measures both")
     max_queued_requests: int = Field(
         1024, ge=-1, description="requests waiting for a router replica before Ray Serve answers 503 with Retry-After")
@@ -350,6 +354,15 @@ class EngineSpec:
     def parallel_size(self) -> int:
         """Devices vLLM spreads one replica over: tensor_parallel_size x pipeline_parallel_size."""
         return int(self.engine_args.get("tensor_parallel_size", 1)) * int(self.engine_args.get("pipeline_parallel_size", 1))
+
+    @property
+    def gpu_workers(self) -> int:
+        """GPUs vLLM spreads one replica over (tensor x pipeline parallel); 0 on CPU.
+
+        serving/app.py reserves them as one STRICT_PACK placement group, [{"CPU": cpus}] + [{"GPU": 1}] * workers,
+        and serving/engine/capacity.py places the same bundles.
+        """
+        return self.parallel_size if self.resources.gpus else 0
 
 
 @dataclass(frozen=True)
@@ -465,19 +478,44 @@ def _cross_checks(config: ServingConfig) -> list[Problem]:
     return problems
 
 
+class Named(Protocol):
+    """What a model reference resolves among: a ModelSpec here, a serving.routing.Target in the router."""
+
+    name: str
+    aliases: Iterable[str]
+    tags: Iterable[str]
+
+
+N = TypeVar("N", bound=Named)
+
+
+def selector_tags(ref: str) -> frozenset[str] | None:
+    """The tags a tag selector ('tag:a,b') lists (empty when it lists none); None if `ref` is no tag selector."""
+    if not ref.startswith(TAG_SELECTOR_PREFIX):
+        return None
+    return frozenset(t.strip() for t in ref[len(TAG_SELECTOR_PREFIX):].split(",") if t.strip())
+
+
+def resolve_ref(ref: str, entries: Collection[N]) -> tuple[str | None, list[N]]:
+    """What a model reference names among `entries`, and by which rule: an exact name ("name"), else an
+    alias ("alias"), else a tag selector: every entry carrying all the tags it lists ("tag"; none when it
+    lists no tag); else (None, []). The one resolution of name -> alias -> tag: for the config's own
+    checks (fallbacks, routes), the router (serving.routing.resolve) and key allow-lists."""
+    for entry in entries:
+        if entry.name == ref:
+            return "name", [entry]
+    for entry in entries:
+        if ref in entry.aliases:
+            return "alias", [entry]
+    wanted = selector_tags(ref)
+    if wanted is not None:
+        return "tag", [entry for entry in entries if wanted and wanted.issubset(entry.tags)]
+    return None, []
+
+
 def select_models(config: ServingConfig, ref: str) -> list[ModelSpec]:
     """The models a name, an alias or a tag selector ('tag:a,b': all tags) refers to."""
-    for spec in config.models:
-        if spec.name == ref:
-            return [spec]
-    for spec in config.models:
-        if ref in spec.aliases:
-            return [spec]
-    if ref.startswith(TAG_SELECTOR_PREFIX):
-        wanted = {t.strip() for t in ref[len(TAG_SELECTOR_PREFIX):].split(",") if t.strip()}
-        if wanted:
-            return [spec for spec in config.models if wanted <= set(spec.tags)]
-    return []
+    return resolve_ref(ref, config.models)[1]
 
 
 def fallback_graph(config: ServingConfig) -> dict[str, list[str]]:

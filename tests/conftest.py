@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.cli import all_models_ready
+from serving.control.cli import all_models_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 # Test stacks listen on 28000-28300: outside Ray's worker port range (10002-19999) and the
@@ -38,7 +38,7 @@ TENANTS_PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "28010"))
 
 def e2e_config(tmp: Path) -> Path:
     """The shipped models.yaml plus a second deployment of the chat model (served from its folder)."""
-    from serving.provision import model_dir
+    from serving.engine.provision import model_dir
     from serving.config import load_config
 
     raw = yaml.safe_load((ROOT / "models.yaml").read_text())
@@ -81,7 +81,7 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
     from serving.config import load_config
-    from serving.provision import provision_model
+    from serving.engine.provision import provision_model
 
     for spec in load_config(ROOT / "models.yaml").models:  # the twin is served from the same folder
         provision_model(spec)
@@ -89,7 +89,7 @@ def stack(tmp_path_factory) -> Stack:
     config = e2e_config(tmp)
     log = tmp / "serving-up.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", str(config)], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "serving.control.cli", "up", str(config)], cwd=ROOT, env=env,
                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{PORT}"
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -138,7 +138,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def create_key(keys: Path, name: str, *flags: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "keys", "create", name, "--file", str(keys), *flags],
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "keys", "create", name, "--file", str(keys), *flags],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
@@ -161,7 +161,7 @@ def tenants(tmp_path_factory):
     }
     assert all(key not in keys.read_text() for key in made.values())  # only hashes are stored
     from serving.config import load_config
-    from serving.provision import model_dir
+    from serving.engine.provision import model_dir
 
     raw = yaml.safe_load((ROOT / "deploy" / "models.auto-cpu.yaml").read_text())
     chat = next(m for m in load_config(ROOT / "models.yaml").models if m.name == CHAT_MODEL)
@@ -177,7 +177,7 @@ def tenants(tmp_path_factory):
     log = tmp / "serving-up.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("SERVING_API_KEYS", None)
-    process = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", str(config)], cwd=ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "serving.control.cli", "up", str(config)], cwd=ROOT, env=env,
                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{TENANTS_PORT}"
     deadline = time.monotonic() + 900

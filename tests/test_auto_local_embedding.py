@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from serving.config import load_config
-from serving.metrics import RouterMetrics
-from serving.provision import model_dir
+from serving.router.metrics import RouterMetrics
+from serving.engine.provision import model_dir
 from serving.router import auto
 from serving.router.auto import AutoRouter
 from serving.router.embedder import LocalEmbedder, StaticEmbedder

@@ -57,7 +57,7 @@ def test_parse_stat_of_this_process_matches_os_times():
     ("python", "/v/bin/python -u /v/ray/_private/runtime_env/agent/main.py --node-id=1", "ray_agents"),
     ("ray::IDLE", "ray::IDLE", "ray_workers"),
     ("ray::LimitsActo", "ray::LimitsActor.take", "ray_workers"),
-    ("python", "/v/bin/python -m serving.cli up /tmp/x.yaml", "driver"),
+    ("python", "/v/bin/python -m serving.control.cli up /tmp/x.yaml", "driver"),
     ("serving", "/v/bin/python /v/bin/serving up --port 8000", "driver"),
     ("python", "/v/bin/python bench/scripts/null_stack.py --port 18300", "driver"),
     ("python", "/v/bin/python bench/scripts/ray_serve_llm.py --port 18200", "driver"),

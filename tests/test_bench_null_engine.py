@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from bench.null_engine import NullEngine
-from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats
+from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats
 
 REPO = Path(__file__).resolve().parents[1]
 

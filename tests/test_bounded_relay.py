@@ -1,7 +1,7 @@
 """Bounded buffers from engine to client, and the deadline over a client that does not read.
 
 Real sockets, the real router (its Forwarder, FastAPI app and, for the client side, a real
-uvicorn server), the real `deliver` and hub of serving.streamlink, the real engine `_coalesce`;
+uvicorn server), the real `deliver` and hub of serving.protocol.streamlink, the real engine `_coalesce`;
 only the Ray call and vLLM's generator are stand-ins (tests/test_streamlink.py's pattern), so
 a reader can stop on demand. Assertions are on byte counts and on what was cancelled and
 accounted, not on timings.
@@ -16,10 +16,10 @@ import socket
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.engine import PUMP_LIMIT
-from serving.messages import ReplyHead, ReplyTail, Usage
-from serving.router import app
-from serving.streamlink import WINDOW, LinkPool
+from serving.engine.deployment import PUMP_LIMIT
+from serving.protocol.messages import ReplyHead, ReplyTail, Usage
+from serving.router.http import app
+from serving.protocol.streamlink import WINDOW, LinkPool
 from tests.test_engine_pending import CHUNK, chat_request, engine_with
 from tests.test_router_faults import CHAT, FakeHandle, make_router, ok
 from tests.test_streamlink import HEAD, LinkedCall, stream_a
@@ -134,7 +134,7 @@ def test_credit_is_granted_back_in_batches_not_per_chunk(monkeypatch):
     """A reader that keeps up: the whole stream passes, the engine never waits, and the router
     sends one credit frame per half window passed on (4 MiB: ~32 frames, not one per chunk)."""
     router, a, pool, engines = firehose_router(monkeypatch, count=256)
-    from serving.streamlink import _HubProtocol
+    from serving.protocol.streamlink import _HubProtocol
 
     sent = []
     original = _HubProtocol._send_grants

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving import capacity
-from serving.capacity import Node, check, nodes_from_ray
+from serving.engine import capacity
+from serving.engine.capacity import Node, check, nodes_from_ray
 from serving.config import parse_config
 
 CPU_PROFILE = {"cpu": {"resources": {"cpus": 1}}}
@@ -143,7 +143,7 @@ def test_nodes_from_ray_reads_totals_and_skips_dead_nodes():
 def test_serving_check_cpus_refuses_and_accepts(tmp_path, capsys):
     import yaml
 
-    from serving.cli import main
+    from serving.control.cli import main
 
     raw = {"default_profile": "cpu", "profiles": CPU_PROFILE,
            "models": [model("chat-a"), model("chat-b"), model("embed", task="embed", resources={"cpus": 0.5})]}

@@ -124,7 +124,7 @@ def test_pypi_source_hashes_and_file():
 
 
 def test_check_warns_about_hub_sources_without_a_pinned_revision(tmp_path, capsys):
-    from serving.cli import main
+    from serving.control.cli import main
 
     raw = mutate(lambda r: r["models"].append({"name": "pinned", "source": {"hub": "org/c", "revision": "a1" * 20}}))
     path = tmp_path / "models.yaml"
@@ -198,7 +198,7 @@ def test_shipped_models_files_are_valid():
 
 
 def run_check(path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.cli", "check", str(path)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(path)], capture_output=True, text=True)
 
 
 def test_check_command_accepts_the_shipped_file():
@@ -304,7 +304,7 @@ def test_fallback_graph_expands_selectors_in_order():
 
 @pytest.mark.parametrize("name", ["models.yaml", "deploy/models.gpu.yaml", "deploy/models.auto-cpu.yaml"])
 def test_shipped_files_pass_check(name):
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "check", str(ROOT / name), "--skip-engine-args"],
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(ROOT / name), "--skip-engine-args"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -1,6 +1,6 @@
 """Ray Serve's controller details -> per-deployment states (pure part, no cluster)."""
 
-from serving.deploy_status import AppState, changes, states_from_details
+from serving.control.status import AppState, changes, states_from_details
 
 DETAILS = {"applications": {"serving": {
     "status": "DEPLOYING", "message": "",

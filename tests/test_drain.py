@@ -7,7 +7,7 @@ is replaced so the HTTP behaviour is checked without a cluster.
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from serving import drain
+from serving.router import drain
 
 
 def app_with_drain(monkeypatch, flag: dict) -> TestClient:

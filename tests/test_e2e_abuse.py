@@ -74,7 +74,7 @@ def test_a_tpm_burst_is_held_to_the_limit_plus_one_reservation(tenants):
         responses = list(pool.map(lambda _: http.post("/v1/completions", json=body, headers=key), range(6)))
     answered = [r for r in responses if r.status_code == 200]
     served = sum(r.json()["usage"]["total_tokens"] for r in answered)
-    reservation = len(json.dumps(body)) + 64 + 300  # serving.limits.worst_case_tokens: one request's
+    reservation = len(json.dumps(body)) + 64 + 300  # serving.tenants.limits.worst_case_tokens: one request's
     assert served <= 600 + reservation, [r.status_code for r in responses]
     assert len(answered) == 1, [r.status_code for r in responses]  # a second would not fit its reservation
     refused = [r for r in responses if r.status_code == 429]

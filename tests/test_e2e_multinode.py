@@ -81,7 +81,7 @@ LAST_APP_STATE: list[str] = []
 def _replica_nodes(address: str) -> dict[str, str]:
     """Replica id -> Ray node id of the model's RUNNING replicas, asked from a fresh process: this
     pytest process may hold Ray/Serve state of other tests' clusters."""
-    code = ("import json, ray; from serving.deploy_status import app_state; "
+    code = ("import json, ray; from serving.control.status import app_state; "
             "ray.init(address=%r, logging_level='ERROR', log_to_driver=False); a = app_state('serving'); "
             "print(a.status, a.message, {n: d.line() for n, d in a.deployments.items()}); "
             "s = a.deployments.get(%r); print('NODES=' + json.dumps(dict(s.replica_nodes) if s else {}))"
@@ -110,7 +110,7 @@ def test_two_nodes_placement_and_node_loss(tmp_path):
     from ray.cluster_utils import Cluster
 
     from serving.config import parse_config
-    from serving.provision import provision_model
+    from serving.engine.provision import provision_model
 
     for spec in parse_config(CONFIG).models:  # one machine: both "nodes" share the cache
         provision_model(spec)
@@ -126,7 +126,7 @@ def test_two_nodes_placement_and_node_loss(tmp_path):
     log = tmp_path / "serving-up.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     # one HTTP proxy: both "nodes" share this machine's IP and so the port
-    up = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", str(config), "--address", cluster.address,
+    up = subprocess.Popen([sys.executable, "-m", "serving.control.cli", "up", str(config), "--address", cluster.address,
                            "--proxy-location", "HeadOnly"], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     trickle = Trickle()
     try:
@@ -174,7 +174,7 @@ def test_two_nodes_placement_and_node_loss(tmp_path):
         up.send_signal(signal.SIGINT)
         assert up.wait(120) == 0, log.read_text()[-3000:]
         assert [n for n in ray.nodes() if n["Alive"] and n["NodeID"] == head_id], "the head node went down"
-        from serving.deploy_status import app_state
+        from serving.control.status import app_state
 
         assert app_state("serving").status == "NOT_STARTED"
     finally:

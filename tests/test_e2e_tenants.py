@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from serving.cli import all_models_ready
+from serving.control.cli import all_models_ready
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, ROOT, bearer
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.stops_stack]
 
 
 def test_status_command_shows_models_and_deployments(stack):
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "status", "--url", stack.url],
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "status", "--url", stack.url],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for name in (CHAT_MODEL, SECOND_CHAT_MODEL, EMBED_MODEL):

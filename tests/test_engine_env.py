@@ -2,7 +2,7 @@
 
 import os
 
-from serving.engine import expand_thread_binding
+from serving.engine.deployment import expand_thread_binding
 
 
 def test_all_means_every_allowed_core_and_as_many_omp_threads():

@@ -10,9 +10,9 @@ import json
 import time
 import types
 
-from serving.engine import EngineDeployment, _LatestStats, _request_parsers
-from serving.streamlink import LinkPool, StreamHub
-from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, estimate_body_tokens
+from serving.engine.deployment import EngineDeployment, _LatestStats, _request_parsers
+from serving.protocol.streamlink import LinkPool, StreamHub
+from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, estimate_body_tokens
 from serving.routing import Load
 from serving.routing.core import score
 from serving.routing.replicas import ReplicaView

@@ -1,6 +1,6 @@
 """Our OpenAI types against vLLM's: same field names, so a vLLM upgrade that changes them fails here.
 
-serving/errors.py (ErrorInfo, ErrorResponse) and serving/router/listing.py (ModelCard, ModelList,
+serving/protocol/errors.py (ErrorInfo, ErrorResponse) and serving/router/listing.py (ModelCard, ModelList,
 ModelPermission) copy vLLM's types instead of importing them: the router process must not import
 vLLM (its protocol module pulls in torch). This test process may import vLLM; the router may not.
 """
@@ -14,7 +14,7 @@ import typing
 
 import pytest
 
-from serving import errors
+from serving.protocol import errors
 from serving.config import load_config
 from serving.router import listing
 from serving.routing import catalog_from_config
@@ -55,7 +55,7 @@ def test_code_is_a_string_by_design():
 
 def test_vllm_errors_reshape_into_ours():
     """vLLM's own ErrorResponse (int code) becomes our body with vLLM's field names and a string code."""
-    from serving.engine import _from_vllm_response
+    from serving.engine.deployment import _from_vllm_response
 
     theirs = protocol.ErrorResponse(error=protocol.ErrorInfo(
         message="This model's maximum context length is 2048 tokens.", type="BadRequestError",
@@ -70,7 +70,7 @@ def test_vllm_errors_reshape_into_ours():
 
 def test_vllm_stream_error_event_is_reshaped():
     """vLLM streams `data: {"error": {..., "code": 500}}`: the engine relays our shape instead."""
-    from serving.engine import VLLM_SSE_ERROR, _reshape_sse_error
+    from serving.engine.deployment import VLLM_SSE_ERROR, _reshape_sse_error
 
     event = "data: " + json.dumps(protocol.ErrorResponse(error=protocol.ErrorInfo(
         message="Internal server error", type="InternalServerError", code=500)).model_dump()) + "\n\n"
@@ -98,7 +98,8 @@ def test_listing_is_a_valid_vllm_model_list():
 
 def test_router_does_not_import_vllm():
     """The router is a thin process: importing it (and the errors) must not pull in vLLM or torch."""
-    code = ("import sys, serving.errors, serving.router, serving.router.listing, serving.drain; "
+    code = ("import sys, serving.protocol.errors, serving.router.core, serving.router.http, serving.router.listing, "
+            "serving.router.drain; "
             "print(sorted(m for m in ('vllm', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""A client that gives up reaches the router through Ray Serve's HAProxy (serving/haproxy_launcher.py).
+"""A client that gives up reaches the router through Ray Serve's HAProxy (serving/control/haproxy_launcher.py).
 
 With splice on (Ray Serve 2.60's template) HAProxy 2.8 lost about one abort in two: the router
 kept waiting, the engine kept generating and a limited key kept its slot. Here the launcher runs

@@ -174,7 +174,7 @@ def test_import_path_resolves_to_the_application_builder(rendered):
 def test_serve_config_models_pass_serving_check(rendered, key, tmp_path):
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(serve_config(rendered[key])["applications"][0]["args"]))
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "check", str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -297,7 +297,7 @@ def test_api_keys_come_from_the_secret_reference(rendered):
 def _parse_with_the_cli(argv: list[str], monkeypatch) -> Any:
     """The arguments the real CLI parser makes of argv; the provisioning itself is stubbed out
     (test_provisioning_init_container_runs_for_real runs it)."""
-    import serving.cli as cli
+    import serving.control.cli as cli
 
     seen = {}
     monkeypatch.setattr(cli, "cmd_provision", lambda args: seen.setdefault("args", args) and 0)
@@ -352,7 +352,7 @@ def test_provisioning_init_container_runs_for_real(rendered, tmp_path):
     configmap.write_text(one(rendered["default"], "ConfigMap", "-config")["data"]["models.yaml"])
     command = [str(configmap) if a == "/etc/serving/models.yaml" else a for a in init["command"]]
     env = {**os.environ, **{e["name"]: e["value"] for e in init["env"] if "value" in e and e["name"] == "HF_HUB_OFFLINE"}}
-    result = subprocess.run([sys.executable, "-m", "serving.cli", *command[1:]], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", *command[1:]], capture_output=True, text=True,
                             timeout=1800, cwd=ROOT, env=env)
     assert command[0] == "serving" and result.returncode == 0, result.stdout + result.stderr
     for model in yaml.safe_load(configmap.read_text())["models"]:
@@ -536,7 +536,7 @@ def test_cross_key_problems_are_caught_by_serving_check_on_the_render(case, tmp_
     values, expected = CHECKED_BY_SERVING_CHECK[case]
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(serve_config(render(values))["applications"][0]["args"]))
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "check", str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode != 0 and expected in result.stderr, result.stdout + result.stderr
 
 
@@ -570,8 +570,8 @@ def router_metric_names() -> set[str]:
     """Sample names the router's registry really exposes (every labelled metric touched once)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from serving.messages import RoutingStats
-    from serving.metrics import RouterMetrics
+    from serving.protocol.messages import RoutingStats
+    from serving.router.metrics import RouterMetrics
 
     metrics = RouterMetrics()
     metrics.engines.reports = lambda: {"m": [RoutingStats("r", "m", True)]}

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from serving.config import parse_config
-from serving.tenants import key_digest, parse_keys_file
+from serving.tenants.keys import key_digest, parse_keys_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.errors import ServingError
-from serving.tenants import KeyStore, key_digest, load_keys_file
+from serving.protocol.errors import ServingError
+from serving.tenants.keys import KeyStore, key_digest, load_keys_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def serving(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "serving.control.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -124,7 +124,7 @@ def test_concurrent_creates_lose_no_key(tmp_path):
 
 
 def test_models_argument_parsing():
-    from serving.keys_cli import parse_models
+    from serving.control.keys_cli import parse_models
     assert parse_models(["a,b"]) == ["a", "b"]
     assert parse_models(["smollm2,tag:chat,small"]) == ["smollm2", "tag:chat,small"]
     assert parse_models(["tag:embed", "minilm, smollm2"]) == ["tag:embed", "minilm", "smollm2"]

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from serving.limits import (DAY_S, TEMPLATE_TOKENS, UNKNOWN_WINDOW, Limits, Quota, UsageBook, format_reset,
+from serving.tenants.limits import (DAY_S, TEMPLATE_TOKENS, UNKNOWN_WINDOW, Limits, Quota, UsageBook, format_reset,
                             worst_case_tokens)
 
 

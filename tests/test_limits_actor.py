@@ -12,9 +12,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from serving.errors import ServingError  # noqa: E402
-from serving.limiter import Limiter, get_or_create_actor, kill_actor  # noqa: E402
-from serving.tenants import KeyRecord, KeyStore, key_digest  # noqa: E402
+from serving.protocol.errors import ServingError  # noqa: E402
+from serving.tenants.limiter import Limiter, get_or_create_actor, kill_actor  # noqa: E402
+from serving.tenants.keys import KeyRecord, KeyStore, key_digest  # noqa: E402
 
 T0 = 1_800_000_000.0  # manual clock start (UTC 2027-01-15T08:00:00Z)
 

@@ -10,8 +10,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from serving.metrics import RouterMetrics  # noqa: E402
-from serving.metrics_export import REPLICA_LABEL, MetricsExport, kill_actor  # noqa: E402
+from serving.router.metrics import RouterMetrics  # noqa: E402
+from serving.router.metrics_export import REPLICA_LABEL, MetricsExport, kill_actor  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

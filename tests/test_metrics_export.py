@@ -1,5 +1,5 @@
 """/metrics without a cluster: the privacy filter (per-key series for admin keys only) and the
-merge of several router replicas' registries (serving/metrics_export.py).
+merge of several router replicas' registries (serving/router/metrics_export.py).
 
 The shared actor is stood in for by an in-process `MetricsBoard` behind a fake handle with the
 shape of a Ray actor handle (`board.method.remote(*args).as_future()`); the real actor is made
@@ -15,11 +15,13 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.messages import RoutingStats
-from serving.metrics import MetricsView, RouterMetrics, visible
-from serving.metrics_export import REPLICA_LABEL, MetricsBoard, MetricsExport, merge, snapshot
-from serving.router import Router, activate, app
-from serving.tenants import key_digest
+from serving.protocol.messages import RoutingStats
+from serving.router.metrics import MetricsView, RouterMetrics, visible
+from serving.router.metrics_export import REPLICA_LABEL, MetricsBoard, MetricsExport, merge, snapshot
+from serving.router.core import Router
+from serving.router.http import app
+from serving.router.registry import activate
+from serving.tenants.keys import key_digest
 
 CONFIG = {"models": [{"name": "a", "source": {"path": "/m/a"}, "task": "chat"}]}
 KEYS = {"ops": ("k-admin-1", True), "team-a": ("k-team-a-1", False), "team-b": ("k-team-b-1", False)}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import serving.provision as provision
+import serving.engine.provision as provision
 from serving.config import parse_config
-from serving.provision import ProvisionError, model_dir, provision_model
+from serving.engine.provision import ProvisionError, model_dir, provision_model
 
 
 @pytest.fixture(autouse=True)
@@ -147,12 +147,12 @@ def test_provision_command_reports_each_model(cache, tmp_path):
     config.write_text("models:\n  - name: tiny\n    task: embed\n    source: {pypi: tiny-pkg==1.0, file: tinypkg/model}\n"
                       "  - name: broken\n    task: embed\n    source: {path: /does/not/exist}\n")
     env = {**os.environ, "SERVING_CACHE_DIR": str(cache)}
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "provision", str(config)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "provision", str(config)], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 1
     assert "tiny: provisioned at" in result.stdout
     assert "broken: FAILED:" in result.stderr and "not a model folder" in result.stderr
-    again = subprocess.run([sys.executable, "-m", "serving.cli", "provision", str(config)], capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "serving.control.cli", "provision", str(config)], capture_output=True,
                            text=True, env=env)
     assert "tiny: cached at" in again.stdout
 

@@ -9,13 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from serving.requestlog import RequestLog, RequestLogRecord, utc_now_iso
+from serving.protocol.timestamps import utc_iso
+from serving.router.requestlog import RequestLog, RequestLogRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def record(i: int = 0, **over) -> RequestLogRecord:
-    values = dict(time=utc_now_iso(), request_id=f"req-{i}", key="team-a", requested_model="smollm2",
+    values = dict(time=utc_iso(timespec="milliseconds"), request_id=f"req-{i}", key="team-a", requested_model="smollm2",
                   served_model="smollm2-135m", replica="router#abc", route_rule="alias", status=200,
                   error_origin=None, prompt_tokens=12, completion_tokens=30, ttft_ms=41.5, duration_ms=380.2,
                   overhead_ms=3.1, fallback_from=None)
@@ -53,9 +54,10 @@ def test_the_file_is_appended_not_truncated(tmp_path):
 
 
 def test_stdout_gets_the_lines_and_they_are_flushed_at_exit():
-    code = ("from serving.requestlog import *\n"
+    code = ("from serving.protocol.timestamps import utc_iso\n"
+            "from serving.router.requestlog import *\n"
             "log = RequestLog()\n"
-            "for i in range(3): log.write(RequestLogRecord(utc_now_iso(), f'r{i}', 'k', 'm', 'm', None, 'name', 200, None))\n")
+            "for i in range(3): log.write(RequestLogRecord(utc_iso(), f'r{i}', 'k', 'm', 'm', None, 'name', 200, None))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
     assert [json.loads(line)["request_id"] for line in out.splitlines()] == ["r0", "r1", "r2"]

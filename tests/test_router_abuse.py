@@ -16,11 +16,12 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-from serving import errors  # noqa: E402
-from serving.limiter import Limiter, report_usage  # noqa: E402
-from serving.messages import EngineRequest, ReplyHead, RoutingStats, Usage  # noqa: E402
-from serving.router import Router, activate  # noqa: E402
-from serving.tenants import key_digest  # noqa: E402
+from serving.protocol import errors  # noqa: E402
+from serving.tenants.limiter import Limiter, report_usage  # noqa: E402
+from serving.protocol.messages import EngineRequest, ReplyHead, RoutingStats, Usage  # noqa: E402
+from serving.router.core import Router  # noqa: E402
+from serving.router.registry import activate  # noqa: E402
+from serving.tenants.keys import key_digest  # noqa: E402
 from tests.test_router_faults import FakeHandle, FakeStream, FakeView, _request, healthy  # noqa: E402
 
 PRICE = {"input_per_million": 1.0, "output_per_million": 2.0}
@@ -260,8 +261,8 @@ def test_limits_and_allow_lists_come_before_difficulty_classification(tmp_path, 
 
 def test_the_limits_lookup_is_inside_the_timeout(monkeypatch):
     """A lookup of the actor that hangs fails open (or closed) within call_timeout_s, like a slow call."""
-    from serving import limiter as limiter_module
-    from serving.tenants import KeyRecord
+    from serving.tenants import limiter as limiter_module
+    from serving.tenants.keys import KeyRecord
 
     monkeypatch.setattr(limiter_module, "get_or_create_actor", lambda *a, **k: time.sleep(5))
 
@@ -281,7 +282,7 @@ def test_the_limits_lookup_is_inside_the_timeout(monkeypatch):
 
 def test_a_request_cancelled_while_its_admission_is_decided_holds_no_lease():
     """The client leaves while the limits actor admits it: the lease it may have taken is released."""
-    from serving.tenants import KeyRecord
+    from serving.tenants.keys import KeyRecord
 
     name = f"admitting-{time.monotonic_ns()}"
 

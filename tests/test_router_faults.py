@@ -18,9 +18,11 @@ from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from starlette.requests import Request
 
-from serving import errors
-from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
-from serving.router import Router, activate, app
+from serving.protocol import errors
+from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
+from serving.router.core import Router
+from serving.router.http import app
+from serving.router.registry import activate
 
 PRICE = {"input_per_million": 1.0, "output_per_million": 2.0}
 CONFIG = {

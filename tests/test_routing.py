@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from serving.config import parse_config
-from serving.routing import Load, RoutingError, Target, aggregate, catalog_from_config, resolve, route, score
+from serving.protocol.messages import RoutingStats
+from serving.router.loads import LoadView
+from serving.routing import Load, RoutingError, Target, catalog_from_config, resolve, route, score
 
 CATALOG = {
     "small-a": Target("small-a", "chat", frozenset({"chat", "small"}), ("fast",), price_per_million=0.2),
@@ -120,15 +122,37 @@ def test_score_uses_the_larger_of_local_and_reported_queue():
     assert score(Load(inflight=0, running=2, waiting=1, replicas=1)) == 3 + 2
 
 
-def test_aggregate_folds_replica_reports():
-    reports = [{"healthy": True, "running": 2, "waiting": 1, "kv_cache_usage": 0.5},
-               {"healthy": True, "running": 1, "waiting": 0, "kv_cache_usage": 0.7},
-               {"healthy": False, "running": 9, "waiting": 9, "kv_cache_usage": 1.0}]
-    load = aggregate(reports, inflight=2)
-    assert load == Load(inflight=2, running=3, waiting=1, kv_cache_usage=0.7, replicas=2, healthy=True)
-    assert aggregate([], 0).healthy is None
-    assert aggregate(reports, 0, down=True).healthy is False
-    assert aggregate([{"healthy": False}], 0).healthy is False
+class ReportingView:
+    """What the load view reads of an engine deployment's request router: its replicas' reports."""
+
+    def __init__(self, reports, saturated=False):
+        self._reports, self._saturated = list(reports), saturated
+
+    def reports(self):
+        return self._reports
+
+    def saturated(self):
+        return self._saturated
+
+
+def load_of(reports, inflight=0, saturated=False, now=1000.0) -> Load:
+    """The live load view (serving.router.loads.LoadView) of one deployment "m"."""
+    view = LoadView(["m"], {"m": ReportingView(reports, saturated)}, stale_after_s=15.0)
+    view.inflight["m"] = inflight
+    return view.load("m", now)
+
+
+def test_load_view_folds_replica_reports():
+    reports = [RoutingStats("r1", "m", True, running=2, waiting=1, kv_cache_usage=0.5, at=1000.0),
+               RoutingStats("r2", "m", True, running=1, waiting=0, kv_cache_usage=0.7, at=999.0),
+               RoutingStats("r3", "m", False, running=9, waiting=9, kv_cache_usage=1.0, at=1000.0)]
+    load = load_of(reports, inflight=2)
+    assert load == Load(inflight=2, running=3, waiting=1, kv_cache_usage=0.7, replicas=2, healthy=True,
+                        reported_at=1000.0)
+    assert load_of([]).healthy is None
+    assert LoadView(["m"], {}, 15.0).load("m").healthy is None  # no request router yet: starting
+    assert load_of([RoutingStats("r1", "m", False, at=1000.0)]).healthy is False
+    assert load_of([RoutingStats("r1", "m", True, at=900.0)]).healthy is False  # stopped reporting
 
 
 def test_catalog_from_config():
@@ -145,7 +169,7 @@ def test_saturated_deployment_ranks_after_one_with_room():
 
 
 def test_saturated_is_not_unhealthy():
-    load = aggregate([{"healthy": True, "running": 32}], inflight=40, saturated=True)
+    load = load_of([RoutingStats("r1", "m", True, running=32, at=1000.0)], inflight=40, saturated=True)
     assert load.healthy is True and load.saturated
     assert route("small-a", "chat", CATALOG, all_ready(small_a=load)).candidates == ("small-a",)
 

@@ -110,7 +110,7 @@ def test_cli_replay(tmp_path):
 
 
 def test_routers_see_their_own_sends_since_the_report_and_know_how_many_routers_there_are(monkeypatch):
-    """What the live replica router gives the policy (serving/replica_router.py): the router count,
+    """What the live replica router gives the policy (serving/router/replica_router.py): the router count,
     and per replica the prompt tokens this router sent since that replica's last report."""
     seen = []
 

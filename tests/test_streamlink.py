@@ -1,4 +1,4 @@
-"""The stream link (serving/streamlink.py): real sockets, the real router, engines as fakes.
+"""The stream link (serving/protocol/streamlink.py): real sockets, the real router, engines as fakes.
 
 The engine side runs the real `deliver` over a real TCP connection to the router's real hub;
 only the Ray call is a stand-in (a generator the router drives and can cancel), so faults
@@ -16,8 +16,8 @@ import json
 import pytest
 from ray.serve.exceptions import RequestCancelledError
 
-from serving.messages import LinkAddress, ReplyHead, ReplyTail, Usage
-from serving.streamlink import (DATA, HEADER, MAGIC, TAIL, LinkBroken, LinkPool, StreamHub, _HubProtocol, deliver,
+from serving.protocol.messages import LinkAddress, ReplyHead, ReplyTail, Usage
+from serving.protocol.streamlink import (DATA, HEADER, MAGIC, TAIL, LinkBroken, LinkPool, StreamHub, _HubProtocol, deliver,
                                 encode_tail)
 from tests.test_router_faults import CHAT, FakeHandle, _request, make_router, ok
 
@@ -351,7 +351,7 @@ def test_an_oversized_frame_closes_the_connection():
 
 
 def test_a_stream_whose_end_never_arrives_fails_after_the_grace(monkeypatch):
-    monkeypatch.setattr("serving.streamlink.END_GRACE_S", 0.05)
+    monkeypatch.setattr("serving.protocol.streamlink.END_GRACE_S", 0.05)
 
     async def scenario():
         hub = StreamHub("127.0.0.1")

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from serving.config import load_config
-from serving.errors import ServingError
+from serving.protocol.errors import ServingError
 from serving.routing import catalog_from_config
-from serving.tenants import (KeyRecord, KeyStore, KeysFileError, allowed_names, key_digest, parse_keys_file, require_admin,
+from serving.tenants.keys import (KeyRecord, KeyStore, KeysFileError, allowed_names, key_digest, parse_keys_file, require_admin,
                              require_allowed, visible_models)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +290,7 @@ def test_forbidden_is_a_403_naming_what_the_key_may_use(catalog):
 
 
 def test_admin_only_and_key_labels():
-    from serving.tenants import OPEN_KEY, key_label, require_admin
+    from serving.tenants.keys import OPEN_KEY, key_label, require_admin
     require_admin(None)  # open API
     require_admin(KeyRecord("ops", admin=True))
     with pytest.raises(ServingError) as error:
@@ -304,7 +304,8 @@ def test_1000_random_requests_half_invalid_leave_no_key_material(tmp_path, caplo
     import random
     import time
 
-    from serving.requestlog import RequestLog, RequestLogRecord, utc_now_iso
+    from serving.protocol.timestamps import utc_iso
+    from serving.router.requestlog import RequestLog, RequestLogRecord
 
     caplog.set_level(logging.DEBUG)
     valid = [f"sk-{secrets.token_urlsafe(32)}" for _ in range(50)]
@@ -326,7 +327,7 @@ def test_1000_random_requests_half_invalid_leave_no_key_material(tmp_path, caplo
             status, origin, name = error.status, "auth", None
         elapsed += time.perf_counter() - started
         assert status == (200 if i % 2 else 401)
-        log.write(RequestLogRecord(utc_now_iso(), f"r{i}", name, "smollm2", None, None, None, status, origin))
+        log.write(RequestLogRecord(utc_iso(timespec="milliseconds"), f"r{i}", name, "smollm2", None, None, None, status, origin))
     log.close()
     text = (tmp_path / "requests.jsonl").read_text() + caplog.text
     assert len(text.splitlines()) >= 1000

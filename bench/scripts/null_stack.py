@@ -94,7 +94,8 @@ def main() -> int:
            "NULL_ENGINE_MAX_TOKENS": str(args.max_tokens)}
     cfg_dict = null_config(raw, args.model, env, args.engine_cpus, args.engine_replicas, args.max_ongoing, router)
 
-    from serving.app import APP_NAME, build
+    from serving.app import build
+    from serving.config import APP_NAME
     from serving.config import parse_config
 
     config = parse_config(cfg_dict, "null stack config")

@@ -29,8 +29,8 @@ from bench.stack_process import serve_until_signal  # noqa: E402  (needs REPO on
 def engine_settings(config_path: str, model: str) -> tuple[str, dict, dict]:
     """(model folder, engine kwargs, env) exactly as the stack would start this model."""
     from serving.config import load_config
-    from serving.engine import expand_thread_binding
-    from serving.provision import model_dir
+    from serving.engine.deployment import expand_thread_binding
+    from serving.engine.provision import model_dir
 
     config = load_config(config_path)
     spec = next((m for m in config.models if m.name == model), None)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7: the stream link (router.stream_transport: link, serving/streamlink.py) against Ray
+# Issue 7: the stream link (router.stream_transport: link, serving/protocol/streamlink.py) against Ray
 # streaming items (ray) and bare vLLM, each server alone, interleaved (alone_abba.sh), with the CPU
 # of every process role around each c8 run (CPU_PROFILE=1). Variants:
 #   link    the default: the stream's body over the link, flushed every 20 ms

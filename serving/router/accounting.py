@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
-from serving.messages import Usage
-from serving.metrics import RouterMetrics
+from serving.protocol.messages import Usage
+from serving.protocol.timestamps import utc_iso
+from serving.router.metrics import RouterMetrics
 
 logger = logging.getLogger("serving.router")
 
@@ -34,7 +34,7 @@ class RequestRecord:
     ttft_s: float | None = None
     engine_s: float | None = None
     fallback_from: str | None = None
-    admission: Any = None  # serving.limiter.Admission once limits admitted the request
+    admission: Any = None  # serving.tenants.limiter.Admission once limits admitted the request
     endpoint: str = ""
     arrived: float = field(default_factory=time.time)
     decision: Any = None  # serving.routing.Decision once routed
@@ -54,8 +54,8 @@ class Accounting:
     def __init__(self, metrics: RouterMetrics, prices: dict, request_log=None, limiter=None, trace=None):
         self.metrics = metrics
         self.prices = prices  # model name -> Price
-        self.request_log = request_log  # serving.requestlog.RequestLog or None
-        self.limiter = limiter  # serving.limiter.Limiter or None
+        self.request_log = request_log  # serving.router.requestlog.RequestLog or None
+        self.limiter = limiter  # serving.tenants.limiter.Limiter or None
         self.trace = trace  # a RequestLog writing serving.routing.trace.TraceRecord lines, or None
 
     def first_token(self, record: RequestRecord) -> None:
@@ -113,7 +113,7 @@ class Accounting:
     def _settle(self, record: RequestRecord, usage, cost: float) -> None:
         """End the request at the limits, on every path: the real counts when the router has them
         (any status: a deadline after the prefill still consumed tokens); a hold when the engine
-        was cut before its counts arrived (it settles them itself: serving.limiter.report_usage);
+        was cut before its counts arrived (it settles them itself: serving.tenants.limiter.report_usage);
         else only the lease's end (no engine work)."""
         import asyncio
 
@@ -149,11 +149,11 @@ class Accounting:
 
     @staticmethod
     def _log_line(record: RequestRecord, duration: float):
-        from serving.requestlog import RequestLogRecord
+        from serving.router.requestlog import RequestLogRecord
 
         usage = record.usage
         return RequestLogRecord(
-            time=datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            time=utc_iso(timespec="milliseconds"),
             request_id=record.request_id, key=record.key_name, requested_model=record.requested_model,
             served_model=record.model if record.model != "none" else None, replica=record.replica,
             route_rule=record.rule if record.rule != "none" else None, status=record.status,

@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-from serving.messages import EngineRequest
+from serving.protocol.messages import EngineRequest
 
 logger = logging.getLogger("serving.router")
 
@@ -80,7 +80,7 @@ class AutoRouter:
         self._pending -= 1
 
     async def _load_in_router(self) -> None:
-        from serving.provision import provision_model
+        from serving.engine.provision import provision_model
         from serving.router.embedder import LocalEmbedder, StaticEmbedder
 
         # provisioned on this node like an engine replica would (offline: the cache or a package)

@@ -13,40 +13,38 @@ import dataclasses
 import json
 import logging
 import os
-import time
 import uuid
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serving import errors
+from serving.protocol import errors
 from serving.config import ServingConfig, parse_config
-from serving.metrics import RouterMetrics
+from serving.router.metrics import RouterMetrics
 from serving.router.accounting import Accounting, RequestRecord
 from serving.router.forward import Forwarder
 from serving.router.listing import model_list
 from serving.router.loads import LoadView
-from serving.streamlink import StreamHub
+from serving.protocol.messages import ENDPOINTS
+from serving.protocol.streamlink import StreamHub
 from serving.routing import (Decision, RoutingError, catalog_from_config, known_model_ids, route, route_for,
                              routes_from_config)
 from serving.routing.replicas import policy_from_spec, prefix_key, session_key
 from serving.routing.text import estimate_tokens, prompt_text
 from serving.router.auto import AutoRouter
-from serving.limits import worst_case_tokens
-from serving.tenants import KeyRecord, KeyStore, key_label, require_admin, require_allowed, visible_models
+from serving.tenants.limits import worst_case_tokens
+from serving.tenants.keys import KeyRecord, KeyStore, key_label, require_allowed, visible_models
 
 logger = logging.getLogger("serving.router")
-
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embed"}
 
 
 class Router:
     """Holds the catalog, the engine handles and the load view; the HTTP routes call in."""
 
     def __init__(self, config: dict[str, Any], engines: dict[str, Any], load_views: dict[str, Any] | None = None):
-        if load_views is None:
-            from serving.replica_router import LOAD_VIEWS as load_views
+        if load_views is None:  # the request routers Ray Serve makes in this process (serving.router.registry)
+            from serving.router.registry import LOAD_VIEWS as load_views
         self.config: ServingConfig = parse_config(config)
         self.catalog = catalog_from_config(self.config)
         self.routes = routes_from_config(self.config)
@@ -164,7 +162,7 @@ class Router:
     def reservation(self, key: KeyRecord | None, body_bytes: int, body: dict, endpoint: str,
                     max_tokens: int | None, names: list[str]) -> tuple[int, float]:
         """The request's worst case in tokens and cost, over every model it may reach (see
-        serving.limits.worst_case_tokens); only keys with a tpm or budget reserve."""
+        serving.tenants.limits.worst_case_tokens); only keys with a tpm or budget reserve."""
         if key is None or (key.tpm is None and key.daily_budget is None):
             return 0, 0.0
         choices = body.get("n") if isinstance(body.get("n"), int) else 1
@@ -226,13 +224,13 @@ class Router:
 
 
 def make_limiter(router_spec):
-    from serving.limiter import Limiter
+    from serving.tenants.limiter import Limiter
 
     return Limiter.from_config(router_spec)
 
 
 def make_request_log(router_spec, path: str | None = None, stdout: bool = True):
-    from serving.requestlog import RequestLog
+    from serving.router.requestlog import RequestLog
 
     return RequestLog(stdout=stdout, path=path or router_spec.request_log_file)
 

@@ -7,7 +7,7 @@ decoding them. In-flight counts are released and the request accounted exactly o
 path: answer, error, failover, client gone, timeout.
 
 Buffers on a stream's way to its client are bounded, each by the next one's pace: the engine's
-pump (serving.engine `_coalesce`), the link's per-stream credit (serving.streamlink: the relay
+pump (serving.engine.deployment `_coalesce`), the link's per-stream credit (serving.protocol.streamlink: the relay
 grants bytes back only as it hands them to the client), and the client's connection (the ASGI
 send waits while the server's socket buffer is full). A client that stops reading therefore
 stalls only its own stream, and the deadline still ends it: `RelayResponse` cuts a send blocked
@@ -25,12 +25,12 @@ from typing import Any, AsyncIterator
 
 from starlette.responses import Response, StreamingResponse
 
-from serving import errors
-from serving.messages import EngineRequest, LinkAddress, ReplyHead, ReplyTail
+from serving.protocol import errors
+from serving.protocol.messages import EngineRequest, LinkAddress, ReplyHead, ReplyTail
 from serving.router.accounting import Accounting, RequestRecord
 from serving.router.loads import LoadView
 from serving.routing import Decision
-from serving.streamlink import Inbox, StreamHub
+from serving.protocol.streamlink import Inbox, StreamHub
 
 logger = logging.getLogger("serving.router")
 
@@ -113,7 +113,7 @@ class Forwarder:
     def __init__(self, streams: dict[str, Any], loads: LoadView, accounting: Accounting, timeout_s: float,
                  hub: StreamHub | None = None):
         self.streams = streams  # deployment name -> handle with stream=True, method `generate`
-        self.hub = hub  # streams' bodies arrive here, not as Ray items (serving.streamlink); None: Ray
+        self.hub = hub  # streams' bodies arrive here, not as Ray items (serving.protocol.streamlink); None: Ray
         self.loads = loads
         self.accounting = accounting
         self.timeout_s = timeout_s

@@ -7,29 +7,25 @@ import asyncio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from serving import errors
-from serving.drain import DrainMiddleware
-from serving.metrics import CONTENT_TYPE, MetricsView
+from serving.protocol import errors
+from serving.router.drain import DrainMiddleware
+from serving.router.metrics import CONTENT_TYPE, MetricsView
+from serving.router import registry
 from serving.router.core import Router
-from serving.tenants import require_admin
+from serving.tenants.keys import require_admin
 
 app = FastAPI(title="serving router", docs_url=None, redoc_url=None, openapi_url=None)
 app.add_middleware(DrainMiddleware)  # on stop: new requests get an OpenAI-shaped 503, requests in flight finish
 
 STATUS_TIMEOUT_S = 2.0
-_active: Router | None = None  # one router per replica process
-
-
-def activate(router: Router) -> None:
-    """Make `router` the one the HTTP routes below use (Ray Serve serves a copy of `app`)."""
-    global _active
-    _active = router
 
 
 def _router() -> Router:
-    if _active is None:
+    """This replica's router (Ray Serve serves a copy of `app`: the router is found in serving.router.registry)."""
+    router = registry.active()
+    if router is None:
         raise errors.unavailable("router is starting")
-    return _active
+    return router
 
 
 def _error(error: errors.ServingError, router: Router | None = None, request: Request | None = None) -> Response:
@@ -99,8 +95,8 @@ async def status(request: Request) -> Response:
         try:
             import ray
 
-            from serving.app import APP_NAME
-            from serving.deploy_status import deployment_states_async, metrics_endpoints
+            from serving.config import APP_NAME
+            from serving.control.status import deployment_states_async, metrics_endpoints
 
             if not ray.is_initialized():  # a router outside Ray (tests): never start a cluster from here
                 raise RuntimeError("not in a Ray cluster")
@@ -132,7 +128,7 @@ def metrics_view(router: Router, request: Request) -> MetricsView:
 @app.get("/metrics")
 async def metrics(request: Request) -> Response:
     """The router's metrics; with several router replicas, every replica's series labelled
-    `router_replica` (serving/metrics_export.py), whichever replica answers."""
+    `router_replica` (serving/router/metrics_export.py), whichever replica answers."""
     router = _router()
     try:
         view = metrics_view(router, request)

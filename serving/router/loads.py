@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Mapping
 
-from serving.messages import RoutingStats
+from serving.protocol.messages import RoutingStats
 from serving.routing import Load
 
 

@@ -9,19 +9,18 @@ from serving.routing.core import (
     Route,
     RoutingError,
     Target,
-    aggregate,
     catalog_from_config,
     known_model_ids,
-    parse_tag_selector,
     resolve,
     route,
     route_for,
     routes_from_config,
+    queue_score,
     score,
 )
 
 __all__ = [
-    "ENDPOINT_TASKS", "FALLBACK_REASONS", "Decision", "Load", "Route", "RoutingError", "Target", "aggregate",
-    "catalog_from_config", "known_model_ids", "parse_tag_selector", "resolve", "route", "route_for",
-    "routes_from_config", "score",
+    "ENDPOINT_TASKS", "FALLBACK_REASONS", "Decision", "Load", "Route", "RoutingError", "Target",
+    "catalog_from_config", "known_model_ids", "resolve", "route", "route_for",
+    "queue_score", "routes_from_config", "score",
 ]

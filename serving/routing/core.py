@@ -14,10 +14,10 @@ Model field syntax:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol
 
-from serving.config import TAG_SELECTOR_PREFIX, ServingConfig, fallback_graph
+from serving.config import ServingConfig, fallback_graph, resolve_ref, selector_tags
 
 ENDPOINT_TASKS = {
     # endpoint -> model tasks that can serve it
@@ -94,7 +94,6 @@ class Decision:
     candidates: tuple[str, ...]  # best first; the router falls over to the next on failure
     rule: str  # "name" | "alias" | "tag" | "route"; sent as x-route-rule
     reason: str  # human-readable, sent as x-route-reason
-    scores: Mapping[str, float] = field(default_factory=dict)
     # How many leading candidates are what the client asked for; the rest are their fallback chain.
     # None: all of them (no fallbacks configured).
     primary: int | None = None
@@ -146,40 +145,35 @@ def known_model_ids(catalog: Mapping[str, Target], routes: Mapping[str, Route] |
     return [name for name in catalog] + [alias for t in catalog.values() for alias in t.aliases] + list(routes or ())
 
 
-def parse_tag_selector(model: str) -> frozenset[str]:
-    tags = frozenset(t.strip() for t in model[len(TAG_SELECTOR_PREFIX):].split(",") if t.strip())
-    if not tags:
-        raise RoutingError("bad_selector", f"{model!r} names no tag; use 'tag:<tag>[,<tag>...]', e.g. 'tag:small'")
-    return tags
-
-
 def resolve(model: str, catalog: Mapping[str, Target]) -> tuple[str, list[Target]]:
-    """Which targets the `model` field names, and by which rule."""
-    if model in catalog:
-        return "name", [catalog[model]]
-    for target in catalog.values():
-        if model in target.aliases:
-            return "alias", [target]
-    if model.startswith(TAG_SELECTOR_PREFIX):
-        wanted = parse_tag_selector(model)
-        matches = [t for t in catalog.values() if wanted <= t.tags]
-        if matches:
-            return "tag", matches
-    raise RoutingError("unknown_model", f"unknown model {model!r}")
+    """Which targets the `model` field names, and by which rule (serving.config.resolve_ref)."""
+    rule, matches = resolve_ref(model, catalog.values())
+    if rule == "tag" and not selector_tags(model):
+        raise RoutingError("bad_selector", f"{model!r} names no tag; use 'tag:<tag>[,<tag>...]', e.g. 'tag:small'")
+    if not matches:
+        raise RoutingError("unknown_model", f"unknown model {model!r}")
+    return rule, matches
 
 
-def score(load: Load) -> float:
-    """Expected queueing per replica; lower is better.
+def queue_score(inflight: int, running: int, waiting: int, kv_cache_usage: float, pending_tokens: int,
+                replicas: int = 1) -> float:
+    """Expected queueing per replica; lower is better. The one load formula: of a deployment
+    (`score`) and of one replica (serving.routing.replicas.ReplicaView.load).
 
     The router's own in-flight count is exact but local; the engines' running+waiting is global
     but up to one poll interval old. Taking the larger of the two counts each request once
     and reacts instantly to this router's own bursts.
     """
-    replicas = max(load.replicas, 1)
-    queue = max(load.inflight, load.running + load.waiting)
+    queue = max(inflight, running + waiting)
+    return ((queue + WAITING_WEIGHT * waiting + PENDING_WEIGHT * pending_tokens / 1000) / max(replicas, 1)
+            + KV_WEIGHT * kv_cache_usage)
+
+
+def score(load: Load) -> float:
+    """A deployment's expected queueing per replica; a saturated one ranks after any with room."""
     penalty = SATURATED_PENALTY if load.saturated else 0.0
-    return ((queue + WAITING_WEIGHT * load.waiting + PENDING_WEIGHT * load.pending_tokens / 1000) / replicas
-            + KV_WEIGHT * load.kv_cache_usage + penalty)
+    return queue_score(load.inflight, load.running, load.waiting, load.kv_cache_usage, load.pending_tokens,
+                       load.replicas) + penalty
 
 
 def route(
@@ -257,7 +251,7 @@ def route(
         reason += f"; fallback {fallback_from} -> {chosen} ({fallback_reason})"
     candidates = tuple(t.name for t in primary) + tuple(t.name for t in rest)
     return Decision(
-        candidates, rule, reason, {n: scores[n] for n in candidates},
+        candidates, rule, reason,
         primary=len(primary) if (rest or fallback_from) else None,
         fallback_from=fallback_from, fallback_reason=fallback_reason,
         route=chosen_route.name if chosen_route else None, side=side,
@@ -307,21 +301,3 @@ def _reason(model, rule, chosen, ordered, scores, chosen_route, side, difficulty
 def _fmt_scores(targets: Iterable[Target], scores: Mapping[str, float]) -> str:
     return ", ".join(f"{t.name}={scores[t.name]:.2f}" for t in targets)
 
-
-def aggregate(reports: Iterable[Mapping], inflight: int, down: bool = False, saturated: bool = False) -> Load:
-    """Fold the latest per-replica engine reports of one deployment into a `Load`."""
-    reports = list(reports)
-    if down:
-        return Load(inflight=inflight, healthy=False)
-    if not reports:
-        return Load(inflight=inflight, healthy=None, saturated=saturated)
-    alive = [r for r in reports if r.get("healthy")]
-    return Load(
-        inflight=inflight,
-        running=sum(int(r.get("running", 0)) for r in alive),
-        waiting=sum(int(r.get("waiting", 0)) for r in alive),
-        kv_cache_usage=max((float(r.get("kv_cache_usage", 0.0)) for r in alive), default=0.0),
-        replicas=len(alive),
-        healthy=bool(alive),
-        saturated=saturated,
-    )

@@ -60,7 +60,6 @@ _CUES = {
 }
 _CUE_RES = {name: re.compile(pattern, re.IGNORECASE | re.MULTILINE) for name, pattern in _CUES.items()}
 _STEP_RE = re.compile(r"^\s*(\d+[.)]|[-*•])\s", re.MULTILINE)
-RULE_FEATURES = ("length", "questions", "steps", *_CUES)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Which replica of one deployment takes a request: a pure policy over what replicas last reported.
 
-The lead's Ray Serve `RequestRouter` subclass (serving/replica_router.py) and the simulator
+The lead's Ray Serve `RequestRouter` subclass (serving/router/replica_router.py) and the simulator
 (bench/simulate.py) both call `rank_replicas`; neither re-implements a policy.
 
 Eligibility comes first, whatever the strategy: replicas that reported healthy within the
@@ -34,8 +34,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-# the same weights as the deployment-level score, defined there once
-from serving.routing.core import KV_WEIGHT, PENDING_WEIGHT, WAITING_WEIGHT
+# the same formula as the deployment-level score, defined there once
+from serving.routing.core import PENDING_WEIGHT, queue_score
 
 STRATEGIES = ("least_loaded", "power_of_two", "round_robin", "random", "prefix", "session")
 
@@ -61,10 +61,8 @@ class ReplicaView:
 
     @property
     def load(self) -> float:
-        """Expected queueing; lower is better. The router's own in-flight count is exact but local,
-        the engine's running+waiting global but one report old: the larger counts each request once."""
-        return (max(self.inflight, self.running + self.waiting) + WAITING_WEIGHT * self.waiting
-                + KV_WEIGHT * self.kv_cache_usage + PENDING_WEIGHT * self.pending_tokens / 1000)
+        """Expected queueing; lower is better (serving.routing.core.queue_score of this one replica)."""
+        return queue_score(self.inflight, self.running, self.waiting, self.kv_cache_usage, self.pending_tokens)
 
     @property
     def full(self) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from serving import errors
+from serving.protocol import errors
 
 CHECK_INTERVAL_S = 0.5
 RETRY_AFTER_S = 5

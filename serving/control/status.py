@@ -4,7 +4,7 @@ Ray Serve knows why a model is not up (a replica that cannot be scheduled, a con
 raised, failing health checks) and says so in each deployment's `message`; this module reads it
 from the Serve controller so `serving up`, `serving status` and the router's `/v1/status` show it.
 
-    deployment_states(app_name)               # from a driver (the CLI): blocking
+    app_state(app_name)                       # from a driver (the CLI): blocking
     await deployment_states_async(app_name)   # from inside a replica (the router): never blocks its loop
 
 `states_from_details` is the pure part (controller's details dict -> states), tested without Ray.
@@ -93,10 +93,6 @@ async def app_state_async(app_name: str, timeout_s: float = 10) -> AppState:
         return AppState("NOT_STARTED", "Ray Serve is not running on this cluster", {})
     details = await asyncio.wait_for(controller.get_serve_instance_details.remote(), timeout_s)
     return states_from_details(details, app_name)
-
-
-def deployment_states(app_name: str) -> dict[str, DeploymentState]:
-    return app_state(app_name).deployments
 
 
 async def deployment_states_async(app_name: str) -> dict[str, DeploymentState]:

@@ -1,4 +1,4 @@
-"""Per-key limits and usage as pure logic with an injected clock (no Ray; serving/limiter.py shares it).
+"""Per-key limits and usage as pure logic with an injected clock (no Ray; serving/tenants/limiter.py shares it).
 
 Requests and tokens per minute use an exact sliding window (a log of what was admitted /
 consumed in the last `window_s` seconds), not a token bucket or GCRA: the promise made to a
@@ -30,8 +30,9 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
+
+from serving.protocol.timestamps import utc_iso
 
 DAY_S = 86400.0
 UNKNOWN_WINDOW = 1 << 20  # tokens: a model whose context window models.yaml does not state
@@ -60,10 +61,6 @@ class Quota:
     tpm: int | None = None
     concurrency: int | None = None
     daily_budget: float | None = None
-
-    @property
-    def limited(self) -> bool:
-        return any(v is not None for v in (self.rpm, self.tpm, self.concurrency, self.daily_budget))
 
     @classmethod
     def of(cls, record: Any) -> "Quota":
@@ -303,10 +300,6 @@ class Limits:
         return state.spent
 
 
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "estimated_cost")
 
 
@@ -355,5 +348,5 @@ class UsageBook:
             today = spent_today(key)
             if today is not None:
                 entry["estimated_cost_today"] = round(today, 12)
-        return {"object": "usage", "since": _iso(self.since), "until": _iso(self.clock()),
+        return {"object": "usage", "since": utc_iso(self.since), "until": utc_iso(self.clock()),
                 "keys": keys, "models": {m: block(v) for m, v in sorted(models.items())}, "totals": block(total)}

@@ -33,13 +33,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serving import errors
-from serving.config import NAME_PATTERN, TAG_SELECTOR_PREFIX
+from serving.protocol import errors
+from serving.config import NAME_PATTERN, SHA256_PATTERN, Named, resolve_ref
 
 logger = logging.getLogger("serving.tenants")
 
@@ -60,7 +60,7 @@ class KeyEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=NAME_PATTERN, description="who the key belongs to; a label in metrics and logs")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex SHA-256 of the key (never the key)")
+    sha256: str = Field(pattern=SHA256_PATTERN, description="lowercase hex SHA-256 of the key (never the key)")
     models: list[str] | None = Field(None, description="allowed model names, aliases or tag selectors; omit for all")
     rpm: int | None = Field(None, ge=1, description="requests per minute")
     tpm: int | None = Field(None, ge=1, description="prompt + completion tokens per minute")
@@ -284,29 +284,14 @@ class KeyStore:
 
 
 # --- allow-lists ---------------------------------------------------------------------------
-class _CatalogEntry(Protocol):
-    tags: Iterable[str]
-    aliases: Iterable[str]
-
-
-Catalog = Mapping[str, _CatalogEntry]  # model name -> entry with .tags and .aliases (serving.routing.Target)
+Catalog = Mapping[str, Named]  # model name -> entry with .name, .aliases and .tags (serving.routing.Target)
 
 
 def allowed_names(record: KeyRecord | None, catalog: Catalog) -> frozenset[str] | None:
     """The model names a key may use (aliases and tag selectors expanded); None: all."""
     if record is None or record.models is None:
         return None
-    allowed: set[str] = set()
-    for entry in record.models:
-        if entry in catalog:
-            allowed.add(entry)
-        elif entry.startswith(TAG_SELECTOR_PREFIX):
-            wanted = {t.strip() for t in entry[len(TAG_SELECTOR_PREFIX):].split(",") if t.strip()}
-            if wanted:
-                allowed.update(name for name, t in catalog.items() if wanted <= set(t.tags))
-        else:
-            allowed.update(name for name, t in catalog.items() if entry in tuple(t.aliases))
-    return frozenset(allowed)
+    return frozenset(target.name for entry in record.models for target in resolve_ref(entry, catalog.values())[1])
 
 
 def visible_models(record: KeyRecord | None, catalog: Catalog) -> list[str]:
@@ -348,9 +333,3 @@ def key_label(record: KeyRecord | None) -> str:
     """
     return record.name if record is not None else OPEN_KEY
 
-
-def describe(record: KeyRecord) -> dict[str, Any]:
-    """A record without its digest, for listings and logs."""
-    return {"name": record.name, "models": list(record.models) if record.models is not None else None,
-            "rpm": record.rpm, "tpm": record.tpm, "concurrency": record.concurrency,
-            "daily_budget": record.daily_budget, "admin": record.admin}

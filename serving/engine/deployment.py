@@ -1,15 +1,19 @@
-"""The engine deployment: one vLLM `AsyncLLM` in-process, behind vLLM's own OpenAI handlers.
+"""The engine deployment: one vLLM `AsyncLLM` per replica, behind vLLM's own OpenAI handlers.
+
+The replica process runs AsyncLLM's frontend (these handlers, tokenising, detokenising); the
+engine core (scheduler and model) is always its own process, `VLLM::EngineCore`, a child of the
+replica (VLLM_ENABLE_V1_MULTIPROCESSING acts only on vLLM's synchronous engine).
 
 Request handling, validation and error messages are vLLM's (its chat, completion and
 embedding serving classes); this class adapts them to one Ray Serve streaming call per
-request (`generate`, typed messages in serving.messages):
+request (`generate`, typed messages in serving.protocol.messages):
 
 - the client's raw JSON bytes are validated once, here, with vLLM's request models;
 - non-streaming answers leave as JSON bytes in the `ReplyHead`, never re-encoded on the way;
 - streams send the first chunk at once (inside the head), then coalesce every chunk that is
   ready into one bytes item per flush interval, so an item carries several tokens when the
   engine is faster than the relay, and none waits when it is not; the items after the head
-  go to the router over its stream link (serving.streamlink) when the request names one, else
+  go to the router over its stream link (serving.protocol.streamlink) when the request names one, else
   as Ray items;
 - one deadline per request; a cancelled call (client gone, router timeout) aborts the
   sequence in vLLM.
@@ -29,12 +33,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from serving import errors
+from serving.protocol import errors
 from serving.config import ModelSpec
-from serving.limiter import report_usage
-from serving.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage, estimate_body_tokens
-from serving.provision import provision_model
-from serving.streamlink import LinkPool, deliver
+from serving.tenants.limiter import report_usage
+from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage, estimate_body_tokens
+from serving.engine.provision import provision_model
+from serving.protocol.streamlink import LinkPool, deliver
 
 logger = logging.getLogger("serving.engine")
 
@@ -165,7 +169,7 @@ class EngineDeployment:
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[ReplyHead | bytes | ReplyTail]:
         """ReplyHead first; for streams then coalesced SSE bytes, then a ReplyTail (those two over
-        the router's stream link when the request names one: serving.streamlink)."""
+        the router's stream link when the request names one: serving.protocol.streamlink)."""
         async for item in deliver(request.reply_to, self._reply(request), self._links):
             yield item
 

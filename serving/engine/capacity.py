@@ -66,17 +66,9 @@ class Report:
         return sum(getattr(r, attr) for r in self.replicas)
 
 
-def gpu_workers(engine: EngineSpec) -> int:
-    """GPUs vLLM spreads one replica over (tensor x pipeline parallel); 0 on CPU.
-
-    serving/app.py reserves them as one STRICT_PACK placement group: [{"CPU": cpus}] + [{"GPU": 1}] * workers.
-    """
-    return engine.parallel_size if engine.resources.gpus else 0
-
-
 def replica_request(engine: EngineSpec) -> Replica:
     res = engine.resources
-    workers = gpu_workers(engine)
+    workers = engine.gpu_workers
     return Replica(
         owner=engine.model.name,
         cpus=res.cpus,

@@ -16,19 +16,12 @@ import queue
 import sys
 import threading
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
 from typing import IO
-
-ERROR_ORIGINS = ("client", "auth", "limit", "router", "engine", "overload", "timeout")
-
-
-def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(slots=True)
 class RequestLogRecord:
-    time: str  # ISO 8601 UTC, when the request finished, e.g. 2026-11-26T20:15:59.123Z
+    time: str  # ISO 8601 UTC, when the request finished, e.g. 2026-11-26T20:15:59.123Z (serving.protocol.timestamps)
     request_id: str
     key: str | None  # key name; None on an open API or when authentication failed
     requested_model: str | None
@@ -36,7 +29,7 @@ class RequestLogRecord:
     replica: str | None
     route_rule: str | None  # name | alias | tag | auto | fallback
     status: int
-    error_origin: str | None  # one of ERROR_ORIGINS, None on success
+    error_origin: str | None  # one of serving.protocol.errors.ORIGINS, None on success
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft_ms: float | None = None

@@ -4,9 +4,10 @@ Ray Serve calls `choose_replicas` for every request sent over a handle to an eng
 deployment. The ranking itself is pure policy (serving.routing.replicas); this class only
 adapts Ray's replica objects and the engines' `record_routing_stats` reports to it.
 
-Every instance also registers itself in `LOAD_VIEWS`, so the router deployment reads the very
-stats the replica choice uses to choose between deployments (its load view): one source of
-load, delivered by Ray's controller outside request slots, with no polling of our own.
+Every instance also registers itself in the router process's registry (serving/router/registry.py),
+so the router deployment reads the very stats the replica choice uses to choose between
+deployments (its load view): one source of load, delivered by Ray's controller outside request
+slots, with no polling of our own.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from serving.messages import EngineRequest, RoutingStats, estimate_body_tokens
+from serving.protocol.messages import EngineRequest, RoutingStats, estimate_body_tokens
 from serving.routing.replicas import (Affinity, DeadMarks, PolicyState, ReplicaPolicy, ReplicaView, SentSinceReport,
                                       rank_replicas)
-
-# deployment name -> the request router of this process's handle to it (one per router replica)
-LOAD_VIEWS: dict[str, "EngineRequestRouter"] = {}
 
 
 class EngineRequestRouter(RequestRouter):
@@ -33,11 +31,12 @@ class EngineRequestRouter(RequestRouter):
         self.stale_after_s = stale_after_s
         self.dead = DeadMarks()
         self.sent = SentSinceReport()
-        # Ray may rebuild this class from a pickle with its own copy of module globals: register
-        # in the module this process imported, where the router's load view looks.
-        import serving.replica_router as registry
+        # Ray may rebuild this class from a pickle with its own copy of module globals: the
+        # registry is imported by name, so it is the module this process imported, where the
+        # router's load view looks.
+        from serving.router import registry
 
-        registry.LOAD_VIEWS[self._deployment_id.name] = self
+        registry.register_load_view(self._deployment_id.name, self)
 
     def views(self, replicas: list[RunningReplica] | None = None) -> list[ReplicaView]:
         """The policy's picture of each replica: the engine's last report + this process's in-flight count."""

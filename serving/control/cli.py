@@ -68,7 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"max_large_share={route.max_large_share}")
     if args.cpus is None:
         return 0
-    from serving import capacity
+    from serving.engine import capacity
 
     nodes = [capacity.Node(f"node{i + 1}" if args.nodes > 1 else "node", args.cpus, args.gpus or 0.0, args.memory_gib,
                            frozenset(args.accelerator_type or ()))
@@ -87,7 +87,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from serving.provision import ProvisionError, provision_model
+    from serving.engine.provision import ProvisionError, provision_model
 
     config = _load(args.file)
     os.environ.setdefault("HF_HUB_OFFLINE", "0" if args.allow_download else "1")
@@ -190,7 +190,7 @@ class _Stop:
 
 
 def _print_changes(seen: dict[str, str], app_name: str) -> tuple[dict[str, str], object]:
-    from serving.deploy_status import app_state, changes
+    from serving.control.status import app_state, changes
 
     try:
         app = app_state(app_name)
@@ -207,8 +207,8 @@ def _stop_app(config: ServingConfig, stop: _Stop, own_cluster: bool, shutdown_cl
     import ray
     from ray import serve
 
-    from serving.app import APP_NAME, ROUTER_DEPLOYMENT
-    from serving.drain import set_draining, wait_drained
+    from serving.config import APP_NAME, ROUTER_DEPLOYMENT
+    from serving.router.drain import set_draining, wait_drained
 
     drain = config.router.drain_timeout_s
     if stop.requested <= 1:
@@ -221,13 +221,13 @@ def _stop_app(config: ServingConfig, stop: _Stop, own_cluster: bool, shutdown_cl
         except Exception as error:  # never let the drain keep us from stopping
             print(f"  drain skipped: {type(error).__name__}: {error}", flush=True)
     try:
-        from serving.limiter import kill_actor
+        from serving.tenants.limiter import kill_actor
 
         kill_actor()  # the shared limits actor is detached: it would outlive the app
     except Exception as error:
         print(f"  limits actor not stopped: {type(error).__name__}", flush=True)
     try:
-        from serving.metrics_export import kill_actor as kill_metrics_actor
+        from serving.router.metrics_export import kill_actor as kill_metrics_actor
 
         kill_metrics_actor()  # detached too: the router replicas' merged /metrics
     except Exception as error:
@@ -251,9 +251,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from ray import serve
     from ray.serve.api import _run
 
-    from serving import capacity
-    from serving.app import APP_NAME, build, ray_env
-    from serving.drain import set_draining
+    from serving.engine import capacity
+    from serving.app import build, ray_env
+    from serving.config import APP_NAME
+    from serving.router.drain import set_draining
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = _load(args.file)
@@ -335,7 +336,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             _print_models(base)
             import ray
 
-            from serving.deploy_status import metrics_endpoints
+            from serving.control.status import metrics_endpoints
 
             print(f"  vLLM and Ray metrics (ray_vllm_*, per node): {' '.join(metrics_endpoints(ray.nodes())) or 'none'}")
         except (OSError, KeyError, TypeError, ValueError) as error:  # a display problem must not stop a ready stack
@@ -358,8 +359,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         import ray
 
-        from serving.app import APP_NAME
-        from serving.deploy_status import app_state
+        from serving.config import APP_NAME
+        from serving.control.status import app_state
 
         ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
         app = app_state(APP_NAME)
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--address", default="auto", help="Ray cluster to read Ray Serve's states from")
     status.set_defaults(func=cmd_status)
 
-    from serving import keys_cli
+    from serving.control import keys_cli
     keys_cli.register(sub)
 
     args = parser.parse_args(argv)

@@ -6,7 +6,7 @@ jumped between replicas' values. So:
 
 - every router replica publishes its registry's samples (`snapshot`) to one named detached Ray
   actor (`serving-metrics`, namespace `serving`, `num_cpus=0`; made like the limits actor of
-  serving/limiter.py) from a background task, every `interval_s` (1 s) when they changed, and
+  serving/tenants/limiter.py) from a background task, every `interval_s` (1 s) when they changed, and
   at least every `ttl_s / 3` as a heartbeat otherwise: never on the request path;
 - `/metrics` on any replica first hands the actor this replica's current samples, then answers
   the union of every live replica's (`merge`), each sample labelled `router_replica` (the Ray
@@ -76,7 +76,7 @@ def merge(published: Mapping[str, Sequence[FamilyRow]], label: str = REPLICA_LAB
 
 class MetricsBoard:
     """The shared store: the newest snapshot of each router replica. Plain class here; made a Ray
-    actor by serving.shared_actor. Calls run one at a time (max_concurrency=1)."""
+    actor by serving.tenants.shared_actor. Calls run one at a time (max_concurrency=1)."""
 
     def __init__(self, ttl_s: float = TTL_S, clock=time.monotonic) -> None:
         self.ttl_s = ttl_s
@@ -118,8 +118,8 @@ class MetricsBoard:
 
 
 def get_or_create_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE, **init: Any):
-    """The shared board (serving.shared_actor); its calls run one at a time."""
-    from serving import shared_actor
+    """The shared board (serving.tenants.shared_actor); its calls run one at a time."""
+    from serving.tenants import shared_actor
 
     return shared_actor.get_or_create(MetricsBoard, name, namespace, 1, **init)
 

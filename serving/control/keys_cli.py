@@ -15,14 +15,14 @@ import secrets
 import sys
 import tempfile
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
 import yaml
 
-from serving.config import TAG_SELECTOR_PREFIX, ConfigError, load_config
-from serving.tenants import KeyEntry, KeysFile, KeysFileError, key_digest, parse_keys_file
+from serving.config import TAG_SELECTOR_PREFIX, ConfigError, load_config, selector_tags
+from serving.protocol.timestamps import utc_iso
+from serving.tenants.keys import KeyEntry, KeysFile, KeysFileError, key_digest, parse_keys_file
 
 DEFAULT_KEYS_FILE = "keys.yaml"
 KEY_PREFIX = "sk-"
@@ -118,8 +118,8 @@ def _check_models(models: list[str], config_path: str | None) -> None:
     names = {m.name for m in config.models} | {a for m in config.models for a in m.aliases}
     tags = {t for m in config.models for t in m.tags}
     for entry in models:
-        if entry.startswith(TAG_SELECTOR_PREFIX):
-            wanted = {t.strip() for t in entry[len(TAG_SELECTOR_PREFIX):].split(",") if t.strip()}
+        wanted = selector_tags(entry)
+        if wanted is not None:
             if wanted and wanted <= tags:
                 continue
         elif entry in names:
@@ -143,7 +143,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         try:
             entry = KeyEntry(name=args.name, sha256=key_digest(key), models=models, rpm=args.rpm, tpm=args.tpm,
                              concurrency=args.concurrency, daily_budget=args.budget, admin=args.admin,
-                             created=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
+                             created=utc_iso())
             updated = KeysFile(keys=[*current.keys, entry])
         except ValueError as error:  # pydantic's ValidationError is a ValueError
             raise KeysCliError(f"invalid key: {error}") from None

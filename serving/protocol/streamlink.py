@@ -38,7 +38,7 @@ import secrets
 import struct
 from typing import Any, AsyncIterator
 
-from serving.messages import LinkAddress, ReplyHead, ReplyTail, Usage
+from serving.protocol.messages import LinkAddress, ReplyHead, ReplyTail, Usage
 
 logger = logging.getLogger("serving.streamlink")
 

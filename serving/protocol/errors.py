@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+# Where an error came from: the `x-error-origin` header, the request log's `error_origin`, the metrics' label.
 ORIGINS = ("client", "auth", "limit", "router", "engine", "overload", "timeout")
 
 _STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -52,10 +53,6 @@ class ErrorResponse(BaseModel):
 
 def error_response(message: str, type_: str, param: str | None = None, code: str | None = None) -> ErrorResponse:
     return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code))
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return error_response(message, type_, param, code).model_dump()
 
 
 def origin_of(status: int) -> str:
@@ -162,7 +159,7 @@ def header_safe(text: str, limit: int = 200) -> str:
     return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
 
 
-# --- tenants: keys, allow-lists, limits (serving/tenants.py, serving/limits.py) ----------------
+# --- tenants: keys, allow-lists, limits (serving/tenants/keys.py, serving/tenants/limits.py) ----------------
 def model_not_allowed(model: str, key_name: str, allowed: list[str]) -> ServingError:
     return ServingError(
         403, f"The API key {key_name!r} may not use the model {header_safe(model, 120)!r}. "

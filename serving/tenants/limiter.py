@@ -1,7 +1,7 @@
 """Limits and usage shared by every router replica: one named Ray actor, one client per replica.
 
 The actor (`serving-limits` in namespace `serving`) wraps the pure `Limits` and `UsageBook`
-of serving/limits.py. It is an asyncio actor whose methods never await: Ray runs many calls
+of serving/tenants/limits.py. It is an asyncio actor whose methods never await: Ray runs many calls
 concurrently (no queue of one call at a time behind a slow caller), and each call still runs
 to its end before the next starts, so admit/settle/release stay atomic without locks. Each
 router replica holds a `Limiter`:
@@ -13,7 +13,7 @@ router replica holds a `Limiter`:
     await limiter.release(admission)   # the engine did no work
 
 The engine replica settles what the router could not see with `report_usage` and the
-request's `UsageTicket` (serving.messages).
+request's `UsageTicket` (serving.protocol.messages).
 
 Keys without limits (and the open API) never call the actor on the request path: their
 usage is summed locally and sent in one batch every `flush_interval_s`.
@@ -32,10 +32,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving import errors, shared_actor
-from serving.limits import Decision, Limits, Quota, UsageBook
-from serving.messages import UsageTicket
-from serving.tenants import OPEN_KEY
+from serving.protocol import errors
+from serving.protocol.messages import UsageTicket
+from serving.tenants import shared_actor
+from serving.tenants.keys import OPEN_KEY
+from serving.tenants.limits import Decision, Limits, Quota, UsageBook
 
 logger = logging.getLogger("serving.limiter")
 
@@ -45,7 +46,7 @@ MAX_CONCURRENT_CALLS = 1000  # calls the asyncio actor accepts at once (each run
 
 
 class LimitsActor:
-    """The shared counters. Plain class here; made a Ray actor by serving.shared_actor."""
+    """The shared counters. Plain class here; made a Ray actor by serving.tenants.shared_actor."""
 
     def __init__(self, window_s: float = 60.0, lease_ttl_s: float = 660.0, manual_clock: float | None = None,
                  hold_s: float = 30.0):
@@ -97,7 +98,7 @@ class LimitsActor:
 
 
 def get_or_create_actor(name: str = ACTOR_NAME, namespace: str = ACTOR_NAMESPACE, **init: Any):
-    """The shared limits actor (serving.shared_actor): `serving up` ends it with the cluster; on
+    """The shared limits actor (serving.tenants.shared_actor): `serving up` ends it with the cluster; on
     Kubernetes a new RayCluster (upgrade) starts a fresh one."""
     return shared_actor.get_or_create(LimitsActor, name, namespace, MAX_CONCURRENT_CALLS, **init)
 

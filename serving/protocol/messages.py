@@ -9,7 +9,7 @@ The engine answers with a stream of items:
     ReplyTail                      streams only, last: usage and the engine's own timings
 
 When the request carries `reply_to` and the head says `linked`, the bytes and the tail travel
-as frames over serving.streamlink instead, and the Ray call yields only the head.
+as frames over serving.protocol.streamlink instead, and the Ray call yields only the head.
 
 The router relays the bytes untouched and reads only the head and the tail. Engines publish
 `RoutingStats` through Ray Serve's `record_routing_stats` (outside request slots); the replica
@@ -22,7 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ENDPOINTS = ("chat", "completion", "embed")
+# the OpenAI paths the router serves -> the endpoint an EngineRequest names
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embed"}
 
 
 @dataclass(slots=True)
@@ -39,7 +40,7 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class LinkAddress:
-    """Where an engine writes one stream's frames (serving.streamlink): the router replica's hub,
+    """Where an engine writes one stream's frames (serving.protocol.streamlink): the router replica's hub,
     its token, and the stream's number there."""
 
     host: str
@@ -53,7 +54,7 @@ class LinkAddress:
 class UsageTicket:
     """How an engine settles a request whose end the router did not see (client gone, stream
     cut, timeout): the key's name and lease at the shared limits actor, and the model's price.
-    The engine only hands it back with its real counts (serving.limiter.report_usage)."""
+    The engine only hands it back with its real counts (serving.tenants.limiter.report_usage)."""
 
     key: str
     lease_id: str | None  # None: a key without limits (usage only)
@@ -63,7 +64,7 @@ class UsageTicket:
 
 @dataclass(slots=True)
 class EngineRequest:
-    endpoint: str  # one of ENDPOINTS
+    endpoint: str  # one of ENDPOINTS' values
     body: bytes  # the client's JSON body exactly as received; the engine validates it with vLLM's models
     request_id: str
     deadline: float  # time.time() after which the engine gives up on the request

@@ -11,7 +11,7 @@ families, and any sample with a `key` label) are for admin keys; an unauthentica
 the open /metrics gets every other family, a non-admin key also its own key's series
 (`MetricsView`, decided in serving/router/http.py). With several router replicas, each one's
 registry is published to a shared actor and /metrics answers the union, labelled
-`router_replica` (serving/metrics_export.py).
+`router_replica` (serving/router/metrics_export.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from serving.protocol.errors import ORIGINS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KEY_LABEL = "key"  # the label that names an API key (bounded: names from the keys file)
@@ -39,7 +41,7 @@ class RouterMetrics:
         r = self.registry
         self.requests = Counter(
             "serving_requests", "Requests finished by the router, by served model, route, routing rule, HTTP status "
-            "and error origin (client, auth, limit, router, engine, overload, timeout; empty on success).",
+            f"and error origin ({', '.join(ORIGINS)}; empty on success).",
             ["model", "route", "rule", "status", "error_origin"], registry=r)
         self.ttft = Histogram(
             "serving_time_to_first_token_seconds", "Time from request arrival at the router to the first streamed token.",
@@ -64,7 +66,7 @@ class RouterMetrics:
             ["model"], registry=r)
         self.streams = Counter(
             "serving_streams", "Streamed answers by how their body crossed from engine to router "
-            "(link: serving/streamlink.py; ray: a Ray item per flush, by config or because the link was unreachable).",
+            "(link: serving/protocol/streamlink.py; ray: a Ray item per flush, by config or because the link was unreachable).",
             ["model", "transport"], registry=r)
         # Per API key: labelled with configured key names only, so the label set stays bounded.
         self.key_requests = Counter(
@@ -89,7 +91,7 @@ class RouterMetrics:
     def exposition(self, view: "MetricsView | None" = None, published: Sequence[Metric] | None = None,
                    engines: Sequence[Metric] | None = None) -> bytes:
         """The /metrics body for `view` (default: everything). `published`: the router replicas'
-        merged families (serving.metrics_export) in place of this replica's own registry;
+        merged families (serving.router.metrics_export) in place of this replica's own registry;
         `engines`: the engine families if already collected (default: collected here)."""
         own = list(self.registry.collect()) if published is None else list(published)
         engines = list(self.engines.collect()) if engines is None else list(engines)
