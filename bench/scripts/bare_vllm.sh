@@ -6,7 +6,7 @@
 # On this 2-core machine wrap the whole thing in `flock /tmp/serving-heavy.lock`.
 set -euo pipefail
 PORT=${1:-8100}; shift; [[ "${1:-}" == "--" ]] && shift
-PY=${PYTHON:-/work/main/.venv/bin/python}
+PY=${PYTHON:-$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/python}  # this checkout's venv
 MODEL_DIR=${MODEL_DIR:-${SERVING_CACHE_DIR:-$HOME/.cache/serving}/models/smollm2-135m}
 LOG=${VLLM_LOG:-/tmp/bench-bare-vllm-$PORT.log}
 env VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \

@@ -9,7 +9,7 @@ PORT=${1:-18300}; shift
 OPTS=()
 while [[ $# -gt 0 && "$1" != "--" ]]; do OPTS+=("$1"); shift; done
 [[ "${1:-}" == "--" ]] && shift
-PY=${PYTHON:-/work/main/.venv/bin/python}
+PY=${PYTHON:-$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/python}  # this checkout's venv
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOG=${NULL_STACK_LOG:-/tmp/bench-null-stack-$PORT.log}
 if curl -sf -m 2 "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then

@@ -6,7 +6,7 @@
 # On this 2-core machine wrap the whole thing in `flock /tmp/serving-heavy.lock`.
 set -euo pipefail
 PORT=${1:-18200}; shift; [[ "${1:-}" == "--" ]] && shift
-PY=${PYTHON:-/work/main/.venv/bin/python}
+PY=${PYTHON:-$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/python}  # this checkout's venv
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOG=${PEER_LOG:-/tmp/bench-ray-serve-llm-$PORT.log}
 source "$(dirname "$0")/serve_lib.sh"

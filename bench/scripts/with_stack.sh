@@ -7,7 +7,7 @@
 # On this 2-core machine wrap the whole thing in `flock /tmp/serving-heavy.lock`.
 set -euo pipefail
 PORT=${1:-8000}; shift; [[ "${1:-}" == "--" ]] && shift
-SERVING=${SERVING:-/work/main/.venv/bin/serving}
+SERVING=${SERVING:-$(cd "$(dirname "$0")/../.." && pwd)/.venv/bin/serving}  # this checkout's venv
 LOG=${STACK_LOG:-/tmp/bench-stack-$PORT.log}
 source "$(dirname "$0")/serve_lib.sh"
 ready() { chat_ready "$PORT"; }
