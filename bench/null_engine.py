@@ -28,6 +28,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+from serving.config import ModelSpec
 from serving.protocol import errors
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
 from serving.protocol.streamlink import LinkPool, deliver
@@ -44,14 +45,13 @@ def _setting(env: dict[str, str], key: str, given: float | None, default: float)
 class NullEngine:
     """Ray Serve deployment class; as `engine_cls` it gets the real engine's init arguments."""
 
-    def __init__(self, model: dict[str, Any] | None = None, engine_args: dict[str, Any] | None = None,
+    def __init__(self, model: ModelSpec | None = None, engine_args: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None, stream_flush_ms: float = 0.0, *,
                  tokens_per_s: float | None = None, ttft_ms: float | None = None,
                  max_tokens: int | None = None, embed_dim: int | None = None, **_ignored: Any):
         env = env or {}
-        model = model or {}
-        self.name = model.get("name", "null")
-        self.task = model.get("task", "chat")
+        self.name = model.name if model is not None else "null"
+        self.task = model.task if model is not None else "chat"
         self.max_num_seqs = int((engine_args or {}).get("max_num_seqs", 256))
         self.flush_s = float(stream_flush_ms) / 1000.0
         self.tokens_per_s = _setting(env, "NULL_ENGINE_TOKENS_PER_S", tokens_per_s, 100.0)

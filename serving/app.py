@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving.config import (ROUTER_DEPLOYMENT, SERVE_ENV_DEFAULTS, EngineSpec, ServingConfig, config_to_dict, load_config,
+from serving.config import (ROUTER_DEPLOYMENT, SERVE_ENV_DEFAULTS, EngineSpec, ServingConfig, load_config,
                             parse_config)
 from serving.engine.deployment import EngineDeployment
 from serving.control.haproxy_launcher import BINARY_ENV
@@ -35,7 +35,7 @@ ENGINE_WORKER_ENV = {"RAY_worker_niceness": SERVE_ENV_DEFAULTS["RAY_worker_nicen
 @serve.deployment(name=ROUTER_DEPLOYMENT)
 @serve.ingress(router_http_app)
 class RouterIngress(Router):
-    async def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
+    async def __init__(self, config: ServingConfig, engines: dict[str, Any]):
         super().__init__(config, engines)
         self.echo_request_id = False
         if not self.keys.open:  # keys mean limits and usage: have the shared counters up before traffic
@@ -108,7 +108,7 @@ def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any
     args = dict(engine.engine_args)
     if engine.gpu_workers > 1:  # workers live in the replica's placement group, placed by Ray
         args.setdefault("distributed_executor_backend", "ray")
-    return {"model": engine.model.model_dump(mode="json"), "engine_args": args, "env": dict(engine.env),
+    return {"model": engine.model, "engine_args": args, "env": dict(engine.env),
             "stream_flush_ms": config.router.stream_flush_ms}
 
 
@@ -158,7 +158,7 @@ def build(config: ServingConfig, engine_cls: type = EngineDeployment) -> Applica
         backpressure_config={"status_code": 503, "retry_after_s": 1},
         ray_actor_options={"num_cpus": router.cpus, **({"resources": router.ray_resources} if router.ray_resources else {})},
         graceful_shutdown_timeout_s=router.drain_timeout_s,
-    ).bind(config_to_dict(config), engines)
+    ).bind(config, engines)  # typed across the boundary: Ray pickles the validated models
 
 
 def build_app(args: dict[str, Any]) -> Application:

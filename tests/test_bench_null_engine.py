@@ -18,9 +18,15 @@ import httpx
 import pytest
 
 from bench.null_engine import NullEngine
+from serving.config import ModelSpec
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def spec(name: str, task: str = "chat") -> ModelSpec:
+    """The model the engine is built with (typed, as serving.app passes it)."""
+    return ModelSpec.model_validate({"name": name, "task": task, "source": {"path": f"/models/{name}"}})
 
 
 def req(body: dict | bytes, endpoint: str = "chat", deadline_s: float = 30.0) -> EngineRequest:
@@ -48,7 +54,7 @@ def chat(**kw) -> dict:
 
 
 def test_non_streaming_is_one_head_with_a_complete_chat_completion():
-    engine = NullEngine({"name": "m"}, tokens_per_s=10_000)
+    engine = NullEngine(spec("m"), tokens_per_s=10_000)
     items = asyncio.run(collect(engine, req(chat(max_tokens=7))))
     assert len(items) == 1 and isinstance(items[0], ReplyHead)
     head = items[0]
@@ -62,7 +68,7 @@ def test_non_streaming_is_one_head_with_a_complete_chat_completion():
 
 @pytest.mark.parametrize("flush_ms", [0, 20])
 def test_stream_carries_every_token_then_usage_done_and_tail(flush_ms):
-    engine = NullEngine({"name": "m"}, stream_flush_ms=flush_ms, tokens_per_s=400)
+    engine = NullEngine(spec("m"), stream_flush_ms=flush_ms, tokens_per_s=400)
     items = asyncio.run(collect(engine, req(chat(max_tokens=40, stream=True,
                                                  stream_options={"include_usage": True}))))
     head, middle, tail = items[0], items[1:-1], items[-1]
@@ -86,7 +92,7 @@ def test_stream_carries_every_token_then_usage_done_and_tail(flush_ms):
 
 
 def test_stream_without_include_usage_has_no_usage_chunk_but_tail_has_usage():
-    engine = NullEngine({"name": "m"}, tokens_per_s=5_000)
+    engine = NullEngine(spec("m"), tokens_per_s=5_000)
     items = asyncio.run(collect(engine, req(chat(max_tokens=3, stream=True))))
     events = sse_events(items[0].body + b"".join(x for x in items[1:-1]))
     assert all(e == "[DONE]" or e["choices"] for e in events)
@@ -94,7 +100,7 @@ def test_stream_without_include_usage_has_no_usage_chunk_but_tail_has_usage():
 
 
 def test_one_token_stream_and_completions_endpoint():
-    engine = NullEngine({"name": "m"}, tokens_per_s=1000)
+    engine = NullEngine(spec("m"), tokens_per_s=1000)
     items = asyncio.run(collect(engine, req({"model": "m", "prompt": "x", "max_tokens": 1, "stream": True},
                                             endpoint="completion")))
     events = sse_events(items[0].body + b"".join(x for x in items[1:-1]))
@@ -104,7 +110,7 @@ def test_one_token_stream_and_completions_endpoint():
 
 
 def test_default_max_tokens_from_env_and_embeddings():
-    engine = NullEngine({"name": "e", "task": "embed"}, env={"NULL_ENGINE_MAX_TOKENS": "5",
+    engine = NullEngine(spec("e", "embed"), env={"NULL_ENGINE_MAX_TOKENS": "5",
                                                               "NULL_ENGINE_EMBED_DIM": "8"})
     assert engine.default_max_tokens == 5
     head = asyncio.run(collect(engine, req({"model": "e", "input": "x"}, endpoint="embed")))[0]
@@ -114,14 +120,14 @@ def test_default_max_tokens_from_env_and_embeddings():
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1,2]", json.dumps(chat(max_tokens=0)).encode()])
 def test_bad_body_is_an_openai_shaped_400(body):
-    head = asyncio.run(collect(NullEngine({"name": "m"}), req(body)))[0]
+    head = asyncio.run(collect(NullEngine(spec("m")), req(body)))[0]
     assert head.status == 400
     err = json.loads(head.body)["error"]
     assert set(err) >= {"message", "type", "param", "code"} and isinstance(err["code"], (str, type(None)))
 
 
 def test_deadline_gives_504_and_routing_stats_count_running():
-    engine = NullEngine({"name": "m"}, {"max_num_seqs": 4}, tokens_per_s=10)
+    engine = NullEngine(spec("m"), {"max_num_seqs": 4}, tokens_per_s=10)
 
     async def go():
         slow = asyncio.ensure_future(collect(engine, req(chat(max_tokens=100), deadline_s=0.2)))

@@ -14,6 +14,7 @@ ray = pytest.importorskip("ray")
 
 from serving.protocol.errors import ServingError  # noqa: E402
 from serving.tenants.limiter import Limiter, get_or_create_actor, kill_actor  # noqa: E402
+from serving.tenants.limits import UsageRow  # noqa: E402
 from serving.tenants.keys import KeyRecord, KeyStore, key_digest  # noqa: E402
 
 T0 = 1_800_000_000.0  # manual clock start (UTC 2027-01-15T08:00:00Z)
@@ -182,7 +183,7 @@ def test_unlimited_keys_never_call_the_actor():
         per_request_us = (time.perf_counter() - started) / 1000 * 1e6
         assert limiter._actor is None  # no handle was ever looked up
         assert admission.headers == {}
-        assert limiter._pending[("free", "m")] == [1000, 3000, 4000, 0.0]
+        assert limiter._pending[("free", "m")] == UsageRow("free", "m", 1000, 3000, 4000, 0.0)
         limiter._flusher.cancel()
         return per_request_us
 

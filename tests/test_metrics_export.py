@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.protocol.messages import RoutingStats
 from serving.router.metrics import MetricsView, RouterMetrics, visible
 from serving.router.metrics_export import REPLICA_LABEL, MetricsBoard, MetricsExport, merge, snapshot
+from serving.config import parse_config
 from serving.router.core import Router
 from serving.router.http import app
 from serving.router.registry import activate
@@ -73,7 +74,7 @@ def keyed(tmp_path, monkeypatch):
 
     def make(**router_options):
         config = {**CONFIG, "router": {"keys_file": str(keys), **router_options}}
-        router = Router(config, {"a": Handle()}, load_views={"a": View()})
+        router = Router(parse_config(config), {"a": Handle()}, load_views={"a": View()})
         activate(router)
         count(router.metrics, "team-a", 2)
         count(router.metrics, "team-b", 1)
@@ -128,7 +129,7 @@ def test_a_wrong_key_on_the_open_path_is_401_and_a_closed_path_needs_a_key(keyed
 
 def test_an_open_api_shows_everything(monkeypatch):
     monkeypatch.delenv("SERVING_API_KEYS", raising=False)
-    router = Router(CONFIG, {"a": Handle()}, load_views={"a": View()})
+    router = Router(parse_config(CONFIG), {"a": Handle()}, load_views={"a": View()})
     activate(router)
     count(router.metrics, "anonymous")
     assert key_values(TestClient(app).get("/metrics").text) == {"anonymous"}

@@ -19,6 +19,7 @@ ray = pytest.importorskip("ray")
 from serving.protocol import errors  # noqa: E402
 from serving.tenants.limiter import Limiter, report_usage  # noqa: E402
 from serving.protocol.messages import EngineRequest, ReplyHead, RoutingStats, Usage  # noqa: E402
+from serving.config import parse_config  # noqa: E402
 from serving.router.core import Router  # noqa: E402
 from serving.router.registry import activate  # noqa: E402
 from serving.tenants.keys import key_digest  # noqa: E402
@@ -77,7 +78,7 @@ def make_router(tmp_path, keys: dict[str, dict], models=None, router_extra=None)
 
 def build(config, engines, views=None) -> Router:
     views = views if views is not None else {name: FakeView(healthy(name)) for name in engines}
-    router = Router(config, engines, load_views=views)
+    router = Router(parse_config(config), engines, load_views=views)
     activate(router)
     return router
 

@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from serving.protocol import errors
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
+from serving.config import parse_config
 from serving.router.core import Router
 from serving.router.http import app
 from serving.router.registry import activate
@@ -129,7 +130,7 @@ def make_router(engines, views=None, api_keys="", config=None, monkeypatch=None)
     if monkeypatch is not None:
         monkeypatch.setenv("SERVING_API_KEYS", api_keys)
     views = views if views is not None else {name: FakeView(healthy(name)) for name in engines}
-    router = Router(config or CONFIG, engines, load_views=views)
+    router = Router(parse_config(config or CONFIG), engines, load_views=views)
     activate(router)
     return router
 

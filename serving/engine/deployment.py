@@ -124,22 +124,21 @@ def count_aborted_tokens(engine: Any) -> None:
 class EngineDeployment:
     """Ray Serve deployment class; `serving.app` applies the per-model options."""
 
-    async def __init__(self, model: dict[str, Any], engine_args: dict[str, Any], env: dict[str, str],
+    async def __init__(self, model: ModelSpec, engine_args: dict[str, Any], env: dict[str, str],
                        stream_flush_ms: float = 0.0):
         os.environ.update(expand_thread_binding(env))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        spec = ModelSpec.model_validate(model)
-        self.name = name = spec.name
-        self.task = task = spec.task
+        self.name = name = model.name
+        self.task = task = model.task
         self.started = time.time()
         self.flush_s = stream_flush_ms / 1000.0
         # Provision on the node that runs the replica (a no-op when already cached): pods
         # and fresh machines then need no separate step, and the path is this node's own.
         allow = os.environ.get("SERVING_ALLOW_DOWNLOAD", "") in ("1", "true", "yes")
-        model_path = str(await asyncio.to_thread(lambda: provision_model(spec, allow, logger.info).path))
+        model_path = str(await asyncio.to_thread(lambda: provision_model(model, allow, logger.info).path))
         try:
             from ray import serve
 

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving.protocol import errors
-from serving.config import ServingConfig, parse_config
+from serving.config import ServingConfig
 from serving.router.metrics import RouterMetrics
 from serving.router.accounting import Accounting, RequestRecord
 from serving.router.forward import Forwarder
@@ -42,10 +42,10 @@ logger = logging.getLogger("serving.router")
 class Router:
     """Holds the catalog, the engine handles and the load view; the HTTP routes call in."""
 
-    def __init__(self, config: dict[str, Any], engines: dict[str, Any], load_views: dict[str, Any] | None = None):
+    def __init__(self, config: ServingConfig, engines: dict[str, Any], load_views: dict[str, Any] | None = None):
         if load_views is None:  # the request routers Ray Serve makes in this process (serving.router.registry)
             from serving.router.registry import LOAD_VIEWS as load_views
-        self.config: ServingConfig = parse_config(config)
+        self.config = config  # validated once, by whoever built the app (serving.app.build)
         self.catalog = catalog_from_config(self.config)
         self.routes = routes_from_config(self.config)
         self.policies = {spec.name: policy_from_spec(spec.routing, self.config.router.replicas) for spec in self.config.models}

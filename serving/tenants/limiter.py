@@ -36,7 +36,7 @@ from serving.protocol import errors
 from serving.protocol.messages import UsageTicket
 from serving.tenants import shared_actor
 from serving.tenants.keys import OPEN_KEY
-from serving.tenants.limits import Decision, Limits, Quota, UsageBook
+from serving.tenants.limits import Decision, Limits, Quota, UsageBook, UsageRow
 
 logger = logging.getLogger("serving.limiter")
 
@@ -73,10 +73,10 @@ class LimitsActor:
     async def hold(self, lease_id: str) -> None:
         self.limits.hold(lease_id)
 
-    async def add_usage(self, rows: list[tuple]) -> None:
-        """Batched usage of unlimited keys: (key, model, requests, prompt, completion, cost)."""
+    async def add_usage(self, rows: list[UsageRow]) -> None:
+        """Batched usage of unlimited keys."""
         for row in rows:
-            self.usage.add(*row)
+            self.usage.add(row.key, row.model, row.requests, row.prompt_tokens, row.completion_tokens, row.cost)
 
     async def snapshot(self) -> dict[str, Any]:
         """Usage totals, plus per limited key the requests running and the reservations held for
@@ -154,7 +154,7 @@ class Limiter:
         self._actor = None
         self._actor_for_cleanup = None
         self._lookup: asyncio.Future | None = None
-        self._pending: dict[tuple[str, str], list[float]] = {}
+        self._pending: dict[tuple[str, str], UsageRow] = {}  # (key, model): unlimited keys' usage, not sent yet
         self._flusher: asyncio.Task | None = None
         self._last_warning = 0.0
 
@@ -264,13 +264,7 @@ class Limiter:
 
     # --- usage -----------------------------------------------------------------------------
     def _add_pending(self, admission: Admission, prompt: int, completion: int, cost: float) -> None:
-        row = self._pending.get((admission.key, admission.model))
-        if row is None:
-            row = self._pending[(admission.key, admission.model)] = [0, 0, 0, 0.0]
-        row[0] += 1
-        row[1] += prompt
-        row[2] += completion
-        row[3] += cost
+        self._pending_row(admission.key, admission.model).add(1, prompt, completion, cost)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
@@ -284,13 +278,18 @@ class Limiter:
             return
         rows, self._pending = self._pending, {}
         try:
-            await self._call("add_usage", [(k, m, *v) for (k, m), v in rows.items()])
+            await self._call("add_usage", list(rows.values()))
         except Exception as error:
             self._unreachable(error)
-            for (k, m), v in rows.items():
-                row = self._pending.setdefault((k, m), [0, 0, 0, 0.0])
-                for i in range(4):
-                    row[i] += v[i]
+            for row in rows.values():
+                self._pending_row(row.key, row.model).add(row.requests, row.prompt_tokens, row.completion_tokens,
+                                                          row.cost)
+
+    def _pending_row(self, key: str, model: str) -> UsageRow:
+        row = self._pending.get((key, model))
+        if row is None:
+            row = self._pending[(key, model)] = UsageRow(key, model)
+        return row
 
     async def snapshot(self) -> dict[str, Any]:
         """The GET /v1/usage body (this replica's pending usage included; others' within flush_interval_s)."""

@@ -303,6 +303,25 @@ class Limits:
 _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "estimated_cost")
 
 
+@dataclass(slots=True)
+class UsageRow:
+    """Usage of one key on one model: what a router replica sums for keys without limits and
+    sends to the shared actor in batches (serving.tenants.limiter)."""
+
+    key: str
+    model: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+
+    def add(self, requests: int, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+        self.requests += requests
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.cost += cost
+
+
 class UsageBook:
     """Totals per key and model since `since`: requests, tokens, estimated cost."""
 
