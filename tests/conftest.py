@@ -7,6 +7,8 @@ between two deployments sharing a tag can be tested). It is stopped with SIGINT 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -137,9 +139,23 @@ def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`serving ARGS` in this process, its output captured: what the command prints and returns,
+    without an interpreter and a vLLM import per call (tests/test_config.py keeps one real
+    subprocess run of the command)."""
+    from serving.control.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse errors and sys.exit in commands
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    return subprocess.CompletedProcess(["serving", *args], code or 0, out.getvalue(), err.getvalue())
+
+
 def create_key(keys: Path, name: str, *flags: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "keys", "create", name, "--file", str(keys), *flags],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = run_cli("keys", "create", name, "--file", str(keys), *flags)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 

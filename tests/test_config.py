@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from serving.config import ConfigError, load_config, parse_config
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,11 +199,13 @@ def test_shipped_models_files_are_valid():
 
 
 def run_check(path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(path)], capture_output=True, text=True)
+    return run_cli("check", str(path))
 
 
 def test_check_command_accepts_the_shipped_file():
-    result = run_check(ROOT / "models.yaml")
+    """The one real process run of the command (the others call it in-process: tests.conftest.run_cli)."""
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(ROOT / "models.yaml")],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "smollm2-135m" in result.stdout
 
@@ -304,8 +307,7 @@ def test_fallback_graph_expands_selectors_in_order():
 
 @pytest.mark.parametrize("name", ["models.yaml", "deploy/models.gpu.yaml", "deploy/models.auto-cpu.yaml"])
 def test_shipped_files_pass_check(name):
-    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(ROOT / name), "--skip-engine-args"],
-                            capture_output=True, text=True)
+    result = run_cli("check", str(ROOT / name), "--skip-engine-args")
     assert result.returncode == 0, result.stderr
 
 

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from serving.config import ConfigError, load_config, parse_config
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "serving"
@@ -174,7 +175,7 @@ def test_import_path_resolves_to_the_application_builder(rendered):
 def test_serve_config_models_pass_serving_check(rendered, key, tmp_path):
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(serve_config(rendered[key])["applications"][0]["args"]))
-    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = run_cli("check", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -536,7 +537,7 @@ def test_cross_key_problems_are_caught_by_serving_check_on_the_render(case, tmp_
     values, expected = CHECKED_BY_SERVING_CHECK[case]
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(serve_config(render(values))["applications"][0]["args"]))
-    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = run_cli("check", str(path))
     assert result.returncode != 0 and expected in result.stderr, result.stdout + result.stderr
 
 
