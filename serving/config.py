@@ -255,6 +255,12 @@ SERVE_ENV_DEFAULTS = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",  # HAProxy (C) in place of the Python proxy: proxy CPU 0.95 -> 0.13 ms/token
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000",  # Serve's own metrics every 2 s, not 0.1 s, in every process
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # controller reconciles every 0.5 s, not 0.1 s: 0.55 -> 0.22 ms/token
+    # A stopping router replica stays reachable this long before it refuses connections (Ray's
+    # default 30 s is for external load balancers to deregister it; in front of it here is Ray's
+    # own HAProxy, reconfigured within a second and retrying refused connections elsewhere). 30 s
+    # made every Ctrl-C of `serving up` take 32 s after its own drain; 5 s leaves the rest of
+    # router.drain_timeout_s to requests in flight (README "Resources, readiness, stopping").
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     # Ray starts its workers at nice 15 (below its own daemons): the router, HAProxy and the engines
     # relay or compute every token, so they run at 0 (c8 0.845x -> 0.898x bare vLLM on 2 cores,
     # bench/results/request-path/priority; engines alone at 0 and the relay at 15: 0.806x)
