@@ -8,8 +8,6 @@ KubeRay's serveConfigV2 (import_path `serving.app:build_app`, args = the models 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -18,7 +16,7 @@ from ray.serve import Application
 from serving.config import (ROUTER_DEPLOYMENT, SERVE_ENV_DEFAULTS, EngineSpec, ServingConfig, load_config,
                             parse_config)
 from serving.engine.deployment import EngineDeployment
-from serving.control.haproxy_launcher import BINARY_ENV
+from serving.control.haproxy_launcher import BINARY_ENV, installed_launcher
 from serving.router.metrics_export import MetricsExport, replica_id
 from serving.router.core import Router
 from serving.router.http import app as router_http_app
@@ -130,17 +128,8 @@ def ray_env(config: ServingConfig, port: int) -> dict[str, str]:
     }
     env = {**{k: str(v) for k, v in derived.items()}, **config.router.serve_env}
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and BINARY_ENV not in env and BINARY_ENV not in os.environ:
-        env[BINARY_ENV] = haproxy_launcher_path()
+        env[BINARY_ENV] = installed_launcher()  # HAProxy without splice: a client's abort reaches the router
     return env
-
-
-def haproxy_launcher_path() -> str:
-    """`serving-haproxy` beside this Python (serving.control.haproxy_launcher: HAProxy without splice, so a
-    client's abort reaches the router). Every node runs the same installed package."""
-    launcher = Path(sys.executable).parent / "serving-haproxy"
-    if not os.access(launcher, os.X_OK):
-        raise RuntimeError(f"{launcher} is missing: reinstall the package (pip install -e .), it is a console script")
-    return str(launcher)
 
 
 def build(config: ServingConfig, engine_cls: type = EngineDeployment) -> Application:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.app import haproxy_launcher_path
+from serving.control.haproxy_launcher import installed_launcher
 
 ABORTS = 8
 
@@ -96,7 +96,7 @@ def proxied(tmp_path):
     (tmp_path / "backend.py").write_text(BACKEND)
     (tmp_path / "haproxy.cfg").write_text(CONFIG.format(front=front, back=back))
     backend = subprocess.Popen([sys.executable, str(tmp_path / "backend.py"), str(back)])
-    proxy = subprocess.Popen([haproxy_launcher_path(), "-db", "-f", str(tmp_path / "haproxy.cfg")])
+    proxy = subprocess.Popen([installed_launcher(), "-db", "-f", str(tmp_path / "haproxy.cfg")])
     try:
         wait_listening(back)
         wait_listening(front)

@@ -183,7 +183,7 @@ def test_unlimited_keys_never_call_the_actor():
         per_request_us = (time.perf_counter() - started) / 1000 * 1e6
         assert limiter._actor is None  # no handle was ever looked up
         assert admission.headers == {}
-        assert limiter._pending[("free", "m")] == UsageRow("free", "m", 1000, 3000, 4000, 0.0)
+        assert limiter._pending.rows() == [UsageRow("free", "m", 1000, 3000, 4000, 0.0)]
         limiter._flusher.cancel()
         return per_request_us
 

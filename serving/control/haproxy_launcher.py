@@ -14,9 +14,19 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 NO_SPLICE = "-dS"
+SCRIPT = "serving-haproxy"  # pyproject.toml [project.scripts]
+
+
+def installed_launcher() -> str:
+    """This launcher's console script beside the running Python; every node runs the same install."""
+    launcher = Path(sys.executable).parent / SCRIPT
+    if not os.access(launcher, os.X_OK):
+        raise RuntimeError(f"{launcher} is missing: reinstall the package (pip install -e .), it is a console script")
+    return str(launcher)
 
 
 def bundled_haproxy() -> str:

@@ -34,10 +34,12 @@ from typing import Any, Mapping, Sequence
 
 from prometheus_client.metrics_core import Metric
 
+from serving.tenants.shared_actor import NAMESPACE
+
 logger = logging.getLogger("serving.metrics_export")
 
 ACTOR_NAME = "serving-metrics"
-ACTOR_NAMESPACE = "serving"
+ACTOR_NAMESPACE = NAMESPACE
 REPLICA_LABEL = "router_replica"
 INTERVAL_S = 1.0
 TTL_S = 10.0

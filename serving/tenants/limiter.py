@@ -41,7 +41,7 @@ from serving.tenants.limits import Decision, Limits, Quota, UsageBook, UsageRow
 logger = logging.getLogger("serving.limiter")
 
 ACTOR_NAME = "serving-limits"
-ACTOR_NAMESPACE = "serving"
+ACTOR_NAMESPACE = shared_actor.NAMESPACE
 MAX_CONCURRENT_CALLS = 1000  # calls the asyncio actor accepts at once (each runs without awaiting)
 
 
@@ -76,7 +76,7 @@ class LimitsActor:
     async def add_usage(self, rows: list[UsageRow]) -> None:
         """Batched usage of unlimited keys."""
         for row in rows:
-            self.usage.add(row.key, row.model, row.requests, row.prompt_tokens, row.completion_tokens, row.cost)
+            self.usage.add_row(row)
 
     async def snapshot(self) -> dict[str, Any]:
         """Usage totals, plus per limited key the requests running and the reservations held for
@@ -154,7 +154,7 @@ class Limiter:
         self._actor = None
         self._actor_for_cleanup = None
         self._lookup: asyncio.Future | None = None
-        self._pending: dict[tuple[str, str], UsageRow] = {}  # (key, model): unlimited keys' usage, not sent yet
+        self._pending = UsageBook()  # unlimited keys' usage, not sent yet
         self._flusher: asyncio.Task | None = None
         self._last_warning = 0.0
 
@@ -264,7 +264,7 @@ class Limiter:
 
     # --- usage -----------------------------------------------------------------------------
     def _add_pending(self, admission: Admission, prompt: int, completion: int, cost: float) -> None:
-        self._pending_row(admission.key, admission.model).add(1, prompt, completion, cost)
+        self._pending.add(admission.key, admission.model, 1, prompt, completion, cost)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
@@ -274,22 +274,16 @@ class Limiter:
 
     async def flush(self) -> None:
         """Send locally summed usage of unlimited keys to the actor (kept for the next try on failure)."""
-        if not self._pending:
+        rows = self._pending.rows()
+        if not rows:
             return
-        rows, self._pending = self._pending, {}
+        self._pending = UsageBook()
         try:
-            await self._call("add_usage", list(rows.values()))
+            await self._call("add_usage", rows)
         except Exception as error:
             self._unreachable(error)
-            for row in rows.values():
-                self._pending_row(row.key, row.model).add(row.requests, row.prompt_tokens, row.completion_tokens,
-                                                          row.cost)
-
-    def _pending_row(self, key: str, model: str) -> UsageRow:
-        row = self._pending.get((key, model))
-        if row is None:
-            row = self._pending[(key, model)] = UsageRow(key, model)
-        return row
+            for row in rows:
+                self._pending.add_row(row)
 
     async def snapshot(self) -> dict[str, Any]:
         """The GET /v1/usage body (this replica's pending usage included; others' within flush_interval_s)."""

@@ -305,8 +305,8 @@ _FIELDS = ("requests", "prompt_tokens", "completion_tokens", "estimated_cost")
 
 @dataclass(slots=True)
 class UsageRow:
-    """Usage of one key on one model: what a router replica sums for keys without limits and
-    sends to the shared actor in batches (serving.tenants.limiter)."""
+    """Usage of one key on one model: a UsageBook's row, and what a router replica sends the
+    shared actor in batches for keys without limits (serving.tenants.limiter)."""
 
     key: str
     model: str
@@ -328,16 +328,19 @@ class UsageBook:
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self.since = clock()
-        self._rows: dict[tuple[str, str], list[float]] = {}
+        self._rows: dict[tuple[str, str], UsageRow] = {}
 
     def add(self, key: str, model: str, requests: int, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
         row = self._rows.get((key, model))
         if row is None:
-            row = self._rows[(key, model)] = [0, 0, 0, 0.0]
-        row[0] += requests
-        row[1] += prompt_tokens
-        row[2] += completion_tokens
-        row[3] += cost
+            row = self._rows[(key, model)] = UsageRow(key, model)
+        row.add(requests, prompt_tokens, completion_tokens, cost)
+
+    def add_row(self, row: UsageRow) -> None:
+        self.add(row.key, row.model, row.requests, row.prompt_tokens, row.completion_tokens, row.cost)
+
+    def rows(self) -> list[UsageRow]:
+        return list(self._rows.values())
 
     def snapshot(self, spent_today: Callable[[str], float | None] = lambda _: None) -> dict[str, Any]:
         """The /v1/usage body: per key (totals and per model), per model, overall totals."""
@@ -357,7 +360,8 @@ class UsageBook:
         models: dict[str, list[float]] = {}
         key_totals: dict[str, list[float]] = {}
         total = [0, 0, 0, 0.0]
-        for (key, model), row in sorted(self._rows.items()):
+        for (key, model), usage in sorted(self._rows.items()):
+            row = [usage.requests, usage.prompt_tokens, usage.completion_tokens, usage.cost]
             keys.setdefault(key, {"models": {}})["models"][model] = block(row)
             key_totals[key] = added(key_totals.get(key, [0, 0, 0, 0.0]), row)
             models[model] = added(models.get(model, [0, 0, 0, 0.0]), row)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+NAMESPACE = "serving"  # the Ray namespace of every shared actor (limits, metrics)
 _REMOTE_CLASSES: dict[type, Any] = {}
 
 
