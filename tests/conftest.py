@@ -110,6 +110,26 @@ def stack(tmp_path_factory) -> Stack:
             Stack(process, url, log).stop()
 
 
+@pytest.fixture
+def local_ray():
+    """A local Ray (1 CPU, no dashboard) for tests of actors without a stack. Started once for
+    the tests that need it, which run together (ordering below); pytest_runtest_teardown stops
+    it after the last, so it never runs beside a stack or a test's own ray.init."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if "local_ray" in getattr(item, "fixturenames", ()) and (
+            nextitem is None or "local_ray" not in getattr(nextitem, "fixturenames", ())):
+        import ray
+
+        ray.shutdown()
+
+
 STACK_FIXTURES = {"stack", "stack_url", "tenants"}
 
 
@@ -118,12 +138,16 @@ def pytest_collection_modifyitems(config, items):
     """Every test that uses a stack is marked e2e, whatever its file says. Then order by what a
     test needs, not by file name: tests that stop the shared stack (marker `stops_stack`) run
     after every other user of it, and the tenants stack's users run last and together, so at
-    most one extra stack runs beside the shared one."""
+    most one extra stack runs beside the shared one. The local Ray's users run first, together."""
     for item in items:
         if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+        if "local_ray" in getattr(item, "fixturenames", ()):  # `make unit -n 2`: one worker, one Ray
+            item.add_marker(pytest.mark.xdist_group("local_ray"))
 
     def group(item) -> int:
+        if "local_ray" in getattr(item, "fixturenames", ()):
+            return -1
         if "tenants" in getattr(item, "fixturenames", ()):
             return 2
         return 1 if item.get_closest_marker("stops_stack") else 0

@@ -20,11 +20,7 @@ from serving.tenants.keys import KeyRecord, KeyStore, key_digest  # noqa: E402
 T0 = 1_800_000_000.0  # manual clock start (UTC 2027-01-15T08:00:00Z)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for the run's actor tests (conftest)
 
 
 @ray.remote(num_cpus=0)

@@ -14,11 +14,7 @@ from serving.router.metrics import RouterMetrics  # noqa: E402
 from serving.router.metrics_export import REPLICA_LABEL, MetricsExport, kill_actor  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for the run's actor tests (conftest)
 
 
 def test_two_exports_share_one_detached_actor():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -28,11 +29,7 @@ from tests.test_router_faults import FakeHandle, FakeStream, FakeView, _request,
 PRICE = {"input_per_million": 1.0, "output_per_million": 2.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # one local Ray for the run's actor tests (conftest)
 
 
 class Held:
@@ -265,15 +262,21 @@ def test_the_limits_lookup_is_inside_the_timeout(monkeypatch):
     from serving.tenants import limiter as limiter_module
     from serving.tenants.keys import KeyRecord
 
-    monkeypatch.setattr(limiter_module, "get_or_create_actor", lambda *a, **k: time.sleep(5))
+    # The lookup hangs until the scenario has measured, then returns, so asyncio.run's
+    # executor shutdown does not wait out a sleep.
+    measured = threading.Event()
+    monkeypatch.setattr(limiter_module, "get_or_create_actor", lambda *a, **k: measured.wait(5))
 
     async def scenario(fail_open: bool):
+        measured.clear()
         started = time.monotonic()
         limiter = Limiter(f"hangs-{fail_open}", fail_open=fail_open, call_timeout_s=0.3)
         try:
             return await limiter.admit(KeyRecord("k", rpm=5), "a"), time.monotonic() - started
         except errors.ServingError as error:
             return error, time.monotonic() - started
+        finally:
+            measured.set()
 
     admission, open_s = asyncio.run(scenario(True))
     assert admission.degraded and open_s < 2
