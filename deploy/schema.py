@@ -10,7 +10,8 @@ the chart without anyone re-typing it:
   (deploy/helm/chart-values.schema.yaml) with `serving:` = `ServingConfig.model_json_schema()`.
   Helm validates values against it on install, upgrade, template and lint. Checks JSON schema
   cannot express (unique names and aliases, known profiles, replicas min <= max, GPUs per
-  replica >= tensor x pipeline parallel, engine_args against vLLM) are `serving check`'s.
+  replica >= tensor x pipeline parallel, engine_args and serve_args against vLLM) are
+  `serving check`'s.
 - deploy/helm/serving/templates/_config_defaults.tpl: the config's defaults the templates read
   (router port, request timeout, API keys variable), as JSON in a named template.
 

@@ -107,7 +107,7 @@ def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any
     if engine.gpu_workers > 1:  # workers live in the replica's placement group, placed by Ray
         args.setdefault("distributed_executor_backend", "ray")
     return {"model": engine.model, "engine_args": args, "env": dict(engine.env),
-            "stream_flush_ms": config.router.stream_flush_ms}
+            "stream_flush_ms": config.router.stream_flush_ms, "serve_args": dict(engine.serve_args)}
 
 
 def ray_env(config: ServingConfig, port: int) -> dict[str, str]:

@@ -32,7 +32,10 @@ TAG_SELECTOR_PREFIX = "tag:"
 # the drain find them (the Helm chart names the application the same in its serveConfigV2).
 APP_NAME = "serving"
 ROUTER_DEPLOYMENT = "router"
-Task = Literal["chat", "completion", "embed"]
+# What a model is for; serving.protocol.endpoints says which endpoints each task serves. embed and
+# classify models run on vLLM's pooling runner (classify: a sequence-classification head, e.g. a cross-encoder).
+Task = Literal["chat", "completion", "embed", "classify"]
+POOLING_TASKS = ("embed", "classify")
 
 # Engine arguments the stack sets itself from other keys of the model entry.
 RESERVED_ENGINE_ARGS = {
@@ -57,6 +60,16 @@ EngineArgs = Annotated[
     AfterValidator(_no_reserved_engine_args),
     Field(description="vLLM engine arguments (AsyncEngineArgs fields), passed unchanged",
           json_schema_extra={"properties": {key: False for key in RESERVED_ENGINE_ARGS}}),
+]
+
+
+# `vllm serve` frontend options (tool-call parser, chat template, ...) by dest name; which ones make
+# sense per engine is vLLM's to say, so `serving check` validates them with vLLM's own parser
+# (serving/engine/vllm_args.py), not this schema.
+ServeArgs = Annotated[
+    dict[str, Any],
+    Field(description="vLLM `vllm serve` frontend options by dest name (e.g. tool_call_parser, "
+                      "enable_auto_tool_choice, chat_template, default_chat_template_kwargs), parsed as vLLM's CLI parses them"),
 ]
 
 
@@ -166,6 +179,7 @@ class Profile(_Strict):
     """Named engine defaults (e.g. `cpu`, `gpu`) so hardware choices live in the file, not in code."""
 
     engine_args: EngineArgs = Field(default_factory=dict)
+    serve_args: ServeArgs = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     resources: Resources | None = None
 
@@ -201,6 +215,7 @@ class ModelSpec(_Strict):
         "items": {"type": "string", "pattern": ALIAS_PATTERN, "not": {"pattern": "^" + re.escape(TAG_SELECTOR_PREFIX)}}})
     profile: str | None = None
     engine_args: EngineArgs = Field(default_factory=dict)
+    serve_args: ServeArgs = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     replicas: Replicas = Replicas()
     resources: Resources | None = None
@@ -339,6 +354,7 @@ class ServingConfig(_Strict):
             model=spec,
             profile=profile_name,
             engine_args={**profile.engine_args, **spec.engine_args},
+            serve_args={**profile.serve_args, **spec.serve_args},
             env={**profile.env, **spec.env},
             resources=spec.resources or profile.resources or Resources(),
             graceful_shutdown_timeout_s=spec.graceful_shutdown_timeout_s or self.router.request_timeout_s,
@@ -352,6 +368,7 @@ class EngineSpec:
     model: ModelSpec
     profile: str | None
     engine_args: dict[str, Any]
+    serve_args: dict[str, Any]
     env: dict[str, str]
     resources: Resources
     graceful_shutdown_timeout_s: float  # Ray Serve deployment option, also the chart's pod drain time
@@ -472,8 +489,8 @@ def _cross_checks(config: ServingConfig) -> list[Problem]:
             key = f"{where}.profile" if spec.profile else "default_profile"
             known = ", ".join(config.profiles) or "none defined"
             problems.append(Problem(key, f"unknown profile {profile!r} (profiles: {known})"))
-        if spec.task == "embed" and spec.engine_args.get("runner") not in (None, "pooling"):
-            problems.append(Problem(f"{where}.engine_args.runner", "an embed model runs on vLLM's pooling runner; remove `runner` or set it to 'pooling'"))
+        if spec.task in POOLING_TASKS and spec.engine_args.get("runner") not in (None, "pooling"):
+            problems.append(Problem(f"{where}.engine_args.runner", f"an {spec.task} model runs on vLLM's pooling runner; remove `runner` or set it to 'pooling'"))
         if not profile or profile in config.profiles:
             problems += _gpu_problems(config.engine_spec(spec), where)
     if config.default_profile and config.default_profile not in config.profiles and not any(

@@ -49,6 +49,9 @@ def e2e_config(tmp: Path) -> Path:
     twin = {**chat, "name": SECOND_CHAT_MODEL, "aliases": ["smollm2-b"], "tags": ["chat", "small"],
             "source": {"path": str(model_dir(spec))}}
     raw["models"].append(twin)
+    # Responses retrieve and previous_response_id need vLLM's (in-memory, never evicted) response store
+    for model in (chat, twin):
+        model["env"] = {**model.get("env", {}), "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
     # Three engines + router on a 2-core machine: reserve fractions so Ray can place them all.
     for model in raw["models"]:
         model["resources"] = {"cpus": 0.4}

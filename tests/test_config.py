@@ -168,7 +168,7 @@ def test_bad_name():
 
 def test_task_enum():
     found = problems(mutate(lambda r: r["models"][0].update(task="generate")))
-    assert "'chat', 'completion' or 'embed'" in found[0]
+    assert "'chat', 'completion', 'embed' or 'classify'" in found[0]
 
 
 def test_negative_price():

@@ -17,6 +17,7 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
+from serving.protocol.endpoints import BY_NAME
 from serving.protocol import errors  # noqa: E402
 from serving.tenants.limiter import Limiter, report_usage  # noqa: E402
 from serving.protocol.messages import EngineRequest, ReplyHead, RoutingStats, Usage  # noqa: E402
@@ -103,7 +104,7 @@ def test_cancelled_requests_end_their_concurrency_leases(tmp_path):
     router = build(config, {"a": handle})
 
     async def scenario():
-        tasks = [asyncio.create_task(router.inference(keyed(CHAT, auth[name]), "/v1/chat/completions"))
+        tasks = [asyncio.create_task(router.inference(keyed(CHAT, auth[name]), BY_NAME["chat"]))
                  for _ in range(2)]
         while len(engine.calls) < 2:
             await asyncio.sleep(0.01)
@@ -116,7 +117,7 @@ def test_cancelled_requests_end_their_concurrency_leases(tmp_path):
         assert all(stream.cancelled for stream in handle.streams)  # the engine calls were cancelled too
         assert (await leases(router))[name] == {"leases": 0, "held": 2}  # slots free, reservations none (no tpm)
         engine.go.set()
-        third = await router.inference(keyed(CHAT, auth[name]), "/v1/chat/completions")
+        third = await router.inference(keyed(CHAT, auth[name]), BY_NAME["chat"])
         assert third.status_code == 200, third.body
         assert (await leases(router))[name]["leases"] == 0
 
@@ -132,7 +133,7 @@ def test_a_tpm_burst_admits_only_what_fits_its_reservations(tmp_path):
     body = {**CHAT, "max_tokens": 300}
 
     async def scenario():
-        tasks = [asyncio.create_task(router.inference(keyed(body, auth[name]), "/v1/chat/completions"))
+        tasks = [asyncio.create_task(router.inference(keyed(body, auth[name]), BY_NAME["chat"]))
                  for _ in range(6)]
         while len(engine.calls) + sum(t.done() for t in tasks) < 6:
             await asyncio.sleep(0.01)
@@ -157,7 +158,7 @@ def test_a_cut_request_is_held_until_the_engine_reports_what_it_generated(tmp_pa
 
     async def scenario():
         task = asyncio.create_task(router.inference(keyed({**CHAT, "max_tokens": 100}, auth[name]),
-                                                    "/v1/chat/completions"))
+                                                    BY_NAME["chat"]))
         while not engine.calls:
             await asyncio.sleep(0.01)
         task.cancel()
@@ -191,11 +192,11 @@ def test_an_oversized_body_is_413_before_it_is_read_whole(tmp_path):
     async def scenario():
         request = keyed(CHAT, auth["plain"])
         request._receive = receive
-        chunked = await router.inference(request, "/v1/chat/completions")
+        chunked = await router.inference(request, BY_NAME["chat"])
         declared = keyed(CHAT, {**auth["plain"], "content-length": str(40 << 20)})
         declared._receive = receive
         before = received["n"]
-        by_length = await router.inference(declared, "/v1/chat/completions")
+        by_length = await router.inference(declared, BY_NAME["chat"])
         return chunked, by_length, before
 
     chunked, by_length, before = asyncio.run(scenario())
@@ -221,7 +222,7 @@ def test_a_key_allowed_one_model_is_never_served_by_its_fallback(tmp_path):
     router = build(config, {"a": a, "b": b}, views=down)
 
     async def scenario():
-        return await router.inference(keyed(CHAT, auth["small-only"]), "/v1/chat/completions")
+        return await router.inference(keyed(CHAT, auth["small-only"]), BY_NAME["chat"])
 
     refused = asyncio.run(scenario())  # its own model is down: 503, and nothing reached the fallback
     assert refused.status_code == 503, refused.body
@@ -247,9 +248,9 @@ def test_limits_and_allow_lists_come_before_difficulty_classification(tmp_path, 
 
     async def scenario():
         await router.limiter.admit(router.keys.authenticate(auth["rpm"]["authorization"]), "a")  # spend the rpm
-        limited = await router.inference(keyed(body, auth["rpm"]), "/v1/chat/completions")
-        forbidden = await router.inference(keyed(body, auth["other"]), "/v1/chat/completions")
-        anonymous = await router.inference(keyed(body, {}), "/v1/chat/completions")
+        limited = await router.inference(keyed(body, auth["rpm"]), BY_NAME["chat"])
+        forbidden = await router.inference(keyed(body, auth["other"]), BY_NAME["chat"])
+        anonymous = await router.inference(keyed(body, {}), BY_NAME["chat"])
         return limited, forbidden, anonymous
 
     limited, forbidden, anonymous = asyncio.run(scenario())

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 from starlette.requests import Request
 
+from serving.protocol.endpoints import BY_NAME
 from serving.protocol import errors
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage
 from serving.config import parse_config
@@ -283,7 +284,7 @@ def test_client_gone_while_a_non_streaming_answer_is_drained_releases_and_cancel
     router = make_router({"a": a, "b": FakeHandle("b", ok("b"))}, monkeypatch=monkeypatch)
 
     async def scenario():
-        task = asyncio.create_task(router.inference(_request({"model": "a", **CHAT}), "/v1/chat/completions"))
+        task = asyncio.create_task(router.inference(_request({"model": "a", **CHAT}), BY_NAME["chat"]))
         while not (a.streams and a.streams[0].served == 1):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
@@ -313,7 +314,7 @@ def test_client_gone_mid_stream_cancels_the_engine_call(monkeypatch):
     router = make_router({"a": a, "b": FakeHandle("b", ok("b"))}, monkeypatch=monkeypatch)
 
     async def scenario():
-        response = await router.inference(_request({"model": "a", "stream": True, **CHAT}), "/v1/chat/completions")
+        response = await router.inference(_request({"model": "a", "stream": True, **CHAT}), BY_NAME["chat"])
         body = response.body_iterator
         assert await body.__anext__() == b"data: 0\n\n"
         pending = asyncio.create_task(body.__anext__())

@@ -16,6 +16,7 @@ import json
 import pytest
 from ray.serve.exceptions import RequestCancelledError
 
+from serving.protocol.endpoints import BY_NAME
 from serving.protocol.messages import LinkAddress, ReplyHead, ReplyTail, Usage
 from serving.protocol.streamlink import (DATA, HEADER, MAGIC, TAIL, LinkBroken, LinkPool, StreamHub, _HubProtocol, deliver,
                                 encode_tail)
@@ -98,7 +99,7 @@ def linked_router(monkeypatch, engine: Engine, config=None):
 
 
 async def stream_a(router):
-    return await router.inference(_request({"model": "a", "stream": True, **CHAT}), "/v1/chat/completions")
+    return await router.inference(_request({"model": "a", "stream": True, **CHAT}), BY_NAME["chat"])
 
 
 async def read_to_second_chunk(router):
@@ -137,7 +138,7 @@ def test_stream_body_arrives_over_the_link_and_the_engine_yields_only_the_head(m
 def test_non_streaming_requests_carry_no_link(monkeypatch):
     a = FakeHandle("a", ok("a"))
     router = make_router({"a": a, "b": FakeHandle("b", ok("b"))}, monkeypatch=monkeypatch)
-    asyncio.run(router.inference(_request({"model": "a", **CHAT}), "/v1/chat/completions"))
+    asyncio.run(router.inference(_request({"model": "a", **CHAT}), BY_NAME["chat"]))
     assert a.requests[0].reply_to is None
 
 
@@ -149,7 +150,7 @@ def test_ray_transport_sends_no_link(monkeypatch):
 
     async def scenario():
         return await read_all(await router.inference(_request({"model": "a", "stream": True, **CHAT}),
-                                                     "/v1/chat/completions"))
+                                                     BY_NAME["chat"]))
 
     assert events(asyncio.run(scenario()))[-1] == "data: [DONE]"
     assert a.requests[0].reply_to is None and router.forwarder.hub is None

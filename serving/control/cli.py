@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 from serving.config import ConfigError, ServingConfig, load_config
+from serving.engine.vllm_args import serve_arg_problems
 
 DEFAULT_CONFIG = "models.yaml"
 
@@ -46,7 +47,7 @@ def engine_arg_problems(config: ServingConfig) -> list[str]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.file)
-    problems = [] if args.skip_engine_args else engine_arg_problems(config)
+    problems = [] if args.skip_engine_args else engine_arg_problems(config) + serve_arg_problems(config)
     if problems:
         print(f"{args.file} is not valid:", file=sys.stderr)
         for problem in problems:
@@ -139,6 +140,7 @@ PROBES = {  # one tiny real request per task: READY means each model answered on
                                                 "messages": [{"role": "user", "content": "Hi"}]}),
     "completion": ("/v1/completions", lambda m: {"model": m, "max_tokens": 1, "prompt": "Hi"}),
     "embed": ("/v1/embeddings", lambda m: {"model": m, "input": "Hi"}),
+    "classify": ("/classify", lambda m: {"model": m, "input": "Hi"}),
 }
 
 
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check = sub.add_parser("check", help="validate a models file")
     check.add_argument("file", nargs="?", default=DEFAULT_CONFIG)
-    check.add_argument("--skip-engine-args", action="store_true", help="do not check engine_args against vLLM")
+    check.add_argument("--skip-engine-args", action="store_true", help="do not check engine_args and serve_args against vLLM")
     check.add_argument("--cpus", type=float, help="also check that it fits nodes of this many (logical) CPUs")
     check.add_argument("--gpus", type=float, help="with --cpus: GPUs per node")
     check.add_argument("--memory-gib", type=float, help="with --cpus: memory per node Ray may hand out")

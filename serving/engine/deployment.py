@@ -31,10 +31,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from serving.protocol import errors
-from serving.config import ModelSpec
+from serving.protocol.endpoints import response_id
+from serving.config import POOLING_TASKS, ModelSpec
 from serving.tenants.limiter import report_usage
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage, estimate_body_tokens
 from serving.engine.provision import provision_model
@@ -125,11 +126,14 @@ class EngineDeployment:
     """Ray Serve deployment class; `serving.app` applies the per-model options."""
 
     async def __init__(self, model: ModelSpec, engine_args: dict[str, Any], env: dict[str, str],
-                       stream_flush_ms: float = 0.0):
+                       stream_flush_ms: float = 0.0, serve_args: dict[str, Any] | None = None):
         os.environ.update(expand_thread_binding(env))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        from serving.engine.vllm_app import build_vllm_app
+        from serving.engine.vllm_args import serve_namespace
 
         self.name = name = model.name
         self.task = task = model.task
@@ -146,20 +150,24 @@ class EngineDeployment:
         except Exception:  # outside Ray Serve (direct use in tests)
             self.replica = f"local-{os.getpid()}"
         args = dict(engine_args)
-        if task == "embed":
+        if task in POOLING_TASKS:
             args.setdefault("runner", "pooling")
+        # One namespace, as `vllm serve` parses it: the engine's arguments and its frontend's.
+        namespace = serve_namespace(model_path, name, args, serve_args or {})
+        namespace.disable_log_stats = False
         self._stats = _LatestStats()
         # request id -> estimated prompt tokens, until its first output: the prefill work queued here,
         # reported so routers weigh a replica busy with long prompts as busy (ReplicaView.pending_tokens)
         self._unstarted: dict[str, int] = {}
         self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(model=model_path, served_model_name=[name], **args),
+            AsyncEngineArgs.from_cli_args(namespace),
             # vLLM's own metrics leave through Ray's per-node metrics port (labelled ReplicaId),
             # as in Ray Serve LLM; being a PrometheusStatLogger it replaces vLLM's default one.
             stat_loggers=[self._stats.factory, RayPrometheusStatLogger],
         )
         count_aborted_tokens(self.engine)
-        self._handlers = await _openai_handlers(self.engine, model_path, name)
+        self.app = await build_vllm_app(self.engine, namespace)
+        self._handlers = _direct_handlers(self.app.state)
         self._parsers = _request_parsers()
         self._links = LinkPool()
         logger.info("engine %s ready on replica %s in %.1fs", name, self.replica, time.time() - self.started)
@@ -184,6 +192,14 @@ class EngineDeployment:
         # usage (or says there is none): only then did it take it. vLLM answers a cancelled
         # non-streaming request with an error response ("Client disconnected"), which nobody takes.
         try:
+            if request.path:  # no hot path of ours: vLLM's own app answers it
+                replies = self._reply_from_app(request, started, budget, counts)
+                try:
+                    async for item in replies:
+                        yield item
+                finally:  # closed with this one, not whenever it is collected: it ends vLLM's call
+                    await replies.aclose()
+                return
             try:
                 parsed, wants_usage = self._parse(request)
                 async with asyncio.timeout(max(budget, 0.001)):
@@ -206,7 +222,8 @@ class EngineDeployment:
                                 engine_s=time.perf_counter() - started)
                 counts.delivered = True
                 return
-            async for item in self._coalesce(result, wants_usage, started, budget, request.request_id, counts):
+            async for item in self._coalesce(result, chat_usage(wants_usage), started, budget, request.request_id,
+                                             counts):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):  # the router ended the call: it saw no usage
             if not counts.delivered and request.usage_ticket is not None:
@@ -215,6 +232,64 @@ class EngineDeployment:
         finally:  # answered, failed or cancelled: no longer waiting for its prefill
             self._unstarted.pop(request.request_id, None)
 
+    async def _reply_from_app(self, request: EngineRequest, started: float, budget: float,
+                              counts: RequestCounts) -> AsyncIterator[ReplyHead | bytes | ReplyTail]:
+        """Any other endpoint, through vLLM's app: JSON answers whole in the head, event streams
+        coalesced like chat's; usage read from the answer (OpenAI's or Responses/Anthropic names)."""
+        from serving.engine.vllm_app import AppCall
+
+        try:
+            body = self._engine_body(request)
+        except errors.ServingError as error:
+            yield self._error_head(error)
+            counts.delivered = True
+            return
+        call = AppCall(self.app, request.method, request.path, body)
+        counts.pump = call.task  # cancelled with the request: vLLM sees its client leave and aborts
+        try:
+            try:
+                async with asyncio.timeout(max(budget, 0.001)):
+                    status, headers = await call.start()
+                    streaming = headers.get("content-type", "").startswith("text/event-stream")
+                    answer = b"" if streaming else await call.read()
+            except Exception as error:
+                head = self._error_head(_as_serving_error(error, budget), retryable=self.engine.errored)
+                head.usage = counts.usage()
+                yield head
+                counts.delivered = True
+                return
+            if status != 200:
+                head = self._error_head(_from_app_error(status, answer))
+                head.usage = counts.usage()
+                yield head
+                counts.delivered = True
+                return
+            if not streaming:
+                yield ReplyHead(200, self.replica, self.name, body=answer, usage=_answer_usage(answer),
+                                engine_s=time.perf_counter() - started)
+                counts.delivered = True
+                return
+            async for item in self._coalesce(call.text(), merge_usage, started, budget, request.request_id, counts):
+                yield item
+        finally:
+            call.cancel()
+
+    def _engine_body(self, request: EngineRequest) -> bytes:
+        """The client's body for vLLM's app: `model` is this deployment's name (the client may have
+        named an alias or a tag), and a new response's id names this replica (it stores it)."""
+        if request.method != "POST" or not request.body:
+            return request.body
+        try:
+            body = json.loads(request.body)
+        except ValueError as error:
+            raise errors.invalid_request(f"The request body is not valid JSON: {error}", None, "invalid_json") from None
+        if isinstance(body, dict):
+            if "model" in body:
+                body["model"] = self.name
+            if request.endpoint == "responses":
+                body["request_id"] = response_id(self.replica)
+        return json.dumps(body).encode()
+
     def _report_when_aborted(self, counts: RequestCounts, request: EngineRequest) -> None:
         """Settle a request the router cut with what vLLM generated for it. A stream's pump aborts
         vLLM's sequence as it is cancelled: report once it has."""
@@ -222,7 +297,8 @@ class EngineDeployment:
             usage = counts.usage() or Usage()
             report_usage(request.usage_ticket, self.name, usage.prompt_tokens, usage.completion_tokens)
         if counts.pump is not None and not counts.pump.done():
-            counts.pump.cancel()  # now, not when the closed generator is finalised
+            if not counts.pump.cancelling():
+                counts.pump.cancel()  # now, not when the closed generator is finalised
             counts.pump.add_done_callback(report)
         else:
             report()
@@ -230,11 +306,12 @@ class EngineDeployment:
     def _error_head(self, error: errors.ServingError, retryable: bool = False) -> ReplyHead:
         return ReplyHead(error.status, self.replica, self.name, body=error.json_bytes(), retryable=retryable)
 
-    async def _coalesce(self, result, wants_usage: bool, started: float, budget: float, request_id: str,
+    async def _coalesce(self, result, read_usage: UsageReader, started: float, budget: float, request_id: str,
                         counts: RequestCounts):
         """Relay vLLM's SSE strings: the first at once, then whatever is ready per flush interval.
         The pump reads vLLM only while less than PUMP_LIMIT is waiting to be handed on: a relay
-        held back (its client not reading: link credit, socket) holds the pump back too."""
+        held back (its client not reading: link credit, socket) holds the pump back too.
+        `read_usage` reads the usage from the chunks that carry it and says whether to pass them on."""
         ready: list[str] = []
         wake = asyncio.Event()
         room = asyncio.Event()  # set while the pump may read on
@@ -249,9 +326,9 @@ class EngineDeployment:
                     async for chunk in result:
                         if chunk.startswith(VLLM_SSE_ERROR):  # vLLM's mid-stream error: int `code`
                             chunk = _reshape_sse_error(chunk)
-                        elif USAGE_CHUNK_MARK in chunk and '"usage"' in chunk:
-                            tail.usage = Usage.from_dict(json.loads(chunk[6:]).get("usage"))
-                            if not wants_usage:
+                        elif '"usage"' in chunk:
+                            tail.usage, keep = read_usage(chunk, tail.usage)
+                            if not keep:
                                 continue
                         ready.append(chunk)
                         wake.set()
@@ -382,19 +459,8 @@ class _LatestStats:
         self.factory = Recorder
 
 
-async def _openai_handlers(engine, model_path: str, name: str) -> dict[str, Any]:
-    """Build vLLM's OpenAI serving objects exactly as `vllm serve` does, from its own CLI defaults."""
-    from starlette.datastructures import State
-
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", model_path, "--served-model-name", name])
-    args.disable_log_stats = False
-    supported = await engine.get_supported_tasks()
-    state = State()
-    await init_app_state(engine, state, args, supported)
+def _direct_handlers(state: Any) -> dict[str, Any]:
+    """The hot paths' handlers, from the state of vLLM's app (serving.engine.vllm_app)."""
     handlers: dict[str, Any] = {}
     if getattr(state, "openai_serving_chat", None) is not None:
         handlers["chat"] = state.openai_serving_chat.create_chat_completion
@@ -403,6 +469,67 @@ async def _openai_handlers(engine, model_path: str, name: str) -> dict[str, Any]
     if getattr(state, "serving_embedding", None) is not None:
         handlers["embed"] = state.serving_embedding
     return handlers
+
+
+UsageReader = Callable[[str, "Usage | None"], "tuple[Usage | None, bool]"]
+
+
+def chat_usage(wants_usage: bool) -> UsageReader:
+    """Chat and completions streams: the usage is in vLLM's last chunk (`"choices":[]`), which
+    always is asked for and passed on only when the client asked for it."""
+    def read(chunk: str, usage: Usage | None) -> tuple[Usage | None, bool]:
+        if USAGE_CHUNK_MARK not in chunk:
+            return usage, True
+        return Usage.from_dict(json.loads(chunk[6:]).get("usage")), wants_usage
+    return read
+
+
+def merge_usage(chunk: str, usage: Usage | None) -> tuple[Usage | None, bool]:
+    """Responses and Messages streams: usage rides in events (`response.completed`'s response,
+    `message_start`'s message, `message_delta`); keep the largest count of each kind seen."""
+    for line in chunk.splitlines():
+        if not line.startswith("data:") or '"usage"' not in line:
+            continue
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            continue
+        found = _answer_usage_of(event)
+        if found is not None:
+            usage = Usage(max(found.prompt_tokens, usage.prompt_tokens if usage else 0),
+                          max(found.completion_tokens, usage.completion_tokens if usage else 0))
+    return usage, True
+
+
+def _answer_usage_of(answer: Any) -> Usage | None:
+    if not isinstance(answer, dict):
+        return None
+    for holder in (answer, answer.get("response"), answer.get("message")):
+        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+            return Usage.from_dict(holder["usage"])
+    return None
+
+
+def _answer_usage(body: bytes) -> Usage | None:
+    try:
+        return _answer_usage_of(json.loads(body))
+    except ValueError:
+        return None
+
+
+def _from_app_error(status: int, body: bytes) -> errors.ServingError:
+    """An error answer of vLLM's app in the one convention; a path the model's app lacks is the
+    model's task not fitting the endpoint."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    try:
+        return _from_vllm_response(ErrorResponse.model_validate_json(body))
+    except ValueError:
+        pass
+    if status in (404, 405):
+        return errors.invalid_request("this model does not serve this endpoint (vLLM's supported tasks for it "
+                                      "do not include it)", "model", "model_task_mismatch")
+    return errors.from_vllm(status, body.decode(errors="replace")[:500])
 
 
 def _request_parsers() -> dict[str, Any]:

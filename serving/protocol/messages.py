@@ -22,9 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# the OpenAI paths the router serves -> the endpoint an EngineRequest names
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embed"}
-
 
 @dataclass(slots=True)
 class Usage:
@@ -33,9 +30,14 @@ class Usage:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "Usage | None":
-        if not raw:
+        """OpenAI's names (prompt/completion_tokens) or the Responses and Anthropic ones (input/output_tokens)."""
+        if not isinstance(raw, dict) or not raw:
             return None
-        return cls(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0))
+        prompt = raw.get("prompt_tokens", raw.get("input_tokens"))
+        completion = raw.get("completion_tokens", raw.get("output_tokens"))
+        if not isinstance(prompt, int) and not isinstance(completion, int):
+            return None
+        return cls(int(prompt or 0), int(completion or 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +66,7 @@ class UsageTicket:
 
 @dataclass(slots=True)
 class EngineRequest:
-    endpoint: str  # one of ENDPOINTS' values
+    endpoint: str  # an Endpoint.name of serving.protocol.endpoints
     body: bytes  # the client's JSON body exactly as received; the engine validates it with vLLM's models
     request_id: str
     deadline: float  # time.time() after which the engine gives up on the request
@@ -72,6 +74,9 @@ class EngineRequest:
     session_key: str | None = None  # x-session-id header or the body's `user`: session affinity
     reply_to: LinkAddress | None = None  # streams: send the body after the head over this link
     usage_ticket: UsageTicket | None = None  # settle with it if the request ends before its usage was sent
+    path: str = ""  # endpoints answered by vLLM's app: the path and query as the client sent them
+    method: str = "POST"
+    replica: str | None = None  # only this replica may take it (it stores the response the request names)
 
 
 @dataclass(slots=True)

@@ -26,7 +26,8 @@ from serving.router.accounting import Accounting, RequestRecord
 from serving.router.forward import Forwarder
 from serving.router.listing import model_list
 from serving.router.loads import LoadView
-from serving.protocol.messages import ENDPOINTS
+from serving.protocol.endpoints import Endpoint, replica_of_response
+from serving.protocol.messages import EngineRequest
 from serving.protocol.streamlink import StreamHub
 from serving.routing import (Decision, RoutingError, catalog_from_config, known_model_ids, route, route_for,
                              routes_from_config)
@@ -80,18 +81,20 @@ class Router:
         """The caller's key record (None on an open API or an open path); 401 on a missing or wrong key."""
         if request.url.path in self.open_paths:
             return None
-        return self.keys.authenticate(request.headers.get("authorization"))
+        return self.keys.authenticate(authorization(request))
 
-    async def inference(self, request: Request, path: str) -> Response:
+    async def inference(self, request: Request, endpoint: Endpoint) -> Response:
         """Authenticate, read the body (bounded), check the key may reach what the request names,
         admit it against the key's limits, then classify and decide, then forward. Cheap checks
         come first, so a refused request costs no classification and no engine work."""
         request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
-        record = RequestRecord(request_id, path)
+        record = RequestRecord(request_id, request.url.path)
+        record.endpoint = endpoint.name
         headers = self._id_header(request_id)
         try:
             try:
-                response = await self._serve(request, path, record, headers)
+                serve = self._serve_stored if endpoint.by_response_id else self._serve
+                response = await serve(request, endpoint, record, headers)
             except asyncio.CancelledError:  # the client went away (Ray Serve cancels the handler)
                 record.status, record.error_origin = 499, "client"
                 self.accounting.close(record)  # ends the lease: a cancelled request holds no slot
@@ -109,7 +112,8 @@ class Router:
             self.accounting.close(record)
         return response
 
-    async def _serve(self, request: Request, path: str, record: RequestRecord, headers: dict[str, str]) -> Response:
+    async def _serve(self, request: Request, endpoint: Endpoint, record: RequestRecord,
+                     headers: dict[str, str]) -> Response:
         key = self.authenticate(request)
         record.key_name = key_label(key)
         raw = await read_body(request, self.max_body_bytes)
@@ -119,25 +123,29 @@ class Router:
             raise errors.invalid_request("`model` is required: a model name, an alias, or 'tag:<tag>'", "model",
                                          "missing_model")
         record.requested_model = model
-        endpoint = record.endpoint = ENDPOINTS[path]
-        max_tokens = requested_max_tokens(body)
+        max_tokens = requested_max_tokens(body) if endpoint.generates else None
         record.max_tokens = max_tokens
         chosen_route = route_for(model, self.routes)
         # Everything the request could reach (every side of a route, every fallback), before
         # load or difficulty: the key must allow some of it, and its reservation covers all of it.
-        reachable = self.decide(model, endpoint, loads={}).candidates
+        reachable = self.decide(model, endpoint.name, loads={}).candidates
         route_models = reachable if chosen_route is not None else ()
         allowed = require_allowed(key, model, reachable, self.catalog, route_models)
+        # A follow-up of a stored response goes where that response is stored (serving.protocol.endpoints).
+        stored = self.stored_response(body.get("previous_response_id"), allowed, "previous_response_id") \
+            if endpoint.name == "responses" and body.get("previous_response_id") is not None else None
         tokens, cost = self.reservation(key, len(raw), body, endpoint, max_tokens, allowed)
         record.admission = await self.limiter.admit(key, model, tokens, cost)
         headers.update(record.admission.headers)
-        source = body.get("messages") if endpoint == "chat" else body.get("prompt")
+        source = body.get(endpoint.prompt_field) if endpoint.prompt_field else None
         difficulty = None
-        if chosen_route is not None:
+        if chosen_route is not None and stored is None:
             difficulty = await self.auto.classify(chosen_route, source, max_tokens)
         prompt_tokens = estimate_tokens(source) if self.needs_prompt_tokens and source else None
-        decision = self.decide(model, endpoint, difficulty, prompt_tokens, max_tokens)
-        if chosen_route is not None:
+        decision = self.decide(model, endpoint.name, difficulty, prompt_tokens, max_tokens)
+        if stored is not None:
+            decision = Decision((stored[0],), decision.rule, f"{decision.reason}; previous_response_id is stored there")
+        elif chosen_route is not None:
             self.auto.count(decision)
         record.rule, record.decision = decision.rule, decision
         record.fallback_from = decision.fallback_from
@@ -155,11 +163,43 @@ class Router:
         record.prefix_key, record.session_key = prefix, session
         if self.trace_prompts and source:
             record.prompt = prompt_text(source)
-        return await self.forwarder.forward(record, decision, endpoint, raw, headers,
-                                            prefix_key=prefix, session_key=session,
-                                            stream=body.get("stream") is True)
+        message = EngineRequest(endpoint.name, raw, record.request_id, 0.0, prefix, session,
+                                path=engine_path(request, endpoint), replica=stored[1] if stored else None)
+        return await self.forwarder.forward(record, decision, message, headers, stream=body.get("stream") is True)
 
-    def reservation(self, key: KeyRecord | None, body_bytes: int, body: dict, endpoint: str,
+    async def _serve_stored(self, request: Request, endpoint: Endpoint, record: RequestRecord,
+                            headers: dict[str, str]) -> Response:
+        """A request about a stored response (retrieve, cancel): to the replica that stores it."""
+        key = self.authenticate(request)
+        record.key_name = key_label(key)
+        raw = await read_body(request, self.max_body_bytes)
+        rid = request.path_params.get("response_id")
+        serving_it = [n for n in visible_models(key, self.catalog) if self.catalog[n].task in endpoint.tasks]
+        name, replica = self.stored_response(rid, serving_it, "response_id")
+        record.requested_model = name
+        record.admission = await self.limiter.admit(key, name, 0, 0.0)
+        headers.update(record.admission.headers)
+        decision = Decision((name,), "response_id", f"response {rid} is stored by a replica of {name}")
+        record.rule, record.decision = decision.rule, decision
+        headers.update(route_headers(decision))
+        message = EngineRequest(endpoint.name, raw, record.request_id, 0.0, path=engine_path(request, endpoint),
+                                method=request.method, replica=replica)
+        stream = request.query_params.get("stream", "").lower() in ("true", "1")
+        return await self.forwarder.forward(record, decision, message, headers, stream=stream)
+
+    def stored_response(self, rid: object, allowed: list[str], param: str) -> tuple[str, str]:
+        """(deployment, replica) storing response `rid`; 404 when no replica this key may use has it
+        (never made here, its replica is gone, or another key's model: not told apart)."""
+        replica = replica_of_response(rid)
+        if replica is not None:
+            for name in allowed:
+                if any(report.replica == replica for report in self.loads.reports(name)):
+                    return name, replica
+        raise errors.ServingError(404, f"Response with id {errors.header_safe(str(rid), 120)!r} not found: no "
+                                  "replica serving this stack stores it.", "invalid_request_error", param,
+                                  "response_not_found", origin="client")
+
+    def reservation(self, key: KeyRecord | None, body_bytes: int, body: dict, endpoint: Endpoint,
                     max_tokens: int | None, names: list[str]) -> tuple[int, float]:
         """The request's worst case in tokens and cost, over every model it may reach (see
         serving.tenants.limits.worst_case_tokens); only keys with a tpm or budget reserve."""
@@ -167,7 +207,7 @@ class Router:
             return 0, 0.0
         choices = body.get("n") if isinstance(body.get("n"), int) else 1
         tokens = worst_case_tokens(body_bytes, max_tokens, choices, [self.catalog[n].max_model_len for n in names],
-                                   generates=endpoint != "embed")
+                                   generates=endpoint.generates)
         prices = [self.prices[n] for n in names if n in self.prices]
         per_token = max((max(p.input_per_million, p.output_per_million) for p in prices), default=0.0) / 1e6
         return tokens, tokens * per_token
@@ -211,6 +251,13 @@ class Router:
                              self.status_report()["models"])
         return listing.model_dump(mode="json")
 
+    def model_card(self, model_id: str, key: KeyRecord | None = None) -> dict[str, Any]:
+        """`GET /v1/models/{id}`: the listing's entry for it; 404 for what this key cannot see."""
+        for card in self.models_listing(key)["data"]:
+            if card["id"] == model_id:
+                return card
+        raise errors.model_not_found(model_id, [c["id"] for c in self.models_listing(key)["data"]])
+
     def status_report(self) -> dict[str, Any]:
         """Per-model state and live load, as the router sees it (also backs /health)."""
         models = {}
@@ -221,6 +268,14 @@ class Router:
                             "saturated": load.saturated, "reported_at": load.reported_at}
         ok = any(m["state"] == "ready" for m in models.values())
         return {"status": "ok" if ok else "unavailable", "models": models}
+
+
+def authorization(request: Request) -> str | None:
+    """The Authorization header, or Anthropic's `x-api-key` as one (the anthropic SDK sends its key there)."""
+    header = request.headers.get("authorization")
+    if header is None and (api_key := request.headers.get("x-api-key")):
+        return f"Bearer {api_key}"
+    return header
 
 
 def make_limiter(router_spec):
@@ -250,9 +305,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def engine_path(request: Request, endpoint: Endpoint) -> str:
+    """What vLLM's app in the engine is asked for (path and query); empty for the direct endpoints."""
+    if endpoint.direct:
+        return ""
+    query = request.url.query
+    return f"{request.url.path}?{query}" if query else request.url.path
+
+
 def requested_max_tokens(body: dict[str, Any]) -> int | None:
-    """The completion limit the client set (`max_completion_tokens` is the newer chat name)."""
-    for field in ("max_completion_tokens", "max_tokens"):
+    """The completion limit the client set (`max_completion_tokens` is the newer chat name,
+    `max_output_tokens` the Responses API's, `max_tokens` Anthropic's Messages API's)."""
+    for field in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -18,6 +18,7 @@ engine call and accounts the request once, as 504 timeout.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -119,25 +120,25 @@ class Forwarder:
         self.timeout_s = timeout_s
         self._ending: set[asyncio.Future] = set()  # linked calls finishing after their stream was relayed
 
-    async def forward(self, record: RequestRecord, decision: Decision, endpoint: str, raw: bytes,
-                      headers: dict[str, str], prefix_key: str | None = None,
-                      session_key: str | None = None, stream: bool = False) -> Response:
-        """Try the decision's candidates best-first; fall over only while nothing was sent to the client."""
+    async def forward(self, record: RequestRecord, decision: Decision, message: EngineRequest,
+                      headers: dict[str, str], stream: bool = False) -> Response:
+        """Try the decision's candidates best-first; fall over only while nothing was sent to the client.
+        `message` is the request for the engine; its deadline, link and ticket are set here, per try."""
         from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
         loop = asyncio.get_running_loop()
         deadline = time.time() + self.timeout_s - record.elapsed()
         attempts = Attempts()
         use_link = stream and self.hub is not None and await self.hub.start()
-        for name in self._tries(decision.candidates):
+        for name in self._tries(decision.candidates, pinned=message.replica is not None):
             record.model = name
             self.loads.acquire(name)
             self.accounting.metrics.inflight.labels(name).inc()
             reply_to, inbox = self.hub.open() if use_link else (None, None)
             record.engine_called, record.engine_ended = True, False
-            call = Call(self.streams[name].generate.remote(
-                EngineRequest(endpoint, raw, record.request_id, deadline, prefix_key, session_key, reply_to,
-                              self.accounting.ticket(record, name))), name)
+            call = Call(self.streams[name].generate.remote(dataclasses.replace(
+                message, deadline=deadline, reply_to=reply_to, usage_ticket=self.accounting.ticket(record, name))),
+                name)
             call.timer = loop.call_at(loop.time() + max(deadline - time.time(), 0.0), call.expire)
             handed_over = False
             try:
@@ -212,12 +213,13 @@ class Forwarder:
         error.headers["x-route-attempts"] = errors.header_safe(attempts.describe())
         raise error
 
-    def _tries(self, candidates: tuple[str, ...]):
+    def _tries(self, candidates: tuple[str, ...], pinned: bool = False):
         """Each candidate deployment, twice when it has several replicas: a retry after a replica
-        died goes to another replica of the same model (Ray drops the dead one) before moving on."""
+        died goes to another replica of the same model (Ray drops the dead one) before moving on.
+        A request pinned to one replica has nowhere else to go."""
         for name in candidates:
             yield name
-            if self.loads.load(name).replicas > 1:
+            if not pinned and self.loads.load(name).replicas > 1:
                 yield name
 
     async def _relay(self, call: Call, head: ReplyHead, record: RequestRecord,

@@ -6,8 +6,10 @@ import asyncio
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.protocol import errors
+from serving.protocol.endpoints import ENDPOINTS, Endpoint
 from serving.router.drain import DrainMiddleware
 from serving.router.metrics import CONTENT_TYPE, MetricsView
 from serving.router import registry
@@ -37,19 +39,32 @@ def _error(error: errors.ServingError, router: Router | None = None, request: Re
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-@app.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    return await _router().inference(request, "/v1/chat/completions")
+def _inference_route(endpoint: Endpoint):
+    async def serve(request: Request) -> Response:
+        return await _router().inference(request, endpoint)
+    serve.__name__ = endpoint.name
+    return serve
 
 
-@app.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    return await _router().inference(request, "/v1/completions")
+for _endpoint in ENDPOINTS:  # every inference path vLLM serves (serving.protocol.endpoints)
+    for _path in _endpoint.paths:
+        app.add_api_route(_path, _inference_route(_endpoint), methods=[_endpoint.method])
 
 
-@app.post("/v1/embeddings")
-async def embeddings(request: Request) -> Response:
-    return await _router().inference(request, "/v1/embeddings")
+@app.exception_handler(StarletteHTTPException)
+async def unknown_path(request: Request, error: StarletteHTTPException) -> Response:
+    """A path or method nothing here serves: 404/405 in the API's shape, not FastAPI's `detail`."""
+    if error.status_code == 405:
+        failure = errors.ServingError(405, f"Method {request.method} is not allowed for {request.url.path}.",
+                                      "invalid_request_error", None, "method_not_allowed",
+                                      {"allow": (error.headers or {}).get("Allow", "")}, origin="client")
+    elif error.status_code == 404:
+        failure = errors.ServingError(404, f"Invalid URL ({request.method} {request.url.path}).",
+                                      "invalid_request_error", None, "unknown_url", origin="client")
+    else:
+        failure = errors.from_vllm(error.status_code, str(error.detail))
+    return JSONResponse(failure.body(), status_code=failure.status,
+                        headers={**failure.headers, "x-error-origin": failure.origin})
 
 
 async def _keyed(request: Request, answer) -> Response:
@@ -65,6 +80,15 @@ async def _keyed(request: Request, answer) -> Response:
 async def list_models(request: Request) -> Response:
     async def answer(router: Router, key) -> Response:
         return JSONResponse(router.models_listing(key))
+    return await _keyed(request, answer)
+
+
+@app.get("/v1/models/{model_id:path}")
+async def retrieve_model(request: Request, model_id: str) -> Response:
+    """One entry of /v1/models (a model or an alias this key may use), or an OpenAI-shaped 404."""
+    async def answer(router: Router, key) -> Response:
+        card = router.model_card(model_id, key)
+        return JSONResponse(card)
     return await _keyed(request, answer)
 
 

@@ -82,6 +82,8 @@ class EngineRequestRouter(RequestRouter):
             request = pending_request.args[0]
             affinity = Affinity(request.prefix_key, request.session_key)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if request is not None and request.replica is not None and request.replica in by_id:
+            return [[by_id[request.replica]]]  # it stores the response the request names
         tiers = rank_replicas(self.views(candidate_replicas), affinity, self.policy, self.state)
         ranked = [[by_id[rid] for rid in tier if rid in by_id] for tier in tiers]
         ranked = [tier for tier in ranked if tier]

@@ -18,13 +18,9 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol
 
 from serving.config import ServingConfig, fallback_graph, resolve_ref, selector_tags
+from serving.protocol.endpoints import ENDPOINTS
 
-ENDPOINT_TASKS = {
-    # endpoint -> model tasks that can serve it
-    "chat": {"chat"},
-    "completion": {"chat", "completion"},
-    "embed": {"embed"},
-}
+ENDPOINT_TASKS = {endpoint.name: endpoint.tasks for endpoint in ENDPOINTS}  # endpoint -> model tasks that serve it
 
 # How much a reported waiting request weighs against a running one: waiting means the engine
 # is already saturated, so it is the strongest signal that a request sent there will queue.
