@@ -34,7 +34,7 @@ def _add_target(p: argparse.ArgumentParser, ab: bool = False) -> None:
     if not ab:
         p.add_argument("--base-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="model name sent in the request body")
-    p.add_argument("--api", choices=("chat", "completions"), default="chat")
+    p.add_argument("--api", choices=("chat", "completions", "responses"), default="chat")
     p.add_argument("--api-key", default=os.environ.get("BENCH_API_KEY"),
                    help="bearer token (default: $BENCH_API_KEY)")
     p.add_argument("--ignore-eos", action="store_true",

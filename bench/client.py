@@ -24,7 +24,7 @@ from bench.workloads import Request
 class Endpoint:
     base_url: str
     model: str
-    api: str = "chat"  # "chat" | "completions"
+    api: str = "chat"  # "chat" | "completions" | "responses" (OpenAI's Responses API, streamed)
     api_key: str | None = None
     ignore_eos: bool = False
     temperature: float = 0.0
@@ -35,7 +35,7 @@ class Endpoint:
         base = self.base_url.rstrip("/")
         if not base.endswith("/v1"):
             base += "/v1"
-        return base + ("/chat/completions" if self.api == "chat" else "/completions")
+        return base + {"chat": "/chat/completions", "completions": "/completions", "responses": "/responses"}[self.api]
 
     def headers(self) -> dict[str, str]:
         h = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -45,15 +45,16 @@ class Endpoint:
 
 
 def build_payload(ep: Endpoint, req: Request) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": ep.model,
-        "stream": True,
+    body: dict[str, Any] = {"model": ep.model, "stream": True, "temperature": ep.temperature}
+    if ep.api != "responses":
         # Ask for token counts in the final chunk: the server's own count is
         # authoritative; a tokenizer count of the text is only a fallback.
-        "stream_options": {"include_usage": True},
-        "temperature": ep.temperature,
-    }
-    if ep.api == "chat":
+        body["stream_options"] = {"include_usage": True}
+    if ep.api == "responses":  # usage always arrives in `response.completed`
+        body["input"] = req.as_messages()
+        if req.max_tokens is not None:
+            body["max_output_tokens"] = req.max_tokens
+    elif ep.api == "chat":
         body["messages"] = req.as_messages()
         if req.max_tokens is not None:
             body["max_completion_tokens"] = req.max_tokens
@@ -70,7 +71,9 @@ def build_payload(ep: Endpoint, req: Request) -> dict[str, Any]:
 
 
 def chunk_text(data: dict[str, Any], api: str) -> str | None:
-    """Generated text in one chunk, or None if it has no choices."""
+    """Generated text in one chunk, or None if it has no choices (Responses: no text delta)."""
+    if api == "responses":
+        return data.get("delta") or "" if data.get("type") == "response.output_text.delta" else None
     choices = data.get("choices")
     if not choices:
         return None
@@ -117,6 +120,8 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, req: Request, rec: Reque
                     continue
                 if data.get("usage"):
                     usage = data["usage"]
+                elif isinstance(data.get("response"), dict) and data["response"].get("usage"):
+                    usage = data["response"]["usage"]  # Responses: in response.completed
                 text = chunk_text(data, ep.api)
                 if text is None:
                     continue
@@ -150,6 +155,8 @@ async def send(client: httpx.AsyncClient, ep: Endpoint, req: Request, rec: Reque
         rec.error = stream_error or "stream ended without any generated text"
         return rec
     rec.outcome = OK
+    if usage and "input_tokens" in usage:  # the Responses API's names
+        usage = {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens")}
     if usage and usage.get("completion_tokens") is not None:
         rec.output_tokens, rec.output_tokens_source = int(usage["completion_tokens"]), "usage"
     elif count_tokens is not None:

@@ -64,7 +64,7 @@ async def unknown_path(request: Request, error: StarletteHTTPException) -> Respo
     else:
         failure = errors.from_vllm(error.status_code, str(error.detail))
     return JSONResponse(failure.body(), status_code=failure.status,
-                        headers={**failure.headers, "x-error-origin": failure.origin})
+                        headers=failure.headers)
 
 
 async def _keyed(request: Request, answer) -> Response:
