@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--embedding", choices=("static", "local"), default="static",
                     help="as router.difficulty_embedding: the model's token embeddings averaged, or the full model")
 
-    from bench import auto_live, capacity, cpuprof, engine_counters, simulate
+    from bench import auto_live, capacity, cpuprof, engine_counters, scoring, simulate
     simulate.add_parser(sub)
+    scoring.add_parser(sub)
     engine_counters.add_parser(sub)
     auto_live.add_parser(sub)
     cpuprof.add_parser(sub)

@@ -31,6 +31,11 @@ SCRIPTS = {
     "one": [chat_chunk("x", finish="length"), {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}],
     "streamerror": [{"error": {"message": "engine died", "code": 500}}],
     "empty": [chat_chunk("", role="assistant")],
+    # the Responses API's events as vLLM streams them: usage only in response.completed
+    "responses": [{"type": "response.created", "response": {"usage": None}},
+                  *({"type": "response.output_text.delta", "delta": d} for d in ("Hel", "lo", "!")),
+                  {"type": "response.output_text.done", "text": "Hello!"},
+                  {"type": "response.completed", "response": {"usage": {"input_tokens": 7, "output_tokens": 3}}}],
 }
 
 
@@ -53,7 +58,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.bodies.append((self.path, dict(self.headers), body))
-        script = body["messages"][0]["content"] if "messages" in body else body["prompt"]
+        script = body["messages"][0]["content"] if "messages" in body else (
+            body["input"][0]["content"] if "input" in body else body["prompt"])
         if script.startswith("status"):
             self.send_response(int(script[6:]))
             self.send_header("Content-Length", "5")
@@ -184,6 +190,16 @@ def test_connection_refused_is_transport_error():
             return await send(c, ep, Request(0, prompt="x"), RequestRecord(index=0), time.perf_counter())
     r = asyncio.run(go())
     assert r.outcome == ERROR and r.error_kind == "transport" and r.status is None
+
+
+def test_responses_api_stream_timeline_and_usage(server):
+    r = run(server, "responses", api="responses")
+    assert r.outcome == OK and len(r.token_times) == 3 and r.ttft == r.token_times[0]
+    assert (r.output_tokens, r.output_tokens_source) == (3, "usage")
+    assert (r.prompt_tokens, r.prompt_tokens_source) == (7, "usage")
+    path, _, body = server.bodies[-1]
+    assert path == "/v1/responses" and body["max_output_tokens"] == 3 and "stream_options" not in body
+    assert body["input"] == [{"role": "user", "content": "responses"}]
 
 
 def test_completions_payload_and_url():

@@ -118,4 +118,7 @@ def test_text_helpers():
     assert prompt_text(["a", "b"]) == "a\nb" and user_turns("just text") == ["just text"]
     assert estimate_tokens([1, 2, 3]) == 3 and estimate_tokens("x" * 400) == 100
     assert embedding_text("y" * 5000) == "y" * 1000
+    # the Responses API's input items (input_text parts) count as user turns too
+    responses_input = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Prove it."}]}]
+    assert user_turns(responses_input) == ["Prove it."] and prompt_text(responses_input) == "user: Prove it."
     assert rule_features("").shape == rule_features("```def f(): pass```").shape

@@ -84,6 +84,37 @@ ENDPOINT_FIELDS = {
                                                 st.lists(st.integers(0, 30000), max_size=5)), required=True),
                        "encoding_format": field(st.sampled_from(["float", "base64", "bogus"])),
                        "dimensions": field(st.integers(1, 384)), "user": field(st.text(max_size=10))},
+    # the paths vLLM's own app answers in the engine (serving/protocol/endpoints.py)
+    "/v1/responses": {"model": field(models, required=True), "max_output_tokens": field(st.integers(1, 3), required=True),
+                      "input": field(st.one_of(st.text(max_size=40), messages_valid), required=True),
+                      "instructions": field(st.text(max_size=20)), "stream": field(st.booleans()),
+                      "temperature": field(st.floats(0, 2)), "previous_response_id": field(odd_text),
+                      "store": field(st.booleans())},
+    "/v1/messages": {"model": field(models, required=True), "max_tokens": field(st.integers(1, 3), required=True),
+                     "messages": field(messages_valid, required=True), "system": field(st.text(max_size=20)),
+                     "stream": field(st.booleans()), "temperature": field(st.floats(0, 1))},
+    "/v1/rerank": {"model": field(models, required=True), "query": field(st.text(max_size=30), required=True),
+                   "documents": field(st.lists(st.text(max_size=30), max_size=3), required=True),
+                   "top_n": field(st.integers(0, 5))},
+    "/v1/score": {"model": field(models, required=True), "text_1": field(st.text(max_size=30), required=True),
+                  "text_2": field(st.one_of(st.text(max_size=30), st.lists(st.text(max_size=30), max_size=3)),
+                                  required=True)},
+    "/tokenize": {"model": field(models, required=True), "prompt": field(st.text(max_size=40), required=True),
+                  "add_special_tokens": field(st.booleans())},
+    "/detokenize": {"model": field(models, required=True),
+                    "tokens": field(st.lists(st.integers(-5, 70000), max_size=5), required=True)},
+}
+# A valid body per path: test_wrong_type_for_every_field breaks one field of it at a time.
+VALID = {
+    "/v1/chat/completions": {"model": CHAT, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
+    "/v1/completions": {"model": CHAT, "max_tokens": 2, "prompt": "Hi"},
+    "/v1/embeddings": {"model": EMBED, "input": "Hi"},
+    "/v1/responses": {"model": CHAT, "max_output_tokens": 2, "input": "Hi"},
+    "/v1/messages": {"model": CHAT, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
+    "/v1/rerank": {"model": EMBED, "query": "cats", "documents": ["a cat", "a car"]},
+    "/v1/score": {"model": EMBED, "text_1": "cats", "text_2": ["a cat"]},
+    "/tokenize": {"model": CHAT, "prompt": "Hi"},
+    "/detokenize": {"model": CHAT, "tokens": [1, 2]},
 }
 
 
@@ -151,7 +182,8 @@ def test_fuzzed_raw_bytes(client, path):
     run()
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/health", "/v1/status", "/metrics"])
+@pytest.mark.parametrize("path", ["/v1/models", "/health", "/v1/status", "/metrics", "/v1/models/smollm2",
+                                  "/v1/responses/resp_unknown", "/v1/nothing"])
 def test_fuzzed_get_endpoints(client, path):
     @FUZZ
     @given(params=st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=20), max_size=3),
@@ -215,13 +247,12 @@ WRONG = [None, True, 0, -1, 1.5, 2**64, "", "x", [], [1, "a"], {}, {"a": 1}]
 @pytest.mark.parametrize("path", list(ENDPOINT_FIELDS))
 def test_wrong_type_for_every_field(client, path):
     """Every known field set to every wrong type in turn, the rest of the body valid."""
-    valid = {"/v1/chat/completions": chat(), "/v1/completions": {"model": CHAT, "max_tokens": 2, "prompt": "Hi"},
-             "/v1/embeddings": {"model": EMBED, "input": "Hi"}}[path]
+    valid = VALID[path]
     failures = []
     for key in ENDPOINT_FIELDS[path]:
         for value in WRONG:
             body = {**valid, key: value}
-            if key == "max_tokens" and value in (None, 2**64):
+            if key in ("max_tokens", "max_output_tokens") and value in (None, 2**64):
                 continue  # None means "until the context is full": valid and slow, not hostile
             try:
                 post(client, path, _dumps(body), body)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import signal
@@ -13,7 +12,7 @@ import urllib.error
 import urllib.request
 
 from serving.config import ConfigError, ServingConfig, load_config
-from serving.engine.vllm_args import serve_arg_problems
+from serving.engine.vllm_args import engine_arg_problems, serve_arg_problems
 
 DEFAULT_CONFIG = "models.yaml"
 
@@ -24,25 +23,6 @@ def _load(path: str) -> ServingConfig:
     except ConfigError as error:
         print(error, file=sys.stderr)
         sys.exit(2)
-
-
-def engine_arg_problems(config: ServingConfig) -> list[str]:
-    """engine_args go to vLLM unchanged, so catch typos against vLLM's own field names."""
-    try:
-        import dataclasses
-
-        from vllm.engine.arg_utils import AsyncEngineArgs
-    except ImportError:
-        return []
-    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    problems = []
-    for i, spec in enumerate(config.models):
-        for key in config.engine_spec(spec).engine_args:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                problems.append(f"models[{i}] ({spec.name}).engine_args.{key}: not a vLLM engine argument{hint}")
-    return problems
 
 
 def cmd_check(args: argparse.Namespace) -> int:

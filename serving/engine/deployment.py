@@ -132,7 +132,7 @@ class EngineDeployment:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        from serving.engine.vllm_app import build_vllm_app
+        from serving.engine.vllm_app import build_vllm_app, import_parser_plugins
         from serving.engine.vllm_args import serve_namespace
 
         self.name = name = model.name
@@ -155,6 +155,7 @@ class EngineDeployment:
         # One namespace, as `vllm serve` parses it: the engine's arguments and its frontend's.
         namespace = serve_namespace(model_path, name, args, serve_args or {})
         namespace.disable_log_stats = False
+        import_parser_plugins(namespace)
         self._stats = _LatestStats()
         # request id -> estimated prompt tokens, until its first output: the prefill work queued here,
         # reported so routers weigh a replica busy with long prompts as busy (ReplicaView.pending_tokens)

@@ -22,6 +22,19 @@ CLOSE_GRACE_S = 5.0  # a cancelled call: how long vLLM may take to stop after th
 SEND_QUEUE = 16  # ASGI messages buffered ahead of the reader: a reader that stops holds vLLM back
 
 
+def import_parser_plugins(args: Namespace) -> None:
+    """Parser plugin files (`tool_parser_plugin`, `reasoning_parser_plugin`), registered as
+    `vllm serve` registers them before building its app (and before the engine: a reasoning
+    parser is an engine argument)."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    if args.tool_parser_plugin and len(args.tool_parser_plugin) > 3:  # vLLM's own test of "set"
+        ToolParserManager.import_tool_parser(args.tool_parser_plugin)
+    if args.reasoning_parser_plugin and len(args.reasoning_parser_plugin) > 3:
+        ReasoningParserManager.import_reasoning_parser(args.reasoning_parser_plugin)
+
+
 async def build_vllm_app(engine: Any, args: Namespace) -> Any:
     """The FastAPI app `vllm serve` would serve for this engine, its state initialised."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state

@@ -1,5 +1,5 @@
 """A model's `vllm serve` arguments, read by vLLM's own parser: the Namespace an engine replica builds
-its engine and OpenAI handlers from, and what `serving check` refuses in serve_args.
+its engine and OpenAI handlers from, and what `serving check` refuses in engine_args and serve_args.
 
 vLLM is imported inside the functions only (the import takes ~6 s); `serve_arg_problems` returns []
 where vLLM is not installed, like `engine_arg_problems`.
@@ -63,6 +63,23 @@ def serve_namespace(model_path: str, served_name: str, engine_args: dict, serve_
             setattr(ns.structured_outputs_config, key, getattr(ns, key))
     validate_parsed_serve_args(ns)
     return ns
+
+
+def engine_arg_problems(config: ServingConfig) -> list[str]:
+    """engine_args go to vLLM unchanged, so catch typos against vLLM's own field names."""
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except ImportError:
+        return []
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    problems = []
+    for i, spec in enumerate(config.models):
+        for key in config.engine_spec(spec).engine_args:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                problems.append(f"models[{i}] ({spec.name}).engine_args.{key}: not a vLLM engine argument{hint}")
+    return problems
 
 
 def serve_arg_problems(config: ServingConfig) -> list[str]:

@@ -9,13 +9,16 @@ from typing import Any
 CHARS_PER_TOKEN = 4.0
 
 
+TEXT_PARTS = ("text", "input_text")  # chat and Anthropic messages' text parts; the Responses API's input parts
+
+
 def content_text(content: Any) -> str:
-    """An OpenAI message `content`: a string, or a list of parts of which only text counts."""
+    """A message's `content`: a string, or a list of parts of which only text counts."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"
-                         and isinstance(p.get("text"), str))
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict)
+                         and p.get("type", "text") in TEXT_PARTS and isinstance(p.get("text"), str))
     return ""
 
 
