@@ -31,8 +31,9 @@ SECOND_CHAT_MODEL = "smollm2-135m-b"
 EMBED_MODEL = "all-minilm-l6-v2"
 START_TIMEOUT_S = 900
 # The shared stack's request deadline (the default is 600 s): tests/test_e2e_slow_reader.py waits
-# for it. Every e2e client gives up within 300 s of silence, and nothing it sends runs past ~60 s.
-E2E_REQUEST_TIMEOUT_S = 120
+# for it, so it is short. Every e2e client gives up within 300 s of silence, and no request a test
+# lets finish runs past ~60 s (long ones are cut by their client or by this deadline on purpose).
+E2E_REQUEST_TIMEOUT_S = 75
 # The second stack shape (auto pair + embeddings, 2 router replicas, a keys file): shared by the
 # tenants, abuse and metrics tests.
 TENANTS_PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "28010"))
@@ -49,8 +50,10 @@ def e2e_config(tmp: Path) -> Path:
     twin = {**chat, "name": SECOND_CHAT_MODEL, "aliases": ["smollm2-b"], "tags": ["chat", "small"],
             "source": {"path": str(model_dir(spec))}}
     raw["models"].append(twin)
-    # Responses retrieve and previous_response_id need vLLM's (in-memory, never evicted) response store
+    # Tool calling as models.yaml documents it, and vLLM's (in-memory, never evicted) response store,
+    # which Responses retrieve and previous_response_id need: tests/test_e2e_parity.py gives bare vLLM the same
     for model in (chat, twin):
+        model["serve_args"] = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
         model["env"] = {**model.get("env", {}), "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
     # Three engines + router on a 2-core machine: reserve fractions so Ray can place them all.
     for model in raw["models"]:

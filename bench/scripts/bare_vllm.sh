@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Start a bare vLLM OpenAI server with the same engine settings the stack
-# uses for smollm2-135m on CPU (models.yaml profile "cpu") and the same
-# frontend flags (its serve_args: tool calling), wait until it
+# uses for smollm2-135m on CPU (models.yaml profile "cpu"), wait until it
 # answers, run the given command, then stop the server.
 #   bench/scripts/bare_vllm.sh PORT -- COMMAND...
 # On this 2-core machine wrap the whole thing in `flock /tmp/serving-heavy.lock`.
@@ -13,8 +12,7 @@ LOG=${VLLM_LOG:-/tmp/bench-bare-vllm-$PORT.log}
 env VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
     HF_HUB_OFFLINE=1 "$PY" -m vllm.entrypoints.openai.api_server \
     --model "$MODEL_DIR" --served-model-name smollm2-135m --dtype float32 --enforce-eager \
-    --max-model-len 2048 --max-num-seqs 32 --enable-auto-tool-choice --tool-call-parser hermes \
-    --host 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 &
+    --max-model-len 2048 --max-num-seqs 32 --host 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 &
 VPID=$!
 # /v1/models can answer before the model replica is up: wait for a real completion.
 ready() {
