@@ -157,3 +157,36 @@ def test_usage_is_read_from_every_answer_shape():
     chunk = 'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":6}}\n\n'
     assert chat_usage(False)(chunk, None) == (Usage(2, 6), False)
     assert chat_usage(True)(chunk, None) == (Usage(2, 6), True)
+
+
+def test_the_replica_router_sends_a_pinned_request_to_its_replica_only():
+    """Ray Serve's replica choice (our RequestRouter) honours EngineRequest.replica, and ranks by load
+    otherwise; a pin to a replica that is gone falls back to the ranking (vLLM then answers 404)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.protocol.messages import EngineRequest
+    from serving.router.replica_router import EngineRequestRouter
+    from serving.routing.replicas import DeadMarks, PolicyState, ReplicaPolicy, SentSinceReport
+
+    from collections import namedtuple
+
+    replica_id = namedtuple("ReplicaID", "unique_id")  # hashable, like Ray's
+
+    def replica(rid, running):
+        stats = RoutingStats(replica=rid, model="m", healthy=True, running=running).to_dict()
+        return SimpleNamespace(replica_id=replica_id(rid), routing_stats=stats, max_ongoing_requests=32)
+
+    busy, idle = replica("busy1", 9), replica("idle1", 0)
+    router = EngineRequestRouter.__new__(EngineRequestRouter)  # no Ray: only what choose_replicas reads
+    router.policy, router.state, router.stale_after_s = ReplicaPolicy(), PolicyState(), 60.0
+    router.dead, router.sent = DeadMarks(), SentSinceReport()
+    router._replicas_list, router._replica_queue_len_cache = [busy, idle], {}
+
+    def choose(pin):
+        request = EngineRequest("responses_retrieve", b"", "r", 0.0, replica=pin, method="GET", path="/v1/responses/x")
+        tiers = asyncio.run(router.choose_replicas([busy, idle], SimpleNamespace(args=[request])))
+        return [[r.replica_id.unique_id for r in tier] for tier in tiers]
+
+    assert choose("busy1") == [["busy1"]]
+    assert choose(None)[0][0] == "idle1" and choose("gone1")[0][0] == "idle1"
