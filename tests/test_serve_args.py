@@ -92,15 +92,16 @@ def test_check_reports_serve_args_and_skip_engine_args_skips_them(tmp_path):
     assert run_cli("check", str(path), "--skip-engine-args").returncode == 0
 
 
-def test_namespace_carries_engine_and_frontend_arguments():
+def test_namespace_carries_engine_and_frontend_arguments(tmp_path):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from serving.engine.vllm_args import serve_namespace
 
-    ns = serve_namespace("/models/a", "chat-a", {"reasoning_parser": "qwen3", "max_model_len": 512},
+    model = str(tmp_path)  # an existing folder: vLLM takes a path that does not exist for a hub repo id
+    ns = serve_namespace(model, "chat-a", {"reasoning_parser": "qwen3", "max_model_len": 512},
                          {**TOOLS, "default_chat_template_kwargs": {"enable_thinking": False}, "enable_log_deltas": False})
     engine = AsyncEngineArgs.from_cli_args(ns)
-    assert (engine.model, engine.served_model_name, engine.max_model_len) == ("/models/a", ["chat-a"], 512)
+    assert (engine.model, engine.served_model_name, engine.max_model_len) == (model, ["chat-a"], 512)
     assert engine.reasoning_parser == "qwen3"
     # the frontend reads the reasoning parser here, shared with the engine arguments
     assert ns.structured_outputs_config.reasoning_parser == "qwen3"
