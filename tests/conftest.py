@@ -129,8 +129,10 @@ def local_ray():
 
 
 def pytest_runtest_teardown(item, nextitem):
-    if "local_ray" in getattr(item, "fixturenames", ()) and (
-            nextitem is None or "local_ray" not in getattr(nextitem, "fixturenames", ())):
+    # nextitem None: the run's end, or (xdist) the end of what this worker was sent so far, which
+    # may go on with more of the same tests; Ray stops with the process then.
+    if "local_ray" in getattr(item, "fixturenames", ()) and nextitem is not None and (
+            "local_ray" not in getattr(nextitem, "fixturenames", ())):
         import ray
 
         ray.shutdown()
