@@ -253,10 +253,11 @@ class Router:
 
     def model_card(self, model_id: str, key: KeyRecord | None = None) -> dict[str, Any]:
         """`GET /v1/models/{id}`: the listing's entry for it; 404 for what this key cannot see."""
-        for card in self.models_listing(key)["data"]:
+        cards = self.models_listing(key)["data"]
+        for card in cards:
             if card["id"] == model_id:
                 return card
-        raise errors.model_not_found(model_id, [c["id"] for c in self.models_listing(key)["data"]])
+        raise errors.model_not_found(model_id, [c["id"] for c in cards])
 
     def status_report(self) -> dict[str, Any]:
         """Per-model state and live load, as the router sees it (also backs /health)."""
