@@ -39,6 +39,9 @@ class RouterIngress(Router):
         if not self.keys.open:  # keys mean limits and usage: have the shared counters up before traffic
             await self.limiter.warm_up()
         self.auto.start()  # exemplar embeddings ready before the first `auto` request, where possible
+        if self.adapters.enabled:  # adapters added at run time, routable before the first request
+            await self.adapters.refresh()
+            self.adapters.start(config.router.load_report_interval_s)
         # every replica's metrics in one /metrics: published in the background to a shared actor
         self.metrics_export = MetricsExport(self.metrics.registry, replica_id() or "router")
         self.metrics_export.start()
@@ -107,7 +110,8 @@ def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any
     if engine.gpu_workers > 1:  # workers live in the replica's placement group, placed by Ray
         args.setdefault("distributed_executor_backend", "ray")
     return {"model": engine.model, "engine_args": args, "env": dict(engine.env),
-            "stream_flush_ms": config.router.stream_flush_ms, "serve_args": dict(engine.serve_args)}
+            "stream_flush_ms": config.router.stream_flush_ms, "serve_args": dict(engine.serve_args),
+            "adapter_sync_s": config.router.load_report_interval_s}
 
 
 def ray_env(config: ServingConfig, port: int) -> dict[str, str]:

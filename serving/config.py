@@ -11,7 +11,7 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Collection, Iterable, Literal, Protocol, TypeVar
+from typing import Annotated, Any, Collection, Iterable, Iterator, Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,6 +36,7 @@ ROUTER_DEPLOYMENT = "router"
 # classify models run on vLLM's pooling runner (classify: a sequence-classification head, e.g. a cross-encoder).
 Task = Literal["chat", "completion", "embed", "classify"]
 POOLING_TASKS = ("embed", "classify")
+GENERATIVE_TASKS = ("chat", "completion")
 
 # Engine arguments the stack sets itself from other keys of the model entry.
 RESERVED_ENGINE_ARGS = {
@@ -205,6 +206,46 @@ class RouteSpec(_Strict):
     threshold: float | None = Field(None, ge=0, le=1, description="fixed difficulty threshold; unset: calibrated from max_large_share")
 
 
+def _check_tags(tags: list[str]) -> list[str]:
+    for tag in tags:
+        if not re.fullmatch(TAG_PATTERN, tag):
+            raise ValueError(f"tag {tag!r} is not valid: use lowercase letters, digits, '.', '-' or '_' (e.g. 'small')")
+    if len(set(tags)) != len(tags):
+        raise ValueError("tags repeat")
+    return tags
+
+
+def _check_aliases(aliases: list[str]) -> list[str]:
+    for alias in aliases:
+        if alias.startswith(TAG_SELECTOR_PREFIX):
+            raise ValueError(f"alias {alias!r} starts with {TAG_SELECTOR_PREFIX!r}, which is reserved for tag selectors")
+        if not re.fullmatch(ALIAS_PATTERN, alias):
+            raise ValueError(f"alias {alias!r} is not valid: use letters, digits, '.', '_', '/', ':' or '-'")
+    return aliases
+
+
+class AdapterSpec(_Strict):
+    """A LoRA adapter of its model: served by the model's engines, addressed like a model of its own."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    source: Source = Field(description="where the adapter's files (adapter_config.json, weights) come from")
+    tags: list[str] = Field(default_factory=list, json_schema_extra={
+        "items": {"type": "string", "pattern": TAG_PATTERN}, "uniqueItems": True})
+    aliases: list[str] = Field(default_factory=list, json_schema_extra={
+        "items": {"type": "string", "pattern": ALIAS_PATTERN, "not": {"pattern": "^" + re.escape(TAG_SELECTOR_PREFIX)}}})
+    price: Price | None = Field(None, description="per-token price; default: the base model's")
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_syntax(cls, tags: list[str]) -> list[str]:
+        return _check_tags(tags)
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_syntax(cls, aliases: list[str]) -> list[str]:
+        return _check_aliases(aliases)
+
+
 class ModelSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     source: Source
@@ -228,6 +269,10 @@ class ModelSpec(_Strict):
     graceful_shutdown_timeout_s: float | None = Field(
         None, gt=0, description="seconds a stopping replica (scale-down, redeploy, node drain) keeps finishing its "
         "in-flight requests; default: router.request_timeout_s, so no request that could still succeed is cut")
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list, description="LoRA adapters of this model, each served by its engines and addressed as a "
+        "model (name, alias, tag); their presence turns on vLLM's LoRA support (engine_args.enable_lora, max_loras, "
+        "max_cpu_loras and max_lora_rank are derived unless set)")
 
     @field_validator("replicas", mode="before", json_schema_input_type=Annotated[int, Field(ge=1)] | Replicas)
     @classmethod
@@ -243,24 +288,12 @@ class ModelSpec(_Strict):
     @field_validator("tags")
     @classmethod
     def _tag_syntax(cls, tags: list[str]) -> list[str]:
-        for tag in tags:
-            if not re.fullmatch(TAG_PATTERN, tag):
-                raise ValueError(
-                    f"tag {tag!r} is not valid: use lowercase letters, digits, '.', '-' or '_' (e.g. 'small')"
-                )
-        if len(set(tags)) != len(tags):
-            raise ValueError("tags repeat")
-        return tags
+        return _check_tags(tags)
 
     @field_validator("aliases")
     @classmethod
     def _alias_syntax(cls, aliases: list[str]) -> list[str]:
-        for alias in aliases:
-            if alias.startswith(TAG_SELECTOR_PREFIX):
-                raise ValueError(f"alias {alias!r} starts with {TAG_SELECTOR_PREFIX!r}, which is reserved for tag selectors")
-            if not re.fullmatch(ALIAS_PATTERN, alias):
-                raise ValueError(f"alias {alias!r} is not valid: use letters, digits, '.', '_', '/', ':' or '-'")
-        return aliases
+        return _check_aliases(aliases)
 
 
 # Ray Serve knobs measured on and off (bench/scripts/request_path.sh, bench/results/request-path):
@@ -332,6 +365,10 @@ class RouterSpec(_Strict):
         default_factory=lambda: ["/health", "/metrics"],
         description="paths answered without an API key when keys are set (probes and Prometheus scrapes)")
     drain_timeout_s: float = Field(30, ge=0, description="on stop: how long requests in flight may take to finish")
+    adapter_admin: Literal["admin_keys", "open", "off"] = Field(
+        "admin_keys", description="who may add and remove LoRA adapters at run time (POST/DELETE /v1/adapters, "
+        "vLLM's /v1/load_lora_adapter): admin_keys = admin API keys only, refused while the API has no keys (an "
+        "adapter is a path the engines read); open = also anyone on an API without keys (a trusted network); off = nobody")
     difficulty_embedding: Literal["static", "local", "deployment"] = Field(
         "static", description="how `auto` routes embed prompts, with the stack's embed model: static = the mean of its "
         "token embeddings, in the router (~0.3 ms, numpy); local = the full model on one thread in each router "
@@ -353,12 +390,29 @@ class ServingConfig(_Strict):
         return EngineSpec(
             model=spec,
             profile=profile_name,
-            engine_args={**profile.engine_args, **spec.engine_args},
+            engine_args=lora_engine_args(len(spec.adapters), {**profile.engine_args, **spec.engine_args}),
             serve_args={**profile.serve_args, **spec.serve_args},
             env={**profile.env, **spec.env},
             resources=spec.resources or profile.resources or Resources(),
             graceful_shutdown_timeout_s=spec.graceful_shutdown_timeout_s or self.router.request_timeout_s,
         )
+
+
+# A model's LoRA slots when models.yaml sets no max_loras: one per declared adapter, at most this many.
+# Each slot holds max_lora_rank-sized weights for every targeted layer in the engine's device memory
+# and bounds how many adapters one batch may mix (vLLM's scheduler holds back requests beyond it).
+DEFAULT_MAX_LORAS = 8
+
+
+def lora_engine_args(adapters: int, engine_args: dict[str, Any]) -> dict[str, Any]:
+    """The engine arguments with vLLM's LoRA support derived from the declared adapters' count
+    (models.yaml's own values win; max_lora_rank is derived from the adapters' files at engine
+    start, serving.engine.lora). No adapters: unchanged (enable_lora alone turns on run-time adapters)."""
+    if not adapters:
+        return engine_args
+    args = {"enable_lora": True, "max_loras": min(adapters, DEFAULT_MAX_LORAS), **engine_args}
+    args.setdefault("max_cpu_loras", max(adapters, int(args["max_loras"])))
+    return args
 
 
 @dataclass(frozen=True)
@@ -377,6 +431,11 @@ class EngineSpec:
     def parallel_size(self) -> int:
         """Devices vLLM spreads one replica over: tensor_parallel_size x pipeline_parallel_size."""
         return int(self.engine_args.get("tensor_parallel_size", 1)) * int(self.engine_args.get("pipeline_parallel_size", 1))
+
+    @property
+    def lora(self) -> bool:
+        """Whether the engine serves LoRA adapters (declared ones, or added at run time)."""
+        return bool(self.engine_args.get("enable_lora"))
 
     @property
     def gpu_workers(self) -> int:
@@ -467,23 +526,30 @@ def _cross_checks(config: ServingConfig) -> list[Problem]:
     """Checks across entries: unique names and aliases, known profiles, task-sensible settings."""
     problems: list[Problem] = []
     owners: dict[str, str] = {}
-    for i, spec in enumerate(config.models):
-        where = f"models[{i}] ({spec.name})"
-        if spec.name in owners:
-            problems.append(Problem(f"{where}.name", f"duplicate model name {spec.name!r} (also {owners[spec.name]}); names must be unique"))
+    for where, entry in _named_entries(config):
+        if entry.name in owners:
+            problems.append(Problem(f"{where}.name", f"duplicate model name {entry.name!r} (also {owners[entry.name]}); "
+                                    "names of models and adapters must be unique"))
         else:
-            owners[spec.name] = f"models[{i}]"
-    names = {spec.name for spec in config.models}
+            owners[entry.name] = where.split(" ")[0]
+    names = set(owners)
     seen_aliases: dict[str, str] = {}
-    for i, spec in enumerate(config.models):
-        where = f"models[{i}] ({spec.name})"
-        for j, alias in enumerate(spec.aliases):
+    for where, entry in _named_entries(config):
+        for j, alias in enumerate(entry.aliases):
             if alias in names:
                 problems.append(Problem(f"{where}.aliases[{j}]", f"alias {alias!r} collides with the name of a model; rename the alias"))
             elif alias in seen_aliases:
                 problems.append(Problem(f"{where}.aliases[{j}]", f"duplicate alias {alias!r} (also an alias of {seen_aliases[alias]})"))
             else:
-                seen_aliases[alias] = spec.name
+                seen_aliases[alias] = entry.name
+    for i, spec in enumerate(config.models):
+        where = f"models[{i}] ({spec.name})"
+        if spec.adapters and spec.task not in GENERATIVE_TASKS:
+            problems.append(Problem(f"{where}.adapters", f"LoRA adapters are served on chat and completion models; "
+                                    f"{spec.name} is an {spec.task} model"))
+        if spec.adapters and spec.engine_args.get("enable_lora") is False:
+            problems.append(Problem(f"{where}.engine_args.enable_lora", "the model declares adapters, which need "
+                                    "vLLM's LoRA support; remove enable_lora: false"))
         profile = spec.profile or config.default_profile
         if profile and profile not in config.profiles:
             key = f"{where}.profile" if spec.profile else "default_profile"
@@ -499,6 +565,14 @@ def _cross_checks(config: ServingConfig) -> list[Problem]:
         problems.append(Problem("default_profile", f"unknown profile {config.default_profile!r}"))
     problems += _routing_checks(config, names | set(seen_aliases))
     return problems
+
+
+def _named_entries(config: ServingConfig) -> Iterator[tuple[str, ModelSpec | AdapterSpec]]:
+    """Every model and adapter with its key path: what names, aliases and tags are unique among."""
+    for i, spec in enumerate(config.models):
+        yield f"models[{i}] ({spec.name})", spec
+        for j, adapter in enumerate(spec.adapters):
+            yield f"models[{i}] ({spec.name}).adapters[{j}] ({adapter.name})", adapter
 
 
 class Named(Protocol):
@@ -536,19 +610,47 @@ def resolve_ref(ref: str, entries: Collection[N]) -> tuple[str | None, list[N]]:
     return None, []
 
 
-def select_models(config: ServingConfig, ref: str) -> list[ModelSpec]:
-    """The models a name, an alias or a tag selector ('tag:a,b': all tags) refers to."""
-    return resolve_ref(ref, config.models)[1]
+@dataclass(frozen=True)
+class Served:
+    """One name a request may ask for: a model, or an adapter served by its base model's engines."""
+
+    name: str
+    task: str
+    tags: tuple[str, ...]
+    aliases: tuple[str, ...]
+    model: ModelSpec  # the model whose engine deployment serves it (itself, or the adapter's base)
+    adapter: AdapterSpec | None = None
+
+    @property
+    def price(self) -> Price | None:
+        return (self.adapter.price if self.adapter else None) or self.model.price
+
+
+def served_models(config: ServingConfig) -> list[Served]:
+    """Every model, each followed by its adapters, in models.yaml order."""
+    out = []
+    for spec in config.models:
+        out.append(Served(spec.name, spec.task, tuple(spec.tags), tuple(spec.aliases), spec))
+        out += [Served(a.name, spec.task, tuple(a.tags), tuple(a.aliases), spec, a) for a in spec.adapters]
+    return out
+
+
+def select_models(config: ServingConfig, ref: str) -> list[Served]:
+    """The models (and adapters) a name, an alias or a tag selector ('tag:a,b': all tags) refers to."""
+    return resolve_ref(ref, served_models(config))[1]
 
 
 def fallback_graph(config: ServingConfig) -> dict[str, list[str]]:
-    """model -> the models its `fallbacks` name, in order (itself excluded, duplicates dropped)."""
+    """model -> the models its `fallbacks` name, in order (itself excluded, duplicates dropped);
+    an adapter falls back as its base model does."""
     graph = {}
     for spec in config.models:
         out: list[str] = []
         for ref in spec.fallbacks:
-            out += [m.name for m in select_models(config, ref) if m.name != spec.name and m.name not in out]
+            out += [m.name for m in select_models(config, ref) if m.model.name != spec.name and m.name not in out]
         graph[spec.name] = out
+        for adapter in spec.adapters:
+            graph[adapter.name] = out
     return graph
 
 
@@ -559,7 +661,7 @@ def _routing_checks(config: ServingConfig, taken: set[str]) -> list[Problem]:
         where = f"models[{i}] ({spec.name})"
         for j, ref in enumerate(spec.fallbacks):
             found = select_models(config, ref)
-            if not found or found == [spec]:
+            if not found or all(m.model.name == spec.name for m in found):
                 problems.append(Problem(f"{where}.fallbacks[{j}]", f"{ref!r} names no other model (use a model name, an alias or 'tag:<tag>')"))
             elif any(m.task != spec.task for m in found):
                 tasks = ", ".join(sorted({m.task for m in found}))

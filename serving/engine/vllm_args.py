@@ -28,10 +28,9 @@ STACK_OWNED = {
     "api_key": "set by the stack: the router checks API keys (router.api_keys_env, router.keys_file)",
     "api_server_count headless grpc grpc_port data_parallel_supervisor_* dp_supervisor_*": _PROCESSES,
     "config": "reads `vllm serve` options from a file: give them under serve_args instead",
-    # An adapter is served under its own model name, and the router routes only the names of
-    # models.yaml (it lists no adapters): one set here could never be reached. A LoRA feature
-    # needs the router to know adapter names first.
-    "lora_modules": "LoRA adapters are not served yet: the router routes only the model names in models.yaml",
+    # An adapter is served under its own name, which the router must know to route it there.
+    "lora_modules": "set by the stack from the model's `adapters:` (the router routes adapters by name): declare "
+                    "them there, or add them at run time (POST /v1/adapters)",
 }
 # options naming a parser vLLM looks up in a registry (argparse has no choices for them) -> the plugin
 # option whose file may register more names (not imported by a check)

@@ -77,6 +77,7 @@ class EngineRequest:
     path: str = ""  # endpoints answered by vLLM's app: the path and query as the client sent them
     method: str = "POST"
     replica: str | None = None  # only this replica may take it (it stores the response the request names)
+    adapter: str | None = None  # the LoRA adapter of the deployment's model it asks for (None: the model itself)
 
 
 @dataclass(slots=True)
@@ -113,6 +114,10 @@ class RoutingStats:
     pending_tokens: int = 0  # their prompt tokens, estimated
     at: float = field(default_factory=time.time)  # when the replica produced this report
     error: str | None = None  # why it is unhealthy
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters it serves (declared and added at run time)
+    resident_adapters: list[str] = field(default_factory=list)  # of which loaded in its engine core now
+    adapter_slots: int = 0  # how many adapters one batch may mix (max_loras); 0: no LoRA
+    adapter_errors: dict[str, str] = field(default_factory=dict)  # run-time adapters it could not load, and why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,9 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving.protocol import errors
-from serving.config import ServingConfig
+from serving.config import ServingConfig, served_models
 from serving.router.metrics import RouterMetrics
 from serving.router.accounting import Accounting, RequestRecord
+from serving.router.adapters import RuntimeAdapters
 from serving.router.forward import Forwarder
 from serving.router.listing import model_list
 from serving.router.loads import LoadView
@@ -35,7 +36,7 @@ from serving.routing.replicas import policy_from_spec, prefix_key, session_key
 from serving.routing.text import estimate_tokens, prompt_text
 from serving.router.auto import AutoRouter
 from serving.tenants.limits import worst_case_tokens
-from serving.tenants.keys import KeyRecord, KeyStore, key_label, require_allowed, visible_models
+from serving.tenants.keys import KeyRecord, KeyStore, key_label, require_admin, require_allowed, visible_models
 
 logger = logging.getLogger("serving.router")
 
@@ -47,16 +48,19 @@ class Router:
         if load_views is None:  # the request routers Ray Serve makes in this process (serving.router.registry)
             from serving.router.registry import LOAD_VIEWS as load_views
         self.config = config  # validated once, by whoever built the app (serving.app.build)
-        self.catalog = catalog_from_config(self.config)
+        self.catalog = catalog_from_config(self.config)  # models and adapters; run-time adapters join in place
         self.routes = routes_from_config(self.config)
         self.policies = {spec.name: policy_from_spec(spec.routing, self.config.router.replicas) for spec in self.config.models}
         # Context-window fallback needs a prompt-length estimate: only pay for it when configured.
         self.needs_prompt_tokens = any(t.fallbacks for t in self.catalog.values())
         router = self.config.router
         self.metrics = RouterMetrics()
-        self.loads = LoadView(list(self.catalog), load_views, router.report_stale_after_s)
-        self.metrics.engines.reports = lambda: {name: self.loads.reports(name) for name in self.catalog}
-        self.prices = prices = {spec.name: spec.price for spec in self.config.models if spec.price}
+        deployments = [spec.name for spec in self.config.models]
+        self.loads = LoadView(deployments, load_views, router.report_stale_after_s)
+        self.metrics.engines.reports = lambda: {name: self.loads.reports(name) for name in deployments}
+        self.prices = prices = {m.name: m.price for m in served_models(self.config) if m.price}
+        self.adapters = RuntimeAdapters(self.config, self.catalog, self.routes, self.loads.reports, self.loads.fresh,
+                                        on_change=self._adapters_changed)
         self.keys = KeyStore(router.keys_file, os.environ.get(router.api_keys_env, ""), env_admin=router.api_keys_admin)
         self.max_body_bytes = router.max_body_bytes
         self.limiter = make_limiter(router)
@@ -68,14 +72,41 @@ class Router:
         # request router, so the load view fills before the first request.
         streams = {name: handle.options(stream=True) for name, handle in engines.items()}
         hub = StreamHub() if router.stream_transport == "link" else None
-        self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s, hub)
+        self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s, hub,
+                                   deployment_of=self.deployment_of)
         self.engines = engines
         self.auto = AutoRouter(self.config, self.catalog, self.routes, engines, self.metrics)
         self.open_paths = set(router.open_paths)
         # Behind Ray Serve's proxy, its middleware fills in x-request-id and echoes it on every response.
         self.echo_request_id = True
 
+    def deployment_of(self, name: str) -> str:
+        """The engine deployment serving a model or adapter name."""
+        target = self.catalog.get(name)
+        return target.deployment if target is not None else name
+
+    def _adapters_changed(self) -> None:
+        """The run-time adapters changed: their prices join the accounting's."""
+        for name, entry in self.adapters.entries.items():
+            price = entry.spec.price or self.prices.get(entry.base)
+            if price is not None:
+                self.prices[name] = price
+
     # --- requests -----------------------------------------------------------------------
+
+    def require_adapter_admin(self, key: KeyRecord | None, what: str, read_only: bool = False) -> None:
+        """Who may change run-time adapters (router.adapter_admin): they are paths the engines read."""
+        policy = self.config.router.adapter_admin
+        if policy == "off" and not read_only:
+            raise errors.ServingError(403, f"{what}: run-time adapters are off on this stack (router.adapter_admin: "
+                                      "off); declare adapters in models.yaml", "permission_error", None,
+                                      "adapter_admin_off", origin="auth")
+        if key is not None:
+            require_admin(key, what)
+        elif not self.keys.open or (policy == "admin_keys" and not read_only):
+            raise errors.ServingError(403, f"{what} needs an admin API key; this API has none (router.adapter_admin: "
+                                      "open allows it on a trusted network)", "permission_error", None,
+                                      "admin_key_required", origin="auth")
 
     def authenticate(self, request: Request) -> KeyRecord | None:
         """The caller's key record (None on an open API or an open path); 401 on a missing or wrong key."""
@@ -144,7 +175,10 @@ class Router:
         prompt_tokens = estimate_tokens(source) if self.needs_prompt_tokens and source else None
         decision = self.decide(model, endpoint.name, difficulty, prompt_tokens, max_tokens)
         if stored is not None:
-            decision = Decision((stored[0],), decision.rule, f"{decision.reason}; previous_response_id is stored there")
+            # the name asked for when it runs on the storing deployment (an adapter of its model, say)
+            pinned = next((n for n in decision.candidates if self.deployment_of(n) == self.deployment_of(stored[0])),
+                          stored[0])
+            decision = Decision((pinned,), decision.rule, f"{decision.reason}; previous_response_id is stored there")
         elif chosen_route is not None:
             self.auto.count(decision)
         record.rule, record.decision = decision.rule, decision
@@ -193,7 +227,7 @@ class Router:
         replica = replica_of_response(rid)
         if replica is not None:
             for name in allowed:
-                if any(report.replica == replica for report in self.loads.reports(name)):
+                if any(report.replica == replica for report in self.loads.reports(self.deployment_of(name))):
                     return name, replica
         raise errors.ServingError(404, f"Response with id {errors.header_safe(str(rid), 120)!r} not found: no "
                                   "replica serving this stack stores it.", "invalid_request_error", param,
@@ -217,10 +251,11 @@ class Router:
 
     def affinity_keys(self, decision: Decision, request: Request, body: dict, source) -> tuple[str | None, str | None]:
         """Prefix and session keys, computed only when a candidate deployment routes by them."""
-        strategies = {self.policies[name].strategy for name in decision.candidates}
+        policies = [self.policies[self.deployment_of(name)] for name in decision.candidates]
+        strategies = {policy.strategy for policy in policies}
         prefix = session = None
         if "prefix" in strategies and source:
-            chars = max(self.policies[n].prefix_chars for n in decision.candidates if self.policies[n].strategy == "prefix")
+            chars = max(policy.prefix_chars for policy in policies if policy.strategy == "prefix")
             prefix = prefix_key(prompt_text(source), chars)
         if "session" in strategies or "prefix" in strategies:
             user = body.get("user")
@@ -248,7 +283,7 @@ class Router:
     def models_listing(self, key: KeyRecord | None = None) -> dict[str, Any]:
         """Every model (and alias) this key may use: vLLM's ModelList shape plus task, tags, state, price."""
         listing = model_list(self.config, self.catalog, set(visible_models(key, self.catalog)),
-                             self.status_report()["models"])
+                             self.status_report()["models"], self.adapters.entries)
         return listing.model_dump(mode="json")
 
     def model_card(self, model_id: str, key: KeyRecord | None = None) -> dict[str, Any]:

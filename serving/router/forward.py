@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from starlette.responses import Response, StreamingResponse
 
@@ -112,8 +112,9 @@ class Attempts:
 
 class Forwarder:
     def __init__(self, streams: dict[str, Any], loads: LoadView, accounting: Accounting, timeout_s: float,
-                 hub: StreamHub | None = None):
+                 hub: StreamHub | None = None, deployment_of: Callable[[str], str] = lambda name: name):
         self.streams = streams  # deployment name -> handle with stream=True, method `generate`
+        self.deployment_of = deployment_of  # served name (a model, or a LoRA adapter) -> its engine deployment
         self.hub = hub  # streams' bodies arrive here, not as Ray items (serving.protocol.streamlink); None: Ray
         self.loads = loads
         self.accounting = accounting
@@ -132,13 +133,14 @@ class Forwarder:
         use_link = stream and self.hub is not None and await self.hub.start()
         for name in self._tries(decision.candidates, pinned=message.replica is not None):
             record.model = name
-            self.loads.acquire(name)
-            self.accounting.metrics.inflight.labels(name).inc()
+            deployment = self.deployment_of(name)
+            self.loads.acquire(deployment)
+            self.accounting.metrics.inflight.labels(deployment).inc()
             reply_to, inbox = self.hub.open() if use_link else (None, None)
             record.engine_called, record.engine_ended = True, False
-            call = Call(self.streams[name].generate.remote(dataclasses.replace(
-                message, deadline=deadline, reply_to=reply_to, usage_ticket=self.accounting.ticket(record, name))),
-                name)
+            call = Call(self.streams[deployment].generate.remote(dataclasses.replace(
+                message, deadline=deadline, reply_to=reply_to, usage_ticket=self.accounting.ticket(record, name),
+                adapter=name if deployment != name else None)), deployment)
             call.timer = loop.call_at(loop.time() + max(deadline - time.time(), 0.0), call.expire)
             handed_over = False
             try:
@@ -157,15 +159,17 @@ class Forwarder:
                 except Exception as error:  # replica died or deployment gone: nothing reached the client
                     logger.warning("forward to %s failed, trying the next candidate: %r", name, error)
                     attempts.tried.append((name, f"failed ({type(error).__name__})"))
-                    self.accounting.metrics.route_failovers.labels(name).inc()
+                    self.accounting.metrics.route_failovers.labels(deployment).inc()
                     continue
                 record.replica = head.replica
                 if head.retryable:  # the engine is dead but Ray has not replaced the replica yet
-                    self.loads.mark_dead(name, head.replica)  # the retry and later requests go elsewhere
+                    self.loads.mark_dead(deployment, head.replica)  # the retry and later requests go elsewhere
                     attempts.tried.append((name, "engine dead"))
-                    self.accounting.metrics.route_failovers.labels(name).inc()
+                    self.accounting.metrics.route_failovers.labels(deployment).inc()
                     continue
                 served = {**headers, "x-served-model": name, "x-served-replica": errors.header_safe(head.replica)}
+                if deployment != name:  # a LoRA adapter: the model whose engine ran it
+                    served["x-served-base-model"] = deployment
                 failover = "overloaded" if any(why == "overloaded" for _, why in attempts.tried) else "down"
                 served.update({k: errors.header_safe(v) for k, v in decision.headers(name, failover).items()})
                 if "x-fallback-from" in served:
@@ -191,7 +195,7 @@ class Forwarder:
                     return Response(head.body, status_code=head.status, headers=served,
                                     media_type="application/json")
                 handed_over = True
-                self.accounting.metrics.streams.labels(name, "link" if head.linked else "ray").inc()
+                self.accounting.metrics.streams.labels(deployment, "link" if head.linked else "ray").inc()
                 body = self._link_items(call, reply_to, inbox) if head.linked else self._ray_items(call)
                 relay = self._relay(call, head, record, body)
                 if not head.linked and reply_to is not None:
@@ -203,8 +207,8 @@ class Forwarder:
                     if reply_to is not None:
                         self.hub.close(reply_to)
                     call.stop()
-                    self.loads.release(name)
-                    self.accounting.metrics.inflight.labels(name).dec()
+                    self.loads.release(deployment)
+                    self.accounting.metrics.inflight.labels(deployment).dec()
         record.engine_called = False  # no candidate took it: no engine is working on it
         if attempts.tried and all(why == "overloaded" for _, why in attempts.tried):
             error = errors.overloaded(", ".join(n for n, _ in attempts.tried))
@@ -219,7 +223,7 @@ class Forwarder:
         A request pinned to one replica has nowhere else to go."""
         for name in candidates:
             yield name
-            if not pinned and self.loads.load(name).replicas > 1:
+            if not pinned and self.loads.load(self.deployment_of(name)).replicas > 1:
                 yield name
 
     async def _relay(self, call: Call, head: ReplyHead, record: RequestRecord,

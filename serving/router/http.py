@@ -13,7 +13,8 @@ from serving.protocol.endpoints import ENDPOINTS, Endpoint
 from serving.router.drain import DrainMiddleware
 from serving.router.metrics import CONTENT_TYPE, MetricsView
 from serving.router import registry
-from serving.router.core import Router
+from serving.router.adapters import parse_add
+from serving.router.core import Router, parse_json_object, read_body
 from serving.tenants.keys import require_admin
 
 app = FastAPI(title="serving router", docs_url=None, redoc_url=None, openapi_url=None)
@@ -99,6 +100,60 @@ async def usage(request: Request) -> Response:
         require_admin(key)
         return JSONResponse(await router.limiter.snapshot())
     return await _keyed(request, answer)
+
+
+@app.get("/v1/adapters")
+async def list_adapters(request: Request) -> Response:
+    """Every LoRA adapter (models.yaml's and run-time ones), and which replicas serve and hold it (admin)."""
+    async def answer(router: Router, key) -> Response:
+        router.require_adapter_admin(key, "GET /v1/adapters", read_only=True)
+        await router.adapters.refresh() if router.adapters.enabled else None
+        return JSONResponse(router.adapters.listing())
+    return await _keyed(request, answer)
+
+
+def _adapter_add(vllm_form: bool):
+    async def add(request: Request) -> Response:
+        """Add (or replace) a run-time LoRA adapter; answers once every replica of its base serves it."""
+        async def answer(router: Router, key) -> Response:
+            router.require_adapter_admin(key, f"POST {request.url.path}")
+            body = parse_json_object(await read_body(request, router.max_body_bytes))
+            added = await router.adapters.add(parse_add(body, router.config, vllm_form))
+            return JSONResponse(added) if not vllm_form else Response(
+                f"Success: LoRA adapter '{added['id']}' added successfully.", media_type="text/plain")
+        return await _keyed(request, answer)
+    return add
+
+
+async def _adapter_remove(router: Router, name: object, vllm_form: bool) -> Response:
+    if not isinstance(name, str) or not name:
+        raise errors.invalid_request("`lora_name` is required (a string)", "lora_name")
+    removed = await router.adapters.remove(name)
+    return JSONResponse(removed) if not vllm_form else Response(
+        f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
+
+
+@app.delete("/v1/adapters/{name}")
+async def remove_adapter(request: Request, name: str) -> Response:
+    """Remove a run-time adapter: new requests for it get 404 at once, requests in flight finish."""
+    async def answer(router: Router, key) -> Response:
+        router.require_adapter_admin(key, f"DELETE {request.url.path}")
+        return await _adapter_remove(router, name, vllm_form=False)
+    return await _keyed(request, answer)
+
+
+@app.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(request: Request) -> Response:
+    """vLLM's unload endpoint and body (`{"lora_name": ...}`)."""
+    async def answer(router: Router, key) -> Response:
+        router.require_adapter_admin(key, "POST /v1/unload_lora_adapter")
+        body = parse_json_object(await read_body(request, router.max_body_bytes))
+        return await _adapter_remove(router, body.get("lora_name"), vllm_form=True)
+    return await _keyed(request, answer)
+
+
+app.add_api_route("/v1/adapters", _adapter_add(vllm_form=False), methods=["POST"])
+app.add_api_route("/v1/load_lora_adapter", _adapter_add(vllm_form=True), methods=["POST"])
 
 
 @app.get("/health")

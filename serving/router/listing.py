@@ -51,7 +51,7 @@ class ModelCard(_OpenAIModel):
     created: int = 0  # models.yaml does not know when a model was made; 0 keeps the listing stable
     owned_by: str = OWNER
     root: str | None = None  # where the weights come from (models.yaml `source`)
-    parent: str | None = None  # vLLM: a LoRA adapter's base model; the router serves none
+    parent: str | None = None  # a LoRA adapter's base model (as vLLM lists adapters)
     max_model_len: int | None = None  # context window (engine_args.max_model_len), when models.yaml sets it
     permission: list[ModelPermission] = Field(default_factory=list)
     # the router's additions
@@ -81,16 +81,28 @@ def owner_of(spec: ModelSpec) -> str:
 
 
 def model_list(config: ServingConfig, catalog: dict[str, Target], visible: set[str],
-               states: dict[str, dict[str, Any]]) -> ModelList:
-    """Each visible model, then its aliases, in models.yaml order."""
+               states: dict[str, dict[str, Any]], runtime: dict[str, Any] | None = None) -> ModelList:
+    """Each visible model, then its aliases, then its adapters (each with its aliases), in models.yaml
+    order, run-time adapters after the declared ones. An adapter is listed as vLLM lists one:
+    `parent` its base model, `root` where its weights come from."""
     data = []
     for spec in config.models:
-        if spec.name not in visible:
-            continue
-        common = {"owned_by": owner_of(spec), "root": spec.source.describe(),
-                  "max_model_len": catalog[spec.name].max_model_len, "task": spec.task}
-        data.append(ModelCard(id=spec.name, **common, tags=spec.tags, aliases=spec.aliases,
-                              status=states[spec.name]["state"], replicas=states[spec.name]["replicas"],
-                              price=spec.price))
-        data.extend(ModelCard(id=alias, **common, alias_of=spec.name) for alias in spec.aliases)
+        state = states[spec.name]
+        common = {"max_model_len": catalog[spec.name].max_model_len, "task": spec.task}
+        if spec.name in visible:
+            data.append(ModelCard(id=spec.name, owned_by=owner_of(spec), root=spec.source.describe(), **common,
+                                  tags=spec.tags, aliases=spec.aliases, status=state["state"],
+                                  replicas=state["replicas"], price=spec.price))
+            data.extend(ModelCard(id=alias, owned_by=owner_of(spec), root=spec.source.describe(), **common,
+                                  alias_of=spec.name) for alias in spec.aliases)
+        added = [(entry.spec, entry.spec.price) for entry in (runtime or {}).values() if entry.base == spec.name]
+        for adapter, price in [(a, a.price) for a in spec.adapters] + added:
+            if adapter.name not in visible or adapter.name not in catalog:
+                continue
+            root = adapter.source.describe()
+            data.append(ModelCard(id=adapter.name, root=root, parent=spec.name, **common, tags=adapter.tags,
+                                  aliases=adapter.aliases, status=state["state"], replicas=state["replicas"],
+                                  price=price or spec.price))
+            data.extend(ModelCard(id=alias, root=root, parent=spec.name, **common, alias_of=adapter.name)
+                        for alias in adapter.aliases)
     return ModelList(data=data)

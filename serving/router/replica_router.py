@@ -84,6 +84,8 @@ class EngineRequestRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if request is not None and request.replica is not None and request.replica in by_id:
             return [[by_id[request.replica]]]  # it stores the response the request names
+        if request is not None and request.adapter is not None:
+            candidate_replicas = self._serving(candidate_replicas, request.adapter)
         tiers = rank_replicas(self.views(candidate_replicas), affinity, self.policy, self.state)
         ranked = [[by_id[rid] for rid in tier if rid in by_id] for tier in tiers]
         ranked = [tier for tier in ranked if tier]
@@ -94,6 +96,16 @@ class EngineRequestRouter(RequestRouter):
         # Nothing healthy: still try them all, so the call fails fast (the engine answers
         # `retryable`) and the router fails over, instead of Ray backing off until the deadline.
         return ranked or [list(candidate_replicas)]
+
+    def _serving(self, replicas: list[RunningReplica], adapter: str) -> list[RunningReplica]:
+        """The replicas that serve this adapter (one added at run time reaches each within a sync), and
+        those that never reported; all of them if none does (the engine then answers its own 404)."""
+        serving = []
+        for replica in replicas:
+            stats = RoutingStats.from_dict(replica.routing_stats)
+            if stats is None or adapter in stats.adapters:
+                serving.append(replica)
+        return serving or replicas
 
     def saturated(self) -> bool:
         """Every replica's slots are taken, as this process counts them: new requests would queue."""

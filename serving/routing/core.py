@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol
 
-from serving.config import ServingConfig, fallback_graph, resolve_ref, selector_tags
+from serving.config import ServingConfig, fallback_graph, resolve_ref, selector_tags, served_models
 from serving.protocol.endpoints import ENDPOINTS
 
 ENDPOINT_TASKS = {endpoint.name: endpoint.tasks for endpoint in ENDPOINTS}  # endpoint -> model tasks that serve it
@@ -45,6 +45,12 @@ class Target:
     price_per_million: float = 0.0  # input + output, a tie-breaker only
     max_model_len: int | None = None  # context window (engine_args.max_model_len); None: unknown
     fallbacks: tuple[str, ...] = ()  # model names, in the order models.yaml lists them
+    base: str | None = None  # a LoRA adapter: the model whose engine deployment serves it
+
+    @property
+    def deployment(self) -> str:
+        """The engine deployment that serves it (its load, its replicas)."""
+        return self.base or self.name
 
 
 @dataclass(frozen=True)
@@ -123,13 +129,16 @@ class RoutingError(Exception):
 
 
 def catalog_from_config(config: ServingConfig) -> dict[str, Target]:
+    """Every name a request may ask for: the models and their adapters (serving.config.served_models)."""
     catalog = {}
     graph = fallback_graph(config)
-    for spec in config.models:
-        price = (spec.price.input_per_million + spec.price.output_per_million) if spec.price else 0.0
+    for served in served_models(config):
+        spec = served.model
+        price = (served.price.input_per_million + served.price.output_per_million) if served.price else 0.0
         window = config.engine_spec(spec).engine_args.get("max_model_len")
-        catalog[spec.name] = Target(spec.name, spec.task, frozenset(spec.tags), tuple(spec.aliases), price,
-                                    int(window) if window else None, tuple(graph[spec.name]))
+        catalog[served.name] = Target(served.name, served.task, frozenset(served.tags), served.aliases, price,
+                                      int(window) if window else None, tuple(graph[served.name]),
+                                      base=spec.name if served.adapter else None)
     return catalog
 
 
@@ -206,19 +215,22 @@ def route(
             f"{model!r} resolves to a {tasks} model, which cannot serve the {endpoint} endpoint",
         )
 
+    def load(t: Target) -> Load:
+        return loads.get(t.deployment, Load())
+
     def usable(t: Target) -> bool:
-        return t.task in accepted and loads.get(t.name, Load()).healthy is not False
+        return t.task in accepted and load(t).healthy is not False
 
     def order(targets: Iterable[Target]) -> list[Target]:
         # Known-healthy before not-yet-reported; then by load; cheaper, then name, breaks ties.
-        return sorted(targets, key=lambda t: (loads.get(t.name, Load()).healthy is None, scores[t.name], t.price_per_million, t.name))
+        return sorted(targets, key=lambda t: (load(t).healthy is None, scores[t.name], t.price_per_million, t.name))
 
     healthy = [t for t in fitting if usable(t)]
     chain = [catalog[n] for n in _chain([t.name for t in fitting], catalog) if usable(catalog[n])]
     if chosen_route is not None:  # the other side of the route is the last resort
         other = chosen_route.small if side == "large" else chosen_route.large
         chain += [t for t in resolve(other, catalog)[1] if usable(t) and t not in fitting and t not in chain]
-    scores = {t.name: score(loads.get(t.name, Load())) for t in fitting + chain}
+    scores = {t.name: score(load(t)) for t in fitting + chain}
     primary, rest = order(healthy), chain
     asked = primary or order(fitting)  # what the request itself resolved to, before any fallback
     fallback_from = fallback_reason = None
@@ -234,8 +246,8 @@ def route(
             raise RoutingError("unavailable", f"no healthy engine for {model!r} right now")
         fallback_from, fallback_reason = requested, "down"
         primary, rest = chain, []
-    elif chain and all(loads.get(t.name, Load()).saturated for t in primary):
-        free = [t for t in chain if not loads.get(t.name, Load()).saturated]
+    elif chain and all(load(t).saturated for t in primary):
+        free = [t for t in chain if not load(t).saturated]
         if free:
             fallback_from, fallback_reason = primary[0].name, "overloaded"
             primary, rest = free, [t for t in chain if t not in free] + primary
