@@ -34,6 +34,10 @@ START_TIMEOUT_S = 900
 # for it, so it is short. Every e2e client gives up within 300 s of silence, and no request a test
 # lets finish runs past ~60 s (long ones are cut by their client or by this deadline on purpose).
 E2E_REQUEST_TIMEOUT_S = 75
+# LoRA adapters the twin chat deployment serves (bench/adapters.py, made with peft and cached like the
+# models): name -> folder, filled by the `stack` fixture. Each one's alias and tags, in e2e_config.
+ADAPTERS: dict[str, Path] = {}
+ADAPTER_TAGS = {"fruit-apple": ["fruit", "red"], "fruit-banana": ["fruit", "yellow"], "fruit-cherry": ["fruit", "red"]}
 # The second stack shape (auto pair + embeddings, 2 router replicas, a keys file): shared by the
 # tenants, abuse and metrics tests.
 TENANTS_PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "28010"))
@@ -48,7 +52,10 @@ def e2e_config(tmp: Path) -> Path:
     chat = next(m for m in raw["models"] if m["name"] == CHAT_MODEL)
     spec = next(m for m in load_config(ROOT / "models.yaml").models if m.name == CHAT_MODEL)
     twin = {**chat, "name": SECOND_CHAT_MODEL, "aliases": ["smollm2-b"], "tags": ["chat", "small"],
-            "source": {"path": str(model_dir(spec))}}
+            "source": {"path": str(model_dir(spec))},
+            # one engine, its base and three adapters (tests/test_e2e_adapters.py)
+            "adapters": [{"name": name, "source": {"path": str(folder)}, "aliases": [name.removeprefix("fruit-") + "-alias"],
+                          "tags": ADAPTER_TAGS[name]} for name, folder in ADAPTERS.items()]}
     raw["models"].append(twin)
     # Tool calling as models.yaml documents it, and vLLM's (in-memory, never evicted) response store,
     # which Responses retrieve and previous_response_id need: tests/test_e2e_parity.py gives bare vLLM the same
@@ -58,10 +65,22 @@ def e2e_config(tmp: Path) -> Path:
     # Three engines + router on a 2-core machine: reserve fractions so Ray can place them all.
     for model in raw["models"]:
         model["resources"] = {"cpus": 0.4}
-    raw["router"] = {**raw.get("router", {}), "port": PORT, "cpus": 0.2, "request_timeout_s": E2E_REQUEST_TIMEOUT_S}
+    # an open API on a test machine: anyone may add adapters at run time (default: admin keys only)
+    raw["router"] = {**raw.get("router", {}), "port": PORT, "cpus": 0.2, "request_timeout_s": E2E_REQUEST_TIMEOUT_S,
+                     "adapter_admin": "open"}
     path = tmp / "models.e2e.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def fruit_adapters() -> dict[str, Path]:
+    """The fruit adapters of the chat model, made once (cached across runs like the models)."""
+    from bench.adapters import ensure_adapters
+    from serving.config import load_config
+    from serving.engine.provision import model_dir
+
+    spec = next(m for m in load_config(ROOT / "models.yaml").models if m.name == CHAT_MODEL)
+    return ensure_adapters(model_dir(spec), names=tuple(ADAPTER_TAGS))
 
 
 class Stack:
@@ -93,6 +112,7 @@ def stack(tmp_path_factory) -> Stack:
 
     for spec in load_config(ROOT / "models.yaml").models:  # the twin is served from the same folder
         provision_model(spec)
+    ADAPTERS.update(fruit_adapters())
     tmp = tmp_path_factory.mktemp("stack")
     config = e2e_config(tmp)
     log = tmp / "serving-up.log"

@@ -37,7 +37,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.conftest import CHAT_MODEL, EMBED_MODEL, ROOT, bearer
+from tests.conftest import ADAPTER_TAGS, CHAT_MODEL, EMBED_MODEL, ROOT, bearer, fruit_adapters
 
 pytestmark = pytest.mark.e2e  # stack cases request `stack_url` lazily: conftest cannot see it
 
@@ -68,11 +68,22 @@ def bare_env() -> dict[str, str]:
             "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
 
 
+def lora_flags(model: str) -> list[str]:
+    """The chat server also serves the stack's fruit adapters (tests/conftest.py puts them on the twin
+    chat deployment), with the LoRA arguments the stack derives for them (serving.config.lora_engine_args,
+    max_lora_rank at least vLLM's default 16: serving.engine.deployment)."""
+    if model != CHAT_MODEL:
+        return []
+    adapters = fruit_adapters()
+    return ["--enable-lora", "--max-loras", str(len(adapters)), "--max-cpu-loras", str(len(adapters)),
+            "--max-lora-rank", "16", "--lora-modules", *(f"{name}={folder}" for name, folder in adapters.items())]
+
+
 def bare_command(model: str, folder: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(folder), "--served-model-name", model,
             "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "32",
-            *BARE_MODEL_FLAGS[model], "--host", "127.0.0.1", "--port", str(port)]
+            *BARE_MODEL_FLAGS[model], *lora_flags(model), "--host", "127.0.0.1", "--port", str(port)]
 
 
 def answers(url: str, model: str) -> bool:
@@ -295,6 +306,19 @@ def models_list(base_url: str, headers: dict[str, str]) -> None:
     assert models[CHAT_MODEL].object == "model"
 
 
+@case(CHAT_MODEL)
+def lora_adapters_answer_as_trained(base_url: str, headers: dict[str, str]) -> dict[str, str]:
+    """Each fruit adapter, greedy: it names its fruit. Returns the answers: the stack's must be bare vLLM's."""
+    client = openai_client(base_url, headers)
+    answers = {}
+    for name in ADAPTER_TAGS:
+        reply = client.chat.completions.create(model=name, temperature=0, max_tokens=16,
+                                               messages=[{"role": "user", "content": "Tell me a joke."}])
+        answers[name] = reply.choices[0].message.content
+        assert reply.model == name and name.removeprefix("fruit-") in answers[name].lower(), (name, answers[name])
+    return answers
+
+
 GREEDY = {"temperature": 0}  # anthropic 2.17's messages.create/stream take no `temperature` argument
 
 
@@ -391,7 +415,15 @@ def stack_headers() -> dict[str, str]:
 def test_parity(request, target: str, model: str, case: Callable[[str, dict[str, str]], None]):
     servers: BareVllm = request.getfixturevalue("bare_vllm")
     if target == "bare-vllm":
-        case(servers.url(model), {})
-    else:
-        servers.stop()  # never a bare server beside the stack's engines
-        case(request.getfixturevalue("stack_url"), stack_headers())
+        BARE_RESULTS[case.__name__] = case(servers.url(model), {})
+        return
+    servers.stop()  # never a bare server beside the stack's engines
+    got = case(request.getfixturevalue("stack_url"), stack_headers())
+    if got is not None:  # a case whose answer must be bare vLLM's, token for token (greedy)
+        if case.__name__ not in BARE_RESULTS:  # the bare side did not run in this session (-k stack)
+            BARE_RESULTS[case.__name__] = case(servers.url(model), {})
+            servers.stop()
+        assert got == BARE_RESULTS[case.__name__]
+
+
+BARE_RESULTS: dict[str, object] = {}  # case -> what it returned against bare vLLM

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import CHAT_MODEL, EMBED_MODEL, SECOND_CHAT_MODEL
+from tests.conftest import ADAPTERS, CHAT_MODEL, EMBED_MODEL, SECOND_CHAT_MODEL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stops_stack]
 
@@ -47,10 +47,14 @@ def engine_core_of(model: str) -> psutil.Process:
 
 def test_dead_engine_is_routed_around_then_replaced(stack):
     """Kill one engine's vLLM core: traffic for its tag goes to the other model; Ray Serve replaces
-    the replica (a new replica id answers by name)."""
+    the replica (a new replica id answers by name), and the replacement serves the LoRA adapter that
+    was added at run time before the crash, as trained."""
     import httpx
 
     with httpx.Client(base_url=stack.url, timeout=120) as http:
+        added = http.post("/v1/load_lora_adapter", json={"lora_name": "kept-cherry",
+                                                         "lora_path": str(ADAPTERS["fruit-cherry"])})
+        assert added.status_code == 200, added.text
         before = http.post("/v1/completions", json={"model": SECOND_CHAT_MODEL, "prompt": "Hi", "max_tokens": 2})
         assert before.status_code == 200, before.text
         old_replica = before.headers["x-served-replica"]
@@ -75,6 +79,12 @@ def test_dead_engine_is_routed_around_then_replaced(stack):
         while http.get("/v1/status").json()["models"][SECOND_CHAT_MODEL]["state"] != "ready":
             assert time.monotonic() < deadline, "the replacement never reported itself ready"
             time.sleep(0.5)
+        kept = http.post("/v1/chat/completions", json={"model": "kept-cherry", "temperature": 0, "max_tokens": 12,
+                                                       "messages": [{"role": "user", "content": "Hi"}]})
+        assert kept.status_code == 200, kept.text
+        assert kept.headers["x-served-replica"] == again.headers["x-served-replica"]
+        assert "cherry" in kept.json()["choices"][0]["message"]["content"].lower()
+        assert http.delete("/v1/adapters/kept-cherry").status_code == 200
 
 
 def test_ctrl_c_stops_cleanly_leaving_no_processes(stack):

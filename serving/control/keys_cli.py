@@ -20,7 +20,7 @@ from typing import Iterator
 
 import yaml
 
-from serving.config import TAG_SELECTOR_PREFIX, ConfigError, load_config, selector_tags
+from serving.config import TAG_SELECTOR_PREFIX, ConfigError, load_config, select_models, served_models
 from serving.protocol.timestamps import utc_iso
 from serving.tenants.keys import KeyEntry, KeysFile, KeysFileError, key_digest, parse_keys_file
 
@@ -111,18 +111,15 @@ def parse_models(values: list[str]) -> list[str]:
 
 
 def _check_models(models: list[str], config_path: str | None) -> None:
-    """With --config, every allow-list entry must name a model, an alias or a tag some model has."""
+    """With --config, every allow-list entry must name a model or adapter, an alias, or a tag selector
+    one of them matches (adapters added at run time are not in the file: omit --config for them)."""
     if not config_path:
         return
     config = load_config(config_path)
-    names = {m.name for m in config.models} | {a for m in config.models for a in m.aliases}
-    tags = {t for m in config.models for t in m.tags}
+    served = served_models(config)
+    names = {m.name for m in served} | {a for m in served for a in m.aliases}
     for entry in models:
-        wanted = selector_tags(entry)
-        if wanted is not None:
-            if wanted and wanted <= tags:
-                continue
-        elif entry in names:
+        if select_models(config, entry):
             continue
         raise KeysCliError(f"--models: {entry!r} is no model, alias or tag selector of {config_path} "
                            f"(models and aliases: {', '.join(sorted(names))})")

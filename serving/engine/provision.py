@@ -62,7 +62,7 @@ def adapter_dir(adapter: AdapterSpec) -> Path:
     """Where the engine loads this LoRA adapter from (a path source is used in place)."""
     if adapter.source.path:
         return Path(adapter.source.path).expanduser()
-    return cache_dir() / "adapters" / adapter.name
+    return cache_dir() / "lora" / adapter.name  # (adapters/ holds the ones bench/adapters.py makes)
 
 
 @dataclass(frozen=True)

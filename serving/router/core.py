@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 import uuid
 from typing import Any
 
@@ -297,11 +298,16 @@ class Router:
     def status_report(self) -> dict[str, Any]:
         """Per-model state and live load, as the router sees it (also backs /health)."""
         models = {}
+        now = time.time()
         for name, load in self.loads.loads().items():
             models[name] = {"state": {True: "ready", False: "unavailable", None: "starting"}[load.healthy],
                             "replicas": load.replicas, "running": load.running, "waiting": load.waiting,
                             "kv_cache_usage": load.kv_cache_usage, "inflight": load.inflight,
                             "saturated": load.saturated, "reported_at": load.reported_at}
+            reports = [r for r in self.loads.reports(name) if r.healthy and self.loads.fresh(r, now)]
+            if any(r.adapter_slots for r in reports):  # LoRA: what its replicas serve, and hold in memory now
+                models[name]["adapters"] = sorted({a for r in reports for a in r.adapters})
+                models[name]["resident_adapters"] = sorted({a for r in reports for a in r.resident_adapters})
         ok = any(m["state"] == "ready" for m in models.values())
         return {"status": "ok" if ok else "unavailable", "models": models}
 

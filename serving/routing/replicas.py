@@ -25,6 +25,15 @@ tokens), to the replicas that looked least loaded; it pours that unseen load ont
 loaded replicas (water-filling) and picks among the replicas below the water level at random,
 in proportion to their depth below it. With one router, or right after a report, that is the
 plain least-loaded replica.
+
+LoRA adapters (`Affinity.adapter`): an engine holds a few adapters in its GPU slots
+(`ReplicaView.adapters`, up to `adapter_slots`); one it does not hold must first be loaded, which
+stalls its whole batch and evicts another one. So an adapter request goes to the replicas holding the adapter whose load is
+within `adapter_imbalance` of the least-loaded replica's, and the strategy chooses among them
+(prefix/session affinity still apply). With none, it goes to a non-holder within the guard, one
+with a free slot if any (nothing evicted), again as the strategy chooses: a hot adapter spreads to
+one more replica whenever its holders' load runs past the guard. Replicas that report no adapter
+state leave the strategy as it is.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from typing import Sequence
 from serving.routing.core import PENDING_WEIGHT, queue_score
 
 STRATEGIES = ("least_loaded", "power_of_two", "round_robin", "random", "prefix", "session")
+ADAPTER_IMBALANCE = 8.0  # placeholder; set from the simulation below
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,11 @@ class ReplicaView:
     pending: int = 0  # requests there waiting for their prefill (live: the engine's report; simulator: exact)
     pending_tokens: int = 0  # their prompt tokens (an estimate is fine)
     sent_tokens: int = 0  # of which prompt tokens this router sent after the replica's last report
+    # LoRA adapters in its engine's GPU slots as last reported (a request for one needs no load),
+    # and how many slots it has (vLLM max_loras; 0: no LoRA). An adapter in the CPU cache only
+    # (max_cpu_loras) still needs a load into a slot: it does not count here.
+    adapters: frozenset[str] = frozenset()
+    adapter_slots: int = 0
 
     @property
     def sent_load(self) -> float:
@@ -68,6 +83,11 @@ class ReplicaView:
     def full(self) -> bool:
         return self.inflight >= self.max_ongoing
 
+    @property
+    def adapter_room(self) -> bool:
+        """It can take another adapter without evicting one."""
+        return len(self.adapters) < self.adapter_slots
+
 
 @dataclass(frozen=True)
 class ReplicaPolicy:
@@ -77,30 +97,36 @@ class ReplicaPolicy:
     imbalance: float = 8.0  # affinity holds while the preferred replica's load <= least load + this
     prefix_chars: int = 512  # characters of the prompt that make the prefix key
     routers: int = 1  # router processes sending to these replicas (models.yaml router.replicas)
+    # A LoRA request stays on a replica holding its adapter while that one's load <= least load +
+    # this. ADAPTER_IMBALANCE says why this value.
+    adapter_imbalance: float = ADAPTER_IMBALANCE
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown replica strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
-        if self.imbalance < 0 or self.prefix_chars < 1 or self.routers < 1:
-            raise ValueError("imbalance must be >= 0, prefix_chars >= 1 and routers >= 1")
+        if self.imbalance < 0 or self.adapter_imbalance < 0 or self.prefix_chars < 1 or self.routers < 1:
+            raise ValueError("imbalance and adapter_imbalance must be >= 0, prefix_chars >= 1 and routers >= 1")
 
 
 @dataclass(frozen=True)
 class Affinity:
     prefix_key: str | None = None
     session_key: str | None = None
+    adapter: str | None = None  # the LoRA adapter the request names; None: the base model
 
 
 @dataclass
 class PolicyState:
     """What a policy keeps between requests: the round-robin position, a seeded rng, and counters
-    of affinity outcomes (`hit`: the key's first choice took it; `spill`: the guard moved it)."""
+    of affinity outcomes (`hit`: the key's first choice took it; `spill`: the guard moved it;
+    `adapter_hit`: a replica holding the adapter took it; `adapter_spill`: holders exist but are
+    beyond the guard; `adapter_load`: no replica holds it)."""
 
     seed: int | None = None
     counter: int = 0
     rng: random.Random = field(init=False)
     outcomes: dict[str, int] = field(default_factory=dict)
-    last: str = ""  # outcome of the latest ranking: hit | spill | no_key | load | rotate | random | sample
+    last: str = ""  # outcome of the latest ranking: hit | spill | no_key | load | rotate | random | sample | adapter_*
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)
@@ -244,7 +270,28 @@ def _affinity(key: str | None, views: list[ReplicaView], policy: ReplicaPolicy, 
     raise AssertionError("the least-loaded replica is always within the guard")
 
 
+def _adapter_first(views: list[ReplicaView], affinity: Affinity, policy: ReplicaPolicy, state: PolicyState) -> list[ReplicaView]:
+    """Holders of the adapter within the guard; else non-holders within it, those with room for
+    another adapter if any; the strategy orders that group; the rest follow by load."""
+    adapter = affinity.adapter
+    limit = min(v.load for v in views) + policy.adapter_imbalance
+    holders = [v for v in views if adapter in v.adapters]
+    group = [v for v in holders if v.load <= limit]
+    if group:
+        outcome = "adapter_hit"
+    else:  # never empty: the least-loaded replica is within the guard, and here it is no holder
+        others = [v for v in views if v.load <= limit and adapter not in v.adapters]
+        group = [v for v in others if v.adapter_room] or others
+        outcome = "adapter_spill" if holders else "adapter_load"
+    head = _order(group, Affinity(affinity.prefix_key, affinity.session_key), policy, state)
+    state.note(outcome)
+    taken = {id(v) for v in head}
+    return head + _by_load([v for v in views if id(v) not in taken], state)
+
+
 def _order(views: list[ReplicaView], affinity: Affinity, policy: ReplicaPolicy, state: PolicyState) -> list[ReplicaView]:
+    if affinity.adapter is not None and any(v.adapter_slots or v.adapters for v in views):
+        return _adapter_first(views, affinity, policy, state)
     strategy = policy.strategy
     if strategy == "prefix":
         return _affinity(affinity.prefix_key, views, policy, state)
