@@ -185,8 +185,9 @@ class EngineDeployment:
             from serving.protocol.adapter_book import get_or_create_book
 
             book = await asyncio.to_thread(get_or_create_book) if in_serve else None
+            slots = int(args.get("max_loras", 1))
             self.adapters = AdapterSync(name, self.app.state.openai_serving_models, self.engine, adapters,
-                                        int(args.get("max_loras", 1)), book,
+                                        slots, int(args.get("max_cpu_loras") or slots), book,
                                         lambda a: provision_adapter(a, allow, logger.info).path)
             await self.adapters.sync()  # run-time adapters before the first request
             self._adapter_task = asyncio.create_task(self.adapters.run(adapter_sync_s))

@@ -4,7 +4,9 @@ with the cluster's adapter book, and what the replica reports about them.
 vLLM names an adapter by the request's `model` (OpenAIServingModels.lora_requests); the engine
 core keeps up to max_cpu_loras of them loaded in memory and up to max_loras in the slots a batch
 may use. The replica reports the names it can serve (routers send an adapter only there) and the
-ones resident in the core now (the replica policy prefers those: no load on the request's path).
+ones resident in the core's memory now, `engine.list_loras()` (the replica policy prefers those: a
+request for another one first loads it from disk; a slot is then filled from memory). vLLM does not
+report which adapters sit in the batch slots.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ class AdapterSync:
     Removal waits for the requests using an adapter to finish: its name goes at once (no new
     request can name it), its weights leave the engine core when the last one ends."""
 
-    def __init__(self, base: str, models: Any, engine: Any, declared: dict[str, Path], slots: int,
+    def __init__(self, base: str, models: Any, engine: Any, declared: dict[str, Path], slots: int, capacity: int,
                  book: Any = None, provision=None):
         self.base = base
         self.models = models  # vLLM's OpenAIServingModels of this replica's app
         self.engine = engine
         self.declared = declared  # name -> folder, loaded by vLLM at start (lora_modules)
         self.slots = slots  # max_loras
+        self.capacity = capacity  # max_cpu_loras: adapters kept loaded in the engine core's memory (LRU)
         self.book = book  # the AdapterBook actor handle; None: no run-time adapters
         self.provision = provision  # AdapterSpec -> Path (serving.engine.provision.provision_adapter)
         self.version = -1
@@ -69,7 +72,7 @@ class AdapterSync:
     def report(self) -> dict[str, Any]:
         """The adapter fields of this replica's RoutingStats."""
         return {"adapters": [*self.declared, *self.runtime], "resident_adapters": list(self.resident),
-                "adapter_slots": self.slots, "adapter_errors": dict(self.errors)}
+                "adapter_slots": self.slots, "adapter_capacity": self.capacity, "adapter_errors": dict(self.errors)}
 
     # --- requests -----------------------------------------------------------------------
 

@@ -115,8 +115,9 @@ class RoutingStats:
     at: float = field(default_factory=time.time)  # when the replica produced this report
     error: str | None = None  # why it is unhealthy
     adapters: list[str] = field(default_factory=list)  # LoRA adapters it serves (declared and added at run time)
-    resident_adapters: list[str] = field(default_factory=list)  # of which loaded in its engine core now
+    resident_adapters: list[str] = field(default_factory=list)  # of which loaded in its engine core's memory now
     adapter_slots: int = 0  # how many adapters one batch may mix (max_loras); 0: no LoRA
+    adapter_capacity: int = 0  # how many stay loaded in memory at once (max_cpu_loras): resident_adapters' bound
     adapter_errors: dict[str, str] = field(default_factory=dict)  # run-time adapters it could not load, and why
 
     def to_dict(self) -> dict[str, Any]:

@@ -55,7 +55,9 @@ class EngineRequestRouter(RequestRouter):
                 rid, running=stats.running, waiting=stats.waiting, kv_cache_usage=stats.kv_cache_usage,
                 healthy=stats.healthy, stale=now - stats.at > self.stale_after_s, inflight=inflight,
                 max_ongoing=replica.max_ongoing_requests, pending=stats.pending,
-                pending_tokens=stats.pending_tokens + sent, sent_tokens=sent))
+                pending_tokens=stats.pending_tokens + sent, sent_tokens=sent,
+                # what its engine holds in memory, and how many it holds at most (serving.engine.lora)
+                adapters=frozenset(stats.resident_adapters), adapter_slots=stats.adapter_capacity))
         return views
 
     def _stats(self, replica: RunningReplica) -> RoutingStats | None:
@@ -80,7 +82,7 @@ class EngineRequestRouter(RequestRouter):
         request: EngineRequest | None = None
         if pending_request is not None and pending_request.args and isinstance(pending_request.args[0], EngineRequest):
             request = pending_request.args[0]
-            affinity = Affinity(request.prefix_key, request.session_key)
+            affinity = Affinity(request.prefix_key, request.session_key, request.adapter)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if request is not None and request.replica is not None and request.replica in by_id:
             return [[by_id[request.replica]]]  # it stores the response the request names
