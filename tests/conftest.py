@@ -35,8 +35,7 @@ START_TIMEOUT_S = 900
 # lets finish runs past ~60 s (long ones are cut by their client or by this deadline on purpose).
 E2E_REQUEST_TIMEOUT_S = 75
 # LoRA adapters the twin chat deployment serves (bench/adapters.py, made with peft and cached like the
-# models): name -> folder, filled by the `stack` fixture. Each one's alias and tags, in e2e_config.
-ADAPTERS: dict[str, Path] = {}
+# models: `fruit_adapters()` gives their folders): name -> tags. Each one's alias is in e2e_config.
 ADAPTER_TAGS = {"fruit-apple": ["fruit", "red"], "fruit-banana": ["fruit", "yellow"], "fruit-cherry": ["fruit", "red"]}
 # The second stack shape (auto pair + embeddings, 2 router replicas, a keys file): shared by the
 # tenants, abuse and metrics tests.
@@ -55,7 +54,7 @@ def e2e_config(tmp: Path) -> Path:
             "source": {"path": str(model_dir(spec))},
             # one engine, its base and three adapters (tests/test_e2e_adapters.py)
             "adapters": [{"name": name, "source": {"path": str(folder)}, "aliases": [name.removeprefix("fruit-") + "-alias"],
-                          "tags": ADAPTER_TAGS[name]} for name, folder in ADAPTERS.items()]}
+                          "tags": ADAPTER_TAGS[name]} for name, folder in fruit_adapters().items()]}
     raw["models"].append(twin)
     # Tool calling as models.yaml documents it, and vLLM's (in-memory, never evicted) response store,
     # which Responses retrieve and previous_response_id need: tests/test_e2e_parity.py gives bare vLLM the same
@@ -112,7 +111,6 @@ def stack(tmp_path_factory) -> Stack:
 
     for spec in load_config(ROOT / "models.yaml").models:  # the twin is served from the same folder
         provision_model(spec)
-    ADAPTERS.update(fruit_adapters())
     tmp = tmp_path_factory.mktemp("stack")
     config = e2e_config(tmp)
     log = tmp / "serving-up.log"

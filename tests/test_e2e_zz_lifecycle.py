@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import ADAPTERS, CHAT_MODEL, EMBED_MODEL, SECOND_CHAT_MODEL
+from tests.conftest import CHAT_MODEL, EMBED_MODEL, SECOND_CHAT_MODEL, fruit_adapters
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stops_stack]
 
@@ -53,7 +53,7 @@ def test_dead_engine_is_routed_around_then_replaced(stack):
 
     with httpx.Client(base_url=stack.url, timeout=120) as http:
         added = http.post("/v1/load_lora_adapter", json={"lora_name": "kept-cherry",
-                                                         "lora_path": str(ADAPTERS["fruit-cherry"])})
+                                                         "lora_path": str(fruit_adapters()["fruit-cherry"])})
         assert added.status_code == 200, added.text
         before = http.post("/v1/completions", json={"model": SECOND_CHAT_MODEL, "prompt": "Hi", "max_tokens": 2})
         assert before.status_code == 200, before.text

@@ -245,3 +245,85 @@ def test_routers_validates_and_comes_from_the_router_spec():
     with pytest.raises(ValueError):
         ReplicaPolicy(routers=0)
     assert policy_from_spec(RoutingSpec(), routers=3).routers == 3
+
+
+# --- LoRA adapters -----------------------------------------------------------------------------
+
+def lora(rid: str, *adapters: str, slots: int = 4, **kw) -> ReplicaView:
+    return ReplicaView(rid, healthy=True, adapters=frozenset(adapters), adapter_slots=slots, **kw)
+
+
+GUARD = ReplicaPolicy().adapter_imbalance
+
+ADAPTER_CASES = [
+    # (case, views, expected first, expected outcome)
+    ("the holder, though busier", [lora("holder", "x", running=5), lora("idle", "y")], "holder", "adapter_hit"),
+    ("the less loaded of two holders", [lora("h1", "x", running=6), lora("h2", "x", running=2), lora("idle")], "h2", "adapter_hit"),
+    ("a holder exactly at the guard", [lora("holder", "x", running=int(GUARD)), lora("idle")], "holder", "adapter_hit"),
+    ("spill: the holder is past the guard", [lora("holder", "x", running=int(GUARD) + 1), lora("idle", "y")], "idle", "adapter_spill"),
+    ("spill to a free slot, not to an eviction", [lora("holder", "x", running=int(GUARD) + 3), lora("full", "a", "b", "c", "d"),
+                                                  lora("room", "a", running=2)], "room", "adapter_spill"),
+    ("no holder: a free slot before an eviction", [lora("full", "a", "b", "c", "d"), lora("room", "a", "b", running=3)], "room", "adapter_load"),
+    ("no holder: room past the guard loses to an eviction", [lora("full", "a", "b", "c", "d"), lora("room", running=int(GUARD) + 1)],
+     "full", "adapter_load"),
+    ("no holder, all full: the least loaded", [lora("f1", "a", "b", "c", "d", running=2), lora("f2", "a", "b", "c", "e", running=1)],
+     "f2", "adapter_load"),
+    ("an unhealthy holder never", [ReplicaView("down", healthy=False, adapters=frozenset({"x"}), adapter_slots=4), lora("ok", running=9)],
+     "ok", "adapter_load"),
+    ("a stale holder not while a fresh replica exists", [ReplicaView("old", healthy=True, stale=True, adapters=frozenset({"x"}),
+                                                                      adapter_slots=4), lora("ok", "y", running=9)], "ok", "adapter_load"),
+    ("a full holder (this router's max_ongoing) ranks last", [lora("holder", "x", inflight=2, max_ongoing=2), lora("other", running=7)],
+     "other", "adapter_hit"),
+]
+
+
+@pytest.mark.parametrize("case, views, expected, outcome", ADAPTER_CASES, ids=[c[0] for c in ADAPTER_CASES])
+def test_adapter_choice(case, views, expected, outcome):
+    state = PolicyState(seed=0)
+    for _ in range(20):  # whatever the rng draws
+        assert first(views, affinity=Affinity(adapter="x"), state=state) == expected
+    assert state.last == outcome
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_without_an_adapter_the_strategy_is_unchanged(strategy):
+    """Adapter state in the views changes nothing for base-model requests; nor does an adapter
+    when no replica reports adapter state (the live router before engines report it)."""
+    plain = [ready(f"r{i}", running=i % 3, waiting=i % 2) for i in range(6)]
+    with_adapters = [lora(v.replica_id, f"a{i}", running=v.running, waiting=v.waiting) for i, v in enumerate(plain)]
+    policy = ReplicaPolicy(strategy)
+    for views, affinity in [(with_adapters, Affinity(prefix_key="p", session_key="s")), (plain, Affinity("p", "s", adapter="a1"))]:
+        a, b = PolicyState(seed=4), PolicyState(seed=4)
+        for _ in range(10):
+            assert rank_replicas(views, affinity, policy, a) == rank_replicas(plain, Affinity("p", "s"), policy, b)
+        assert not any(k.startswith("adapter") for k in a.outcomes)
+
+
+def test_prefix_affinity_still_applies_among_holders():
+    views = [lora(f"r{i}", "x") for i in range(6)] + [lora(f"n{i}") for i in range(6)]
+    policy = ReplicaPolicy("prefix")
+    homes = {first(views, policy, Affinity(prefix_key=f"k{k}", adapter="x")) for k in range(60)}
+    assert homes == {f"r{i}" for i in range(6)}  # only holders, and the prefixes spread over all of them
+    again = {first(views, policy, Affinity(prefix_key="k1", adapter="x"), PolicyState(seed=s)) for s in range(5)}
+    assert len(again) == 1
+
+
+def test_a_hot_adapter_spreads_as_its_holders_fill():
+    """Each request lands on one replica and adds load there: the holders take it while within the
+    guard, then it spills to one more replica, which holds it from its next report on."""
+    load = {f"r{i}": 0 for i in range(8)}
+    holds = {"r0"}
+    state = PolicyState(seed=0)
+    for _ in range(200):
+        views = [lora(rid, *(["hot"] if rid in holds else []), running=load[rid], slots=8) for rid in load]
+        chosen = first(views, affinity=Affinity(adapter="hot"), state=state)
+        load[chosen] += 1
+        holds.add(chosen)
+    assert state.outcomes["adapter_hit"] > 150 and 1 <= state.outcomes.get("adapter_spill", 0) <= 8
+    assert max(load.values()) - min(load.values()) <= GUARD + 1
+
+
+def test_adapter_imbalance_validates():
+    with pytest.raises(ValueError):
+        ReplicaPolicy(adapter_imbalance=-1)
+    assert ReplicaPolicy(adapter_imbalance=0).adapter_imbalance == 0

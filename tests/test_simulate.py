@@ -124,3 +124,67 @@ def test_routers_see_their_own_sends_since_the_report_and_know_how_many_routers_
     assert {routers for routers, _, _ in seen} == {2}
     assert any(any(sent) for _, sent, _ in seen)  # sends between reports show up ...
     assert all(p >= s for _, sent, pending in seen for s, p in zip(sent, pending))  # ... within the pending tokens
+
+
+# --- LoRA adapters -----------------------------------------------------------------------------
+
+def adapter_run(policy: str, seed=0, **cfg):
+    reqs = sim.skewed_workload(480, rate=4 * 0.6 / sim.mean_work_s(sim.skewed_workload(500, 1, 12, seed), COST),
+                               tenants=12, seed=seed)
+    sim.assign_adapters(reqs, 16, seed)
+    config = sim.SimConfig(replicas=4, routers=2, **{"max_loras": 3, "lora_load_s": 0.05, **cfg})
+    return sim.simulate(reqs, policy, COST, config, seed), reqs
+
+
+def test_adapter_aware_choice_loads_fewer_adapters_and_batches_respect_max_loras():
+    load_only, reqs = adapter_run("least_loaded")
+    aware, _ = adapter_run("least_loaded" + sim.ADAPTER_AWARE)
+    assert load_only["finished"] == aware["finished"] == len(reqs) and aware["failed"] == 0
+    assert aware["adapter_loads_per_1k"] < 0.6 * load_only["adapter_loads_per_1k"]  # ~0.4x
+    assert aware["affinity"].get("adapter_hit", 0) > len(reqs) / 2
+    for m in (load_only, aware):
+        assert m["max_batch_adapters"] == 3  # the limit binds, and holds
+    assert load_only["slot_waited_share"] > 0  # requests did wait for a slot
+
+
+def test_a_request_waits_for_a_slot_and_a_load_stalls_the_step():
+    """One replica, one slot: b's adapter cannot join a's batch, so b starts after a finishes, and
+    each start costs a load; c shares a's adapter and joins at once, without a load."""
+    a = sim.Req(0, 0.0, "t", 100, 0, 5, None, None, adapter="x")
+    b = sim.Req(1, 0.01, "t", 100, 0, 5, None, None, adapter="y")
+    c = sim.Req(2, 0.02, "t", 100, 0, 5, None, None, adapter="x")
+    cfg = sim.SimConfig(replicas=1, routers=1, max_loras=1, lora_load_s=0.3)
+    m = sim.simulate([a, b, c], "least_loaded", COST, cfg, 0)
+    assert a.t_first - a.t >= 0.3  # the load stalled its first step
+    assert b.slot_waited and not c.slot_waited and c.t_first < b.t_first
+    assert b.t_first >= max(a.t_done, c.t_done) + 0.3
+    assert m["adapter_loads_per_1k"] == pytest.approx(1000 * 2 / 3) and m["max_batch_adapters"] == 1
+
+
+def test_cpu_cache_makes_reloads_cheaper_than_disk():
+    # Three adapters, one slot, one request at a time: every request loads its adapter; with a CPU
+    # cache only the first load of each adapter is from disk.
+    reqs = [sim.Req(i, 2.0 * i, "t", 50, 0, 3, None, None, adapter="xyz"[i % 3]) for i in range(9)]
+    no_tier = sim.simulate(reqs, "least_loaded", COST, sim.SimConfig(replicas=1, routers=1, max_loras=1), 0)
+    tier = sim.simulate(reqs, "least_loaded", COST, sim.SimConfig(replicas=1, routers=1, max_loras=1, max_cpu_loras=3), 0)
+    assert no_tier["disk_loads_per_1k"] == no_tier["adapter_loads_per_1k"]
+    assert tier["adapter_loads_per_1k"] == no_tier["adapter_loads_per_1k"] == 1000
+    assert tier["disk_loads_per_1k"] == pytest.approx(1000 * 3 / 9)
+    assert tier["ttft_p50"] == pytest.approx(no_tier["ttft_p50"] - (0.05 - 0.01))  # lora_load_s - lora_swap_s
+
+
+def test_engines_report_their_slots_to_the_routers_one_report_late(monkeypatch):
+    seen = []
+
+    def spy(views, affinity, policy, state):
+        seen.append((affinity.adapter, [(v.adapters, v.adapter_slots) for v in views]))
+        return real(views, affinity, policy, state)
+
+    real = sim.rank_replicas
+    monkeypatch.setattr(sim, "rank_replicas", spy)
+    adapter_run("least_loaded")
+    assert all(adapter is None for adapter, _ in seen)  # load-only: the policy never learns the adapter
+    adapter_run("least_loaded" + sim.ADAPTER_AWARE)
+    reported = [views for adapter, views in seen if adapter is not None]
+    assert reported and all(slots == 3 and len(held) <= 3 for views in reported for held, slots in views)
+    assert not any(held for held, _ in reported[0]) and any(held for views in reported for held, _ in views)
