@@ -12,9 +12,14 @@ calls them; nothing here re-implements a policy. What is simulated is the engine
              reports (running, waiting, KV use) reach them every report interval, so they are stale
   workload   multi-tenant, skewed: Zipf tenant popularity, one long system prompt per tenant (the
              shared prefix), heavy-tailed prompt suffix and output lengths, Poisson arrivals
+  adapters   optional LoRA adapters of the one base (Zipf popularity), with vLLM's semantics: at most
+             max_loras distinct adapters in a running batch (the scheduler skips a request whose
+             adapter would exceed that), a load (stalling the step) when an adapter enters a GPU
+             slot, LRU eviction of slots no running request uses, an optional CPU cache tier
 
     python -m bench simulate                          # the comparison committed in bench/results/simulate/
     python -m bench simulate --trace FILE --policy prefix   # what-if replay of a router trace
+    python -m bench simulate --adapters 100 --load 0.7 --routers 4 --max-loras 4,8   # LoRA: bench/results/simulate-adapters/
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from serving.routing.text import CHARS_PER_TOKEN
 from serving.routing.trace import TraceRecord, read_trace
 
 POLICIES = ("random", "round_robin", "power_of_two", "least_loaded", "prefix")
+ADAPTER_AWARE = "+adapter"  # "<strategy>+adapter": the request's adapter goes into Affinity (rank_replicas uses it)
+ADAPTER_POLICIES = ("least_loaded", "least_loaded" + ADAPTER_AWARE, "prefix", "prefix" + ADAPTER_AWARE)
 MODEL = "chat"
 
 
@@ -102,6 +109,8 @@ class Req:
     t_first: float | None = None
     t_done: float | None = None
     recorded_replica: str | None = None  # replay "as recorded"
+    adapter: str | None = None  # LoRA adapter; None: the base model
+    slot_waited: bool = False  # the scheduler skipped it at least once: max_loras other adapters were running
 
 
 def skewed_workload(n: int, rate: float, tenants: int, seed: int, zipf_s: float = 1.1, sessions: int = 20,
@@ -125,6 +134,20 @@ def skewed_workload(n: int, rate: float, tenants: int, seed: int, zipf_s: float 
         out.append(Req(i, t, tenant, int(prefix_len[k]) + suffix, int(prefix_len[k]), output, key,
                        prefix_key(session, 256)))
     return out
+
+
+def assign_adapters(reqs: list[Req], adapters: int, seed: int, zipf_s: float = 1.0, per_tenant: bool = False) -> None:
+    """Give each request one of `adapters` adapters, Zipf(s) popular (own rng: the rest of the workload is
+    unchanged), or with `per_tenant` its tenant's own (tenant k uses adapter k mod adapters)."""
+    if per_tenant:
+        for r in reqs:
+            r.adapter = f"lora{int(r.tenant[1:]) % adapters}"
+        return
+    rng = np.random.default_rng([seed, 21])
+    weights = 1 / np.arange(1, adapters + 1) ** zipf_s
+    picks = rng.choice(adapters, size=len(reqs), p=weights / weights.sum())
+    for r, k in zip(reqs, picks):
+        r.adapter = f"lora{k}"
 
 
 def mean_work_s(reqs: list[Req], cost: CostModel, batch: int = 16) -> float:
@@ -153,18 +176,45 @@ class Replica:
     busy: bool = False
     busy_s: float = 0.0
     report: tuple = (0, 0, 0.0, 0, 0)  # running, waiting, kv use, prompt tokens and requests before their first token, as last reported
+    slots: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # adapters in GPU slots, LRU first
+    cpu: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # CPU cache tier (max_cpu_loras), LRU first
+    reported_adapters: frozenset = frozenset()
+    loads: int = 0  # adapters loaded into a GPU slot
+    disk_loads: int = 0  # of which not in the CPU cache
+    max_batch_adapters: int = 0  # most distinct adapters seen in one running batch
 
     def admit_cache(self, req: Req) -> bool:
         if req.prefix_key is None or req.prefix_tokens <= 0:
             return False
-        hit = req.prefix_key in self.cache
+        key = (req.prefix_key, req.adapter)  # vLLM keys cached blocks by LoRA too
+        hit = key in self.cache
         if hit:
-            self.cache.move_to_end(req.prefix_key)
+            self.cache.move_to_end(key)
         else:
-            self.cache[req.prefix_key] = req.prefix_tokens
+            self.cache[key] = req.prefix_tokens
             while sum(self.cache.values()) > self.cache_tokens and len(self.cache) > 1:
                 self.cache.popitem(last=False)
         return hit
+
+    def load_adapter(self, adapter: str, running: dict, cfg: "SimConfig") -> float:
+        """Put `adapter` in a GPU slot (evicting the least recently used one no running request
+        uses); returns the seconds the load stalls the step (0 if it was there)."""
+        if adapter in self.slots:
+            return 0.0
+        if len(self.slots) >= cfg.max_loras:
+            victim = next(a for a in self.slots if a not in running)  # exists: the scheduler keeps running adapters < max_loras here
+            del self.slots[victim]
+        self.slots[adapter] = None
+        self.loads += 1
+        cpu_cap = max(cfg.max_cpu_loras, cfg.max_loras)
+        if cpu_cap > cfg.max_loras and adapter in self.cpu:
+            self.cpu.move_to_end(adapter)
+            return cfg.lora_swap_s
+        self.disk_loads += 1
+        self.cpu[adapter] = None
+        while len(self.cpu) > cpu_cap:
+            self.cpu.pop(next(a for a in self.cpu if a not in self.slots))
+        return cfg.lora_load_s
 
 
 @dataclass
@@ -182,6 +232,14 @@ class SimConfig:
     # router's work, one report old) plus what this router sent it since (what the live stack
     # does); "router" = this router's own exact count only
     pending_from: str = "engine"
+    # LoRA (requests with an adapter): GPU slots per replica (vLLM max_loras), the CPU cache
+    # (max_cpu_loras; at most max_loras: none beyond the slots, vLLM's default), seconds a load
+    # into a slot stalls the step: from disk, and from the CPU cache
+    max_loras: int = 8
+    max_cpu_loras: int = 0
+    lora_load_s: float = 0.05
+    lora_swap_s: float = 0.01
+    adapter_imbalance: float | None = None  # None: ReplicaPolicy's default
 
 
 def catalog_for(replicas: int):
@@ -193,13 +251,17 @@ def catalog_for(replicas: int):
 def simulate(reqs: list[Req], policy: str, cost: CostModel, cfg: SimConfig, seed: int = 0) -> dict:
     """Run the workload through `route` + `rank_replicas`; fills each Req's outcome; returns metrics."""
     for r in reqs:
-        r.replica, r.hit, r.t_first, r.t_done = None, False, None, None
+        r.replica, r.hit, r.t_first, r.t_done, r.slot_waited = None, False, None, None, False
+    if cfg.max_loras < 1 and any(r.adapter for r in reqs):
+        raise ValueError("requests name adapters: max_loras must be at least 1")
     catalog = catalog_for(cfg.replicas)
     replica_ids = {r.recorded_replica for r in reqs if r.recorded_replica} if policy == "as_recorded" else set()
     ids = sorted(replica_ids) or [f"r{i:03d}" for i in range(cfg.replicas)]
     replicas = {rid: Replica(rid, cfg.cache_tokens) for rid in ids}
-    strategy = "least_loaded" if policy == "as_recorded" else policy
-    rpolicy = ReplicaPolicy(strategy, imbalance=cfg.imbalance, prefix_chars=cfg.prefix_chars, routers=cfg.routers)
+    strategy = "least_loaded" if policy == "as_recorded" else policy.removesuffix(ADAPTER_AWARE)
+    adapter_aware = policy.endswith(ADAPTER_AWARE)
+    rpolicy = ReplicaPolicy(strategy, imbalance=cfg.imbalance, prefix_chars=cfg.prefix_chars, routers=cfg.routers,
+                            **({} if cfg.adapter_imbalance is None else {"adapter_imbalance": cfg.adapter_imbalance}))
     states = [PolicyState(seed=seed * 100 + i) for i in range(cfg.routers)]
     inflight = [collections.Counter() for _ in range(cfg.routers)]
     pending = [collections.Counter() for _ in range(cfg.routers)]  # requests before their first byte
@@ -222,11 +284,29 @@ def simulate(reqs: list[Req], policy: str, cost: CostModel, cfg: SimConfig, seed
     decisions = collections.Counter()
 
     def start_step(rep: Replica, now: float):
+        # vLLM's scheduler: first come, first served, except that a request whose adapter would be
+        # the (max_loras + 1)th distinct one in the running batch is skipped and keeps its place.
+        running = dict.fromkeys(a.req.adapter for a in rep.running if a.req.adapter)  # ordered: runs are reproducible
+        skipped = []
+        stall = 0.0
         while rep.queue and len(rep.running) < cfg.max_num_seqs:
             req = rep.queue.popleft()
+            if req.adapter and req.adapter not in running:
+                if len(running) >= cfg.max_loras:
+                    req.slot_waited = True
+                    skipped.append(req)
+                    continue
+                stall += rep.load_adapter(req.adapter, running, cfg)
+                running[req.adapter] = None
             req.hit = rep.admit_cache(req)
             need = req.prompt_tokens - (req.prefix_tokens if req.hit else 0)
             rep.running.append(Active(req, max(1, need)))
+        rep.queue.extendleft(reversed(skipped))
+        for adapter in running:  # used this step: most recently used in both LRUs
+            rep.slots.move_to_end(adapter)
+            if adapter in rep.cpu:
+                rep.cpu.move_to_end(adapter)
+        rep.max_batch_adapters = max(rep.max_batch_adapters, len({a.req.adapter for a in rep.running} - {None}))
         if not rep.running:
             rep.busy = False
             return
@@ -239,7 +319,7 @@ def simulate(reqs: list[Req], policy: str, cost: CostModel, cfg: SimConfig, seed
                 take = min(a.prefill_left, budget)
                 chunks.append((a, take))
                 budget -= take
-        dt = cost.step(len(decoding), sum(t for _, t in chunks))
+        dt = cost.step(len(decoding), sum(t for _, t in chunks)) + stall  # vLLM loads adapters before the forward pass
         rep.busy = True
         rep.busy_s += dt
         push(now + dt, "step", (rep, decoding, chunks))
@@ -262,9 +342,11 @@ def simulate(reqs: list[Req], policy: str, cost: CostModel, cfg: SimConfig, seed
                                      **({"pending": rep.report[4], "pending_tokens": rep.report[3] + since_report[router][rid],
                                            "sent_tokens": since_report[router][rid]}
                                         if cfg.pending_from == "engine"
-                                        else {"pending": pending[router][rid], "pending_tokens": pending_tokens[router][rid]}))
+                                        else {"pending": pending[router][rid], "pending_tokens": pending_tokens[router][rid]}),
+                                     adapters=rep.reported_adapters, adapter_slots=max(cfg.max_cpu_loras, cfg.max_loras))
                          for rid, rep in replicas.items()]
-                tiers = rank_replicas(views, Affinity(req.prefix_key, req.session_key), rpolicy, states[router])
+                affinity = Affinity(req.prefix_key, req.session_key, req.adapter if adapter_aware else None)
+                tiers = rank_replicas(views, affinity, rpolicy, states[router])
                 chosen = tiers[0][0]
             req.replica = chosen
             inflight[router][chosen] += 1
@@ -300,6 +382,7 @@ def simulate(reqs: list[Req], policy: str, cost: CostModel, cfg: SimConfig, seed
                 unstarted = [r for r in rep.queue] + [a.req for a in rep.running if a.prefill_left > 0]
                 rep.report = (len(rep.running), len(rep.queue), min(1.0, kv), sum(r.prompt_tokens for r in unstarted),
                               len(unstarted))
+                rep.reported_adapters = frozenset(rep.cpu)  # as live: vLLM's list_loras(), the slots' adapters and the CPU cache
                 for counts in since_report:
                     counts[rep.id] = 0
             if done < len(reqs) and now <= horizon + 3600:
@@ -317,6 +400,7 @@ def metrics(reqs: list[Req], replicas: dict, states: list[PolicyState], policy: 
     for s in states:
         outcomes.update(s.outcomes)
     per_replica = collections.Counter(r.replica for r in finished)
+    adapter_reqs = sum(r.adapter is not None for r in reqs)
     return {
         "policy": policy, "requests": len(reqs), "finished": len(finished), "replicas": len(replicas),
         "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p95": float(np.percentile(ttft, 95)),
@@ -326,7 +410,12 @@ def metrics(reqs: list[Req], replicas: dict, states: list[PolicyState], policy: 
         "prefix_hit_rate": sum(r.hit for r in with_prefix) / max(1, len(with_prefix)),
         "busy_share": sum(rep.busy_s for rep in replicas.values()) / (span * len(replicas)),
         "max_replica_share": max(per_replica.values()) / len(finished),
-        "affinity": dict(outcomes) if policy in ("prefix", "session") else {},
+        "affinity": dict(outcomes) if policy in ("prefix", "session") or policy.endswith(ADAPTER_AWARE) else {},
+        "failed": len(reqs) - len(finished),
+        **({"adapter_loads_per_1k": 1000 * sum(rep.loads for rep in replicas.values()) / adapter_reqs,
+            "disk_loads_per_1k": 1000 * sum(rep.disk_loads for rep in replicas.values()) / adapter_reqs,
+            "slot_waited_share": sum(r.slot_waited for r in reqs) / adapter_reqs,
+            "max_batch_adapters": max(rep.max_batch_adapters for rep in replicas.values())} if adapter_reqs else {}),
     }
 
 
@@ -359,8 +448,9 @@ def to_trace(reqs: list[Req], policy: str, cfg: SimConfig) -> list[TraceRecord]:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("simulate", help="discrete-event simulation of replica routing policies (drives serving.routing)")
-    p.add_argument("--replicas", default="16,64", help="replica counts to compare")
-    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--replicas", help="replica counts to compare (default 16,64; with --adapters 16)")
+    p.add_argument("--policies", help=f"default {','.join(POLICIES)}; with --adapters {','.join(ADAPTER_POLICIES)} "
+                   f"(<strategy>{ADAPTER_AWARE}: the request's adapter goes to rank_replicas)")
     p.add_argument("--requests-per-replica", type=int, default=150)
     p.add_argument("--load", type=float, default=0.8, help="offered load as a share of cache-less capacity")
     p.add_argument("--tenants", type=int, default=0, help="default: 3 per replica")
@@ -371,11 +461,21 @@ def add_parser(sub) -> None:
                    help="pending prefill tokens from the engines' reports (as live) or each router's exact count")
     p.add_argument("--seeds", default="0,1,2,3,4", help="workload seeds; the table shows the first, the summary all")
     p.add_argument("--results", default="bench/results/vllm-random-c*.json", help="bench runs the cost model is fitted on")
-    p.add_argument("--out", default="bench/results/simulate")
+    p.add_argument("--out", help="default bench/results/simulate (with --adapters: bench/results/simulate-adapters)")
     p.add_argument("--trace", help="replay this routing trace (JSONL, serving.routing.trace) instead")
     p.add_argument("--policy", default="prefix", help="with --trace: the policy to replay under")
     p.add_argument("--write-trace", help="write the first run's requests as a routing trace (JSONL)")
     p.add_argument("--no-plots", action="store_true")
+    lora = p.add_argument_group("LoRA adapters (vLLM semantics; see the module doc)")
+    lora.add_argument("--adapters", type=int, default=0, help="adapters of the one base model (0: none)")
+    lora.add_argument("--adapter-zipf", type=float, default=1.0, help="Zipf exponent of adapter popularity")
+    lora.add_argument("--adapter-per-tenant", action="store_true",
+                      help="each tenant uses its own adapter (popularity: the tenants'; use --tenants N = --adapters N)")
+    lora.add_argument("--max-loras", default="8", help="GPU adapter slots per replica; a list compares several")
+    lora.add_argument("--max-cpu-loras", type=int, default=0, help="CPU cache tier per replica (0: none beyond the slots, vLLM's default)")
+    lora.add_argument("--lora-load-s", default="0.05,0.5", help="seconds a load from disk stalls the engine step; a list compares several")
+    lora.add_argument("--lora-swap-s", type=float, default=0.01, help="seconds a load from the CPU cache stalls it")
+    lora.add_argument("--adapter-imbalance", type=float, help="ReplicaPolicy.adapter_imbalance (default: the policy's)")
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -388,12 +488,20 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def cmd_simulate(args) -> int:
     cost = fit_cost_model(args.results)
-    out = Path(args.out)
+    args.replicas = args.replicas or ("16" if args.adapters else "16,64")
+    args.policies = args.policies or ",".join(ADAPTER_POLICIES if args.adapters else POLICIES)
+    out = Path(args.out or ("bench/results/simulate-adapters" if args.adapters else "bench/results/simulate"))
     out.mkdir(parents=True, exist_ok=True)
     if args.trace:
         return replay(args, cost, out)
+    if args.adapters:
+        return compare_adapters(args, cost, out)
     rows = []
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     for seed in seeds:
@@ -418,6 +526,95 @@ def cmd_simulate(args) -> int:
         plot([m for m in rows if m["seed"] == seeds[0]], out)
     print("\n".join(lines))
     return 0
+
+
+def compare_adapters(args, cost: CostModel, out: Path) -> int:
+    """Load-only vs adapter-aware replica choice for LoRA requests, per slot count and load cost."""
+    rows = []
+    for seed in [int(x) for x in args.seeds.split(",") if x.strip()]:
+        for n in [int(x) for x in args.replicas.split(",") if x.strip()]:
+            tenants = args.tenants or 3 * n
+            rate = args.load * n / mean_work_s(skewed_workload(2000, 1.0, tenants, seed), cost)
+            reqs = skewed_workload(args.requests_per_replica * n, rate, tenants, seed)
+            assign_adapters(reqs, args.adapters, seed, args.adapter_zipf, args.adapter_per_tenant)
+            for max_loras in [int(x) for x in _floats(args.max_loras)]:
+                for load_s in _floats(args.lora_load_s):
+                    cfg = SimConfig(replicas=n, routers=args.routers, imbalance=args.imbalance,
+                                    report_interval_s=args.report_interval, pending_from=args.pending_from,
+                                    max_loras=max_loras, max_cpu_loras=args.max_cpu_loras, lora_load_s=load_s,
+                                    lora_swap_s=args.lora_swap_s, adapter_imbalance=args.adapter_imbalance)
+                    for policy in args.policies.split(","):
+                        m = simulate(reqs, policy, cost, cfg, seed)
+                        m.update(rate=rate, seed=seed, max_loras=max_loras, lora_load_s=load_s)
+                        rows.append(m)
+                        print(f"seed {seed} " + _adapter_table([m])[-1], flush=True)
+    (out / "results.json").write_text(json.dumps({"cost_model": cost.__dict__, "args": vars(args), "runs": rows}, indent=1))
+    lines = adapter_report_lines(args, cost, rows)
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _adapter_table(rows: list[dict]) -> list[str]:
+    lines = ["| replicas | max_loras | load s | policy | adapter loads / 1k req | from disk / 1k | TTFT p50 s | TTFT p95 s | "
+             "req/s | out tok/s | waited for a slot | prefix hits | busy | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in rows:
+        lines.append(f"| {m['replicas']} | {m['max_loras']} | {m['lora_load_s']:g} | {m['policy']} | "
+                     f"{m['adapter_loads_per_1k']:.0f} | {m['disk_loads_per_1k']:.0f} | {m['ttft_p50']:.2f} | "
+                     f"{m['ttft_p95']:.2f} | {m['throughput_rps']:.2f} | {m['output_tok_s']:.0f} | "
+                     f"{100 * m['slot_waited_share']:.1f} % | {100 * m['prefix_hit_rate']:.0f} % | {100 * m['busy_share']:.0f} % | "
+                     f"{m['failed']} |")
+    return lines
+
+
+def adapter_report_lines(args, cost: CostModel, rows: list[dict]) -> list[str]:
+    policies = args.policies.split(",")
+    pairs = [(p, p + ADAPTER_AWARE) for p in policies if p + ADAPTER_AWARE in policies]  # each strategy without and with
+    defaults = {"replicas": "16", "load": 0.8, "routers": 2, "max_loras": "8", "lora_load_s": "0.05,0.5", "seeds": "0,1,2,3,4",
+                "adapter_zipf": 1.0, "max_cpu_loras": 0, "lora_swap_s": 0.01, "adapter_imbalance": None, "tenants": 0,
+                "policies": ",".join(ADAPTER_POLICIES)}
+    flags = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k in defaults if getattr(args, k) != defaults[k])
+    flags += (" --adapter-per-tenant" if args.adapter_per_tenant else "") + (f" --out {args.out}" if args.out else "")
+    tenants = args.tenants or "3 per replica"
+    popularity = (f"its tenant's own adapter ({tenants} tenants, Zipf(1.1) popular, using {args.adapters} adapters)"
+                  if args.adapter_per_tenant else
+                  f"one of {args.adapters} adapters with Zipf({args.adapter_zipf:g}) popularity, independent of its tenant")
+    lines = ["# LoRA adapters: load-only vs adapter-aware replica choice (simulation)", "",
+             "```bash", f"PYTHONPATH=$PWD .venv/bin/python -m bench simulate --adapters {args.adapters}{flags}", "```", "",
+             f"Engine cost model fitted on {cost.source} (as bench/results/simulate/): step = "
+             f"{1000 * cost.step_s:.1f} ms + {1000 * cost.decode_s:.2f} ms x decoding sequences + "
+             f"{1000 * cost.prefill_s:.3f} ms x prefill tokens, i.e. ~0.1-0.17 s per step at 16-32 sequences, about 5x "
+             "a 7-8B model's step on one GPU. Workload as there (Poisson arrivals at "
+             f"{args.load:.0%} of the cache-less, load-free capacity, {args.requests_per_replica} requests per replica, "
+             f"{args.routers} router processes, reports every {args.report_interval} s), and every request names "
+             f"{popularity}. vLLM keys its prefix cache by adapter too, so a tenant's system prompt is cached per "
+             "adapter. Engines: vLLM's LoRA scheduling "
+             "(at most max_loras distinct adapters in a running batch; a request for another waits, keeping its place), "
+             "a load stalls the step it enters a slot in, slots are evicted least recently used among adapters no "
+             "running request uses"
+             + (f", CPU cache of {args.max_cpu_loras} adapters (a load from it: {args.lora_swap_s:g} s)" if args.max_cpu_loras > 0
+                else ", no CPU cache beyond the slots (vLLM's default max_cpu_loras = max_loras: every load is from disk)")
+             + ". Engines report the adapters they have loaded (as live: vLLM's list_loras(), the slots' adapters and "
+             "the CPU cache) with their other stats, so routers see them up to one report old. A strategy alone "
+             f"ignores adapters (load-only choice, for least_loaded); `<strategy>{ADAPTER_AWARE}` passes the request's "
+             "adapter to `rank_replicas` (Affinity.adapter)"
+             + (f", adapter_imbalance {args.adapter_imbalance:g}" if args.adapter_imbalance is not None else "")
+             + ".", "", f"Seed {rows[0]['seed']}:", ""]
+    lines += _adapter_table([m for m in rows if m["seed"] == rows[0]["seed"]])
+    key = lambda m: (m["replicas"], m["max_loras"], m["lora_load_s"], m["seed"])
+    by = {(key(m), m["policy"]): m for m in rows}
+    for base, aware in pairs:
+        lines += ["", f"Every seed, {base} without and with adapters (ratio = {aware} / {base}):", "",
+                  "| replicas | max_loras | load s | seed | loads / 1k: without | with | ratio | TTFT p95 s: without | with | ratio |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for k in sorted({key(m) for m in rows}):
+            if (k, base) in by and (k, aware) in by:
+                b, a = by[k, base], by[k, aware]
+                lines.append(f"| {k[0]} | {k[1]} | {k[2]:g} | {k[3]} | {b['adapter_loads_per_1k']:.0f} | {a['adapter_loads_per_1k']:.0f} | "
+                             f"{a['adapter_loads_per_1k'] / b['adapter_loads_per_1k']:.2f} | {b['ttft_p95']:.2f} | {a['ttft_p95']:.2f} | "
+                             f"{a['ttft_p95'] / b['ttft_p95']:.2f} |")
+    return lines
 
 
 def report_lines(args, cost: CostModel, rows: list[dict]) -> list[str]:

@@ -26,14 +26,15 @@ loaded replicas (water-filling) and picks among the replicas below the water lev
 in proportion to their depth below it. With one router, or right after a report, that is the
 plain least-loaded replica.
 
-LoRA adapters (`Affinity.adapter`): an engine holds a few adapters in its GPU slots
-(`ReplicaView.adapters`, up to `adapter_slots`); one it does not hold must first be loaded, which
-stalls its whole batch and evicts another one. So an adapter request goes to the replicas holding the adapter whose load is
-within `adapter_imbalance` of the least-loaded replica's, and the strategy chooses among them
-(prefix/session affinity still apply). With none, it goes to a non-holder within the guard, one
-with a free slot if any (nothing evicted), again as the strategy chooses: a hot adapter spreads to
-one more replica whenever its holders' load runs past the guard. Replicas that report no adapter
-state leave the strategy as it is.
+LoRA adapters (`Affinity.adapter`): an engine keeps a few adapters loaded (`ReplicaView.adapters`,
+at most `adapter_slots`); a request for another one first loads it, which stalls the engine's
+whole batch, and evicts one. So an adapter request goes to the replicas holding its adapter whose
+load is within `adapter_imbalance` of the least-loaded replica's, and the strategy chooses among
+them (prefix/session affinity still apply). With none, it goes to a non-holder within the guard,
+one with room if any (nothing evicted), again as the strategy chooses: a hot adapter spreads to one
+more replica whenever its holders' load runs past the guard. Replicas that report no adapter state
+leave the strategy as it is. Simulated (bench/results/simulate-adapters): a third (4 slots) to a
+sixth (8 slots) of load-only choice's adapter loads, and a lower p95 TTFT.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ from typing import Sequence
 from serving.routing.core import PENDING_WEIGHT, queue_score
 
 STRATEGIES = ("least_loaded", "power_of_two", "round_robin", "random", "prefix", "session")
-ADAPTER_IMBALANCE = 8.0  # placeholder; set from the simulation below
+# Twice the prefix guard's default: missing an adapter stalls the replica's whole batch for the
+# load and evicts another adapter (a later load), where a prefix miss costs one prefill. Simulated
+# (bench/results/simulate-adapters/NOTE.md): from 8 to 16, a third fewer loads and a lower p95
+# TTFT; past 24 the hot adapters queue on their holders and p95 rises.
+ADAPTER_IMBALANCE = 16.0
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,9 @@ class ReplicaView:
     pending: int = 0  # requests there waiting for their prefill (live: the engine's report; simulator: exact)
     pending_tokens: int = 0  # their prompt tokens (an estimate is fine)
     sent_tokens: int = 0  # of which prompt tokens this router sent after the replica's last report
-    # LoRA adapters in its engine's GPU slots as last reported (a request for one needs no load),
-    # and how many slots it has (vLLM max_loras; 0: no LoRA). An adapter in the CPU cache only
-    # (max_cpu_loras) still needs a load into a slot: it does not count here.
+    # LoRA adapters its engine has loaded, as last reported (a request for another one must load it
+    # first), and how many it keeps loaded at most (0: no LoRA). Live: vLLM's list_loras(), its
+    # LRU of max_cpu_loras adapters (default max_loras: then exactly its GPU slots).
     adapters: frozenset[str] = frozenset()
     adapter_slots: int = 0
 
@@ -85,7 +90,7 @@ class ReplicaView:
 
     @property
     def adapter_room(self) -> bool:
-        """It can take another adapter without evicting one."""
+        """It can load another adapter without evicting one."""
         return len(self.adapters) < self.adapter_slots
 
 
@@ -97,8 +102,7 @@ class ReplicaPolicy:
     imbalance: float = 8.0  # affinity holds while the preferred replica's load <= least load + this
     prefix_chars: int = 512  # characters of the prompt that make the prefix key
     routers: int = 1  # router processes sending to these replicas (models.yaml router.replicas)
-    # A LoRA request stays on a replica holding its adapter while that one's load <= least load +
-    # this. ADAPTER_IMBALANCE says why this value.
+    # a LoRA request stays with the replicas holding its adapter while their load <= least load + this
     adapter_imbalance: float = ADAPTER_IMBALANCE
 
     def __post_init__(self):
