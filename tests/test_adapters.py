@@ -335,3 +335,27 @@ def test_replica_choice_keeps_an_adapter_to_replicas_that_serve_it():
     serving = EngineRequestRouter._serving(None, [old, new, fresh], "x")
     assert [r.rid for r in serving] == ["r1", "r3"]
     assert [r.rid for r in EngineRequestRouter._serving(None, [new], "x")] == ["r2"]  # none does: the engine's 404
+
+
+def test_check_refuses_an_adapter_rank_the_engine_cannot_hold(tmp_path):
+    import yaml
+
+    from serving.engine.lora import max_lora_rank
+    from tests.conftest import run_cli
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": 32}}))
+    raw = {"models": [{"name": "base", "source": {"path": str(tmp_path)}, "engine_args": {"max_lora_rank": 16},
+                       "adapters": [{"name": "big", "source": {"path": str(folder)}},
+                                    {"name": "elsewhere", "source": {"path": str(tmp_path / "missing")}}]}]}
+    file = tmp_path / "models.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    result = run_cli("check", str(file), "--skip-engine-args")
+    assert result.returncode == 2
+    assert "models[0] (base).adapters[0] (big): rank 32 does not fit engine_args.max_lora_rank 16" in result.stderr
+    assert "elsewhere" not in result.stderr  # not provisioned here: the engine checks it at start
+    del raw["models"][0]["engine_args"]
+    file.write_text(yaml.safe_dump(raw))
+    assert run_cli("check", str(file), "--skip-engine-args").returncode == 0
+    assert [max_lora_rank([r]) for r in (1, 8, 9, 16, 300)] == [1, 8, 16, 16, 320]

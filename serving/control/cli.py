@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 from serving.config import ConfigError, ServingConfig, load_config
+from serving.engine.lora import adapter_problems
 from serving.engine.vllm_args import engine_arg_problems, serve_arg_problems
 
 DEFAULT_CONFIG = "models.yaml"
@@ -28,6 +29,7 @@ def _load(path: str) -> ServingConfig:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.file)
     problems = [] if args.skip_engine_args else engine_arg_problems(config) + serve_arg_problems(config)
+    problems += adapter_problems(config)
     if problems:
         print(f"{args.file} is not valid:", file=sys.stderr)
         for problem in problems:

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from serving.config import AdapterSpec
+from serving.config import AdapterSpec, ServingConfig
 from serving.protocol.adapter_book import RuntimeAdapter
 
 logger = logging.getLogger("serving.engine")
@@ -155,6 +155,33 @@ class AdapterSync:
                 await self.engine.remove_lora(lora_id)
                 del self.removing[name]
                 logger.info("adapter %s removed from %s", name, self.base)
+
+
+def adapter_problems(config: ServingConfig) -> list[str]:
+    """What `serving check` can tell about declared adapters whose files are already here: a rank the
+    engine's max_lora_rank (set in models.yaml) cannot hold, or above what vLLM serves. Adapters not
+    provisioned yet are checked when the engine starts."""
+    from serving.engine.provision import adapter_dir
+
+    problems = []
+    for i, spec in enumerate(config.models):
+        limit = config.engine_spec(spec).engine_args.get("max_lora_rank")
+        for j, adapter in enumerate(spec.adapters):
+            folder = adapter_dir(adapter)
+            if not (folder / "adapter_config.json").is_file():
+                continue
+            where = f"models[{i}] ({spec.name}).adapters[{j}] ({adapter.name})"
+            try:
+                rank = adapter_rank(folder)
+            except (OSError, ValueError, TypeError) as error:
+                problems.append(f"{where}: {folder}/adapter_config.json cannot be read: {error}")
+                continue
+            if rank > LORA_RANKS[-1]:
+                problems.append(f"{where}: rank {rank} is above the largest vLLM serves ({LORA_RANKS[-1]})")
+            elif limit is not None and rank > int(limit):
+                problems.append(f"{where}: rank {rank} does not fit engine_args.max_lora_rank {limit}; raise it "
+                                f"to {max_lora_rank([rank])} or remove it (it is derived from the adapters)")
+    return problems
 
 
 def declared_folders(adapters: list[AdapterSpec], provision) -> dict[str, Path]:
