@@ -183,6 +183,8 @@ def lora_stack(client, monkeypatch):  # noqa: F811
 
 def test_a_request_for_an_adapter_goes_to_its_base_deployment_named_as_the_adapter(lora_stack):
     router, http, engines, _ = lora_stack()
+    logged = []
+    router.accounting.request_log = type("Log", (), {"write": lambda self, line: logged.append(line)})()
     for asked in ("fruit-apple", "apple", "tag:red"):
         answer = http.post("/v1/chat/completions", json={"model": asked, "messages": []})
         assert answer.status_code == 200, answer.text
@@ -192,6 +194,8 @@ def test_a_request_for_an_adapter_goes_to_its_base_deployment_named_as_the_adapt
     plain = http.post("/v1/chat/completions", json={"model": "base", "messages": []})
     assert engines["base"].requests[-1].adapter is None and "x-served-base-model" not in plain.headers
     assert router.loads.inflight == {"base": 0, "other": 0, "emb": 0}  # counted on the deployment, released
+    assert [(line.served_model, line.base_model) for line in logged] == [("fruit-apple", "base")] * 3 + [
+        ("base", None)]
     assert router.prices["fruit-banana"].input_per_million == 5.0 and router.prices["fruit-apple"] == router.prices["base"]
 
 

@@ -26,7 +26,7 @@ def record(i: int = 0, **over) -> RequestLogRecord:
 
 FIELDS = ["time", "request_id", "key", "requested_model", "served_model", "replica", "route_rule", "status",
           "error_origin", "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms", "overhead_ms",
-          "fallback_from"]
+          "fallback_from", "base_model"]
 
 
 def test_one_json_line_per_record_in_a_file(tmp_path):

@@ -25,7 +25,8 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     requested_model: str | None = None
     key_name: str | None = None
-    model: str = "none"  # served (or last tried) deployment
+    model: str = "none"  # served (or last tried) model or adapter
+    base_model: str | None = None  # an adapter: the model (deployment) whose engine ran it
     replica: str | None = None
     rule: str = "none"
     status: int = 0
@@ -163,4 +164,4 @@ class Accounting:
             ttft_ms=round(record.ttft_s * 1000, 2) if record.ttft_s is not None else None,
             duration_ms=round(duration * 1000, 2),
             overhead_ms=round(max(duration - record.engine_s, 0.0) * 1000, 2) if record.engine_s is not None else None,
-            fallback_from=record.fallback_from)
+            fallback_from=record.fallback_from, base_model=record.base_model)

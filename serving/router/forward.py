@@ -134,6 +134,7 @@ class Forwarder:
         for name in self._tries(decision.candidates, pinned=message.replica is not None):
             record.model = name
             deployment = self.deployment_of(name)
+            record.base_model = deployment if deployment != name else None
             self.loads.acquire(deployment)
             self.accounting.metrics.inflight.labels(deployment).inc()
             reply_to, inbox = self.hub.open() if use_link else (None, None)

@@ -36,6 +36,7 @@ class RequestLogRecord:
     duration_ms: float | None = None
     overhead_ms: float | None = None  # time outside the engine
     fallback_from: str | None = None  # the model tried first when a fallback served
+    base_model: str | None = None  # a LoRA adapter served: the model whose engine ran it
 
     def to_json(self) -> str:
         # not dataclasses.asdict: it deep-copies and costs 3x the whole dumps. ASCII escapes: any
