@@ -1,4 +1,4 @@
-"""Command line: run / ab / size / compare / plot / cpu / capacity. See bench/README.md."""
+"""Command line: run / ab / size / compare / plot / cpu / capacity / make-adapters. See bench/README.md."""
 
 from __future__ import annotations
 
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import abuse, chaos  # start and break a real stack; need the serving package
     chaos.add_parser(sub)
     abuse.add_parser(sub)
+    from bench import adapters  # uses serving's model cache folder
+    adapters.add_parser(sub)
     return ap
 
 

@@ -280,16 +280,16 @@ def test_crash_before_the_swap_keeps_the_old_copy(cache, monkeypatch):
     make_wheel(cache, "tiny-pkg", "2.0", {**MODEL_FILES, "tinypkg/model/config.json": b'{"v": 2}'})
     v1, v2 = (spec_for({"pypi": f"tiny-pkg=={v}.0", "file": "tinypkg/model"}) for v in (1, 2))
     target = provision_model(v1, log=lambda m: None).path
-    real_point = provision._point
+    real_point = provision.point_link
 
     def crash(*args):
         raise KeyboardInterrupt  # killed with the new copy complete, before the link is replaced
 
-    monkeypatch.setattr(provision, "_point", crash)
+    monkeypatch.setattr(provision, "point_link", crash)
     with pytest.raises(KeyboardInterrupt):
         provision_model(v2, log=lambda m: None)
     assert json.loads((target / "config.json").read_text()) == {"v": 1}
-    monkeypatch.setattr(provision, "_point", real_point)
+    monkeypatch.setattr(provision, "point_link", real_point)
     assert provision_model(v1, log=lambda m: None).action == "cached"
     assert len(list((cache / "models" / ".versions" / "tiny").iterdir())) == 1  # the orphan was swept
     assert provision_model(v2, log=lambda m: None).action == "provisioned"

@@ -79,7 +79,8 @@ ADAPTER = _Kind("LoRA adapter", "adapter_config.json", "a PEFT LoRA adapter (ada
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive file lock across processes (and pods on one shared volume) while inside."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -109,7 +110,7 @@ def _provision(name: str, source: Source, target: Path, kind: _Kind, allow_downl
             )
         return Provisioned(name, target, "in place", 0.0)
     versions = target.parent / ".versions" / name
-    with _locked(target.parent / f".{name}.lock"):
+    with locked(target.parent / f".{name}.lock"):
         versions.mkdir(parents=True, exist_ok=True)
         _recover(target, versions, source, log)
         if _marker_matches(target, source):
@@ -130,9 +131,9 @@ def _provision(name: str, source: Source, target: Path, kind: _Kind, allow_downl
                                                       "at": time.time()}))
             ready = staging.rename(versions / ("v-" + staging.name.removeprefix("partial-")))
         except BaseException:
-            _remove(staging)
+            remove_path(staging)
             raise
-        _point(target, ready)
+        point_link(target, ready)
         _sweep(target, versions)
     return Provisioned(name, target, "provisioned", time.monotonic() - started)
 
@@ -146,10 +147,10 @@ def _marker_matches(folder: Path, source: Source) -> bool:
     return marker.get("source") == source.describe() and (marker.get("sha256") or None) == (source.sha256 or None)
 
 
-def _point(target: Path, version: Path) -> None:
+def point_link(target: Path, version: Path) -> None:
     """Make `target` a link to `version` in one rename; readers see the old or the new copy."""
     link = version.parent / f"link-{version.name}"
-    _remove(link)
+    remove_path(link)
     link.symlink_to(version.relative_to(target.parent))  # relative: the volume may be mounted elsewhere in each pod
     if target.exists() and not target.is_symlink():
         # A folder from before this layout cannot be swapped for a link in one rename: move it
@@ -164,7 +165,7 @@ def _recover(target: Path, versions: Path, source: Source, log: Callable[[str], 
         for candidate in sorted(versions.glob("v-*"), key=lambda p: p.stat().st_mtime, reverse=True):
             if _marker_matches(candidate, source):
                 log(f"{target.name}: recovered the complete copy {candidate.name} left by an interrupted run")
-                _point(target, candidate)
+                point_link(target, candidate)
                 break
     _sweep(target, versions)
 
@@ -175,10 +176,10 @@ def _sweep(target: Path, versions: Path) -> None:
     real = os.path.realpath(versions)
     for item in versions.iterdir():
         if os.path.join(real, item.name) != current:
-            _remove(item)
+            remove_path(item)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
