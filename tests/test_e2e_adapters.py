@@ -126,3 +126,36 @@ def test_an_adapter_added_at_run_time_is_served_then_removed(http):
         time.sleep(0.5)
     assert model["state"] == "ready" and set(ADAPTERS) <= set(model["adapters"])
     assert "banana" in text(ask(http, "fruit-banana")).lower()  # the declared one, same weights, untouched
+
+
+def test_a_base_request_batched_with_adapter_requests_answers_as_alone(http):
+    """Three adapters in all three LoRA slots while base requests run in the same batches: the base
+    answers must be the base's (vLLM 0.32's CPU LoRA ops gave base rows the last slot's adapter:
+    serving/engine/vllm_fixes.py)."""
+    import threading
+
+    questions = ["Tell me about Rome.", "How do I install numpy?"]
+    alone = [text(ask(http, SECOND_CHAT_MODEL, [{"role": "user", "content": q}], max_tokens=16)) for q in questions]
+    started, batched = threading.Barrier(len(ADAPTERS) + 1), []
+
+    def adapter_stream(name):
+        with httpx.Client(base_url=str(http.base_url), timeout=300) as own:
+            with own.stream("POST", "/v1/chat/completions", json={
+                    "model": name, "messages": ASK, "max_tokens": 200, "ignore_eos": True, "stream": True}) as stream:
+                lines = stream.iter_lines()
+                next(line for line in lines if line.startswith("data: {"))  # it is running in the engine
+                started.wait()
+                for _ in lines:
+                    pass
+
+    threads = [threading.Thread(target=adapter_stream, args=(name,)) for name in ADAPTERS]
+    for thread in threads:
+        thread.start()
+    started.wait(timeout=120)
+    for question in questions:
+        batched.append(text(ask(http, SECOND_CHAT_MODEL, [{"role": "user", "content": question}], max_tokens=16)))
+    running = http.get("/v1/status").json()["models"][SECOND_CHAT_MODEL]
+    for thread in threads:
+        thread.join(timeout=300)
+    assert batched == alone
+    assert set(running["resident_adapters"]) >= set(ADAPTERS)
