@@ -136,17 +136,18 @@ def test_a_base_request_batched_with_adapter_requests_answers_as_alone(http):
 
     questions = ["Tell me about Rome.", "How do I install numpy?"]
     alone = [text(ask(http, SECOND_CHAT_MODEL, [{"role": "user", "content": q}], max_tokens=16)) for q in questions]
-    started, batched = threading.Barrier(len(ADAPTERS) + 1), []
+    started, batched, ended = threading.Barrier(len(ADAPTERS) + 1), [], []
 
     def adapter_stream(name):
+        # long enough to outlast the base requests, short enough for the stack's deadline (LoRA on CPU:
+        # a few tokens a second each, four sequences on two cores)
         with httpx.Client(base_url=str(http.base_url), timeout=300) as own:
             with own.stream("POST", "/v1/chat/completions", json={
-                    "model": name, "messages": ASK, "max_tokens": 200, "ignore_eos": True, "stream": True}) as stream:
+                    "model": name, "messages": ASK, "max_tokens": 64, "ignore_eos": True, "stream": True}) as stream:
                 lines = stream.iter_lines()
                 next(line for line in lines if line.startswith("data: {"))  # it is running in the engine
                 started.wait()
-                for _ in lines:
-                    pass
+                ended.append([line for line in lines if line.startswith("data: ")][-1])
 
     threads = [threading.Thread(target=adapter_stream, args=(name,)) for name in ADAPTERS]
     for thread in threads:
@@ -159,3 +160,4 @@ def test_a_base_request_batched_with_adapter_requests_answers_as_alone(http):
         thread.join(timeout=300)
     assert batched == alone
     assert set(running["resident_adapters"]) >= set(ADAPTERS)
+    assert ended == ["data: [DONE]"] * len(ADAPTERS)  # the adapter streams ran beside them to their end
