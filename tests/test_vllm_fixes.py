@@ -11,13 +11,22 @@ def lora_ops():
     torch = pytest.importorskip("torch")
     from vllm.lora.ops.torch_ops import lora_ops as ops
 
-    original = {name: getattr(ops, name) for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")}
+    # vLLM's own functions, even where its plugins (this fix among them) were loaded in this process already
+    original = {name: _unfixed(getattr(ops, name)) for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")}
+    for name, op in original.items():
+        setattr(ops, name, op)
     yield torch, ops, original
     import vllm.lora.ops.torch_ops as package
 
     for name, op in original.items():  # the fix is process-wide: leave the module as found
         setattr(ops, name, op)
         setattr(package, name, op)
+
+
+def _unfixed(op):
+    from serving.engine.vllm_fixes import _PATCHED
+
+    return op.__wrapped__ if getattr(op, _PATCHED, False) else op
 
 
 def test_base_rows_get_no_lora_delta_and_adapter_rows_are_unchanged(lora_ops):

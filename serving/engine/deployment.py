@@ -38,6 +38,7 @@ from serving.protocol.endpoints import response_id
 from serving.config import POOLING_TASKS, ModelSpec
 from serving.tenants.limiter import report_usage
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, Usage, estimate_body_tokens
+from serving.engine.lora import AdapterSync, adapter_rank, declared_folders, max_lora_rank
 from serving.engine.provision import provision_adapter, provision_model
 from serving.protocol.streamlink import LinkPool, deliver
 
@@ -125,6 +126,8 @@ def count_aborted_tokens(engine: Any) -> None:
 class EngineDeployment:
     """Ray Serve deployment class; `serving.app` applies the per-model options."""
 
+    adapters: AdapterSync | None = None  # LoRA adapters, when the engine serves them (serving.engine.lora)
+
     async def __init__(self, model: ModelSpec, engine_args: dict[str, Any], env: dict[str, str],
                        stream_flush_ms: float = 0.0, serve_args: dict[str, Any] | None = None,
                        adapter_sync_s: float = 1.0):
@@ -135,7 +138,6 @@ class EngineDeployment:
 
         from vllm.entrypoints.openai.models.protocol import LoRAModulePath
 
-        from serving.engine.lora import AdapterSync, adapter_rank, declared_folders, max_lora_rank
         from serving.engine.vllm_app import build_vllm_app, import_parser_plugins
         from serving.engine.vllm_args import serve_namespace
 
@@ -180,7 +182,6 @@ class EngineDeployment:
         )
         count_aborted_tokens(self.engine)
         self.app = await build_vllm_app(self.engine, namespace)
-        self.adapters: AdapterSync | None = None
         if args.get("enable_lora"):
             from serving.protocol.adapter_book import get_or_create_book
 
