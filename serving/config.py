@@ -224,36 +224,29 @@ def _check_aliases(aliases: list[str]) -> list[str]:
     return aliases
 
 
+# What a model or an adapter is addressed by besides its name (checked here, stated in JSON schema for Helm).
+Tags = Annotated[list[str], AfterValidator(_check_tags), Field(json_schema_extra={
+    "items": {"type": "string", "pattern": TAG_PATTERN}, "uniqueItems": True})]
+Aliases = Annotated[list[str], AfterValidator(_check_aliases), Field(json_schema_extra={
+    "items": {"type": "string", "pattern": ALIAS_PATTERN, "not": {"pattern": "^" + re.escape(TAG_SELECTOR_PREFIX)}}})]
+
+
 class AdapterSpec(_Strict):
     """A LoRA adapter of its model: served by the model's engines, addressed like a model of its own."""
 
     name: str = Field(pattern=NAME_PATTERN)
     source: Source = Field(description="where the adapter's files (adapter_config.json, weights) come from")
-    tags: list[str] = Field(default_factory=list, json_schema_extra={
-        "items": {"type": "string", "pattern": TAG_PATTERN}, "uniqueItems": True})
-    aliases: list[str] = Field(default_factory=list, json_schema_extra={
-        "items": {"type": "string", "pattern": ALIAS_PATTERN, "not": {"pattern": "^" + re.escape(TAG_SELECTOR_PREFIX)}}})
+    tags: Tags = Field(default_factory=list)
+    aliases: Aliases = Field(default_factory=list)
     price: Price | None = Field(None, description="per-token price; default: the base model's")
-
-    @field_validator("tags")
-    @classmethod
-    def _tag_syntax(cls, tags: list[str]) -> list[str]:
-        return _check_tags(tags)
-
-    @field_validator("aliases")
-    @classmethod
-    def _alias_syntax(cls, aliases: list[str]) -> list[str]:
-        return _check_aliases(aliases)
 
 
 class ModelSpec(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     source: Source
     task: Task = "chat"
-    tags: list[str] = Field(default_factory=list, json_schema_extra={
-        "items": {"type": "string", "pattern": TAG_PATTERN}, "uniqueItems": True})
-    aliases: list[str] = Field(default_factory=list, json_schema_extra={
-        "items": {"type": "string", "pattern": ALIAS_PATTERN, "not": {"pattern": "^" + re.escape(TAG_SELECTOR_PREFIX)}}})
+    tags: Tags = Field(default_factory=list)
+    aliases: Aliases = Field(default_factory=list)
     profile: str | None = None
     engine_args: EngineArgs = Field(default_factory=dict)
     serve_args: ServeArgs = Field(default_factory=dict)
@@ -284,16 +277,6 @@ class ModelSpec(_Strict):
                 raise ValueError(f"a fixed replica count must be at least 1, got {value}")
             return {"min": value, "max": value}
         return value
-
-    @field_validator("tags")
-    @classmethod
-    def _tag_syntax(cls, tags: list[str]) -> list[str]:
-        return _check_tags(tags)
-
-    @field_validator("aliases")
-    @classmethod
-    def _alias_syntax(cls, aliases: list[str]) -> list[str]:
-        return _check_aliases(aliases)
 
 
 # Ray Serve knobs measured on and off (bench/scripts/request_path.sh, bench/results/request-path):
