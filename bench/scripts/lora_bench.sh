@@ -154,6 +154,9 @@ for segment in $SEGMENTS; do
             memory lora-3-adapters-after-load ;;
         lora-attn)  # as lora, LoRA layers only where the adapters have weights (attention), fruit-banana only
             engine "$segment$i" "$MODEL_DIR" $(lora_args 4) --lora-target-modules qkv_proj o_proj
+            for m in smollm2-135m fruit-banana; do
+                echo "lora engine, attention only, $m: $(ask $m)" | tee -a "$OUT/answers.txt"
+            done
             run "seg$i-loraattn-banana" fruit-banana ;;
         lora-all)  # the lora engine, fruit-banana only (to pair with lora-attn)
             engine "$segment$i" "$MODEL_DIR" $(lora_args 4)
