@@ -7,14 +7,18 @@ KubeRay's serveConfigV2 (import_path `serving.app:build_app`, args = the models 
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
-from serving.config import (ROUTER_DEPLOYMENT, SERVE_ENV_DEFAULTS, EngineSpec, ServingConfig, load_config,
-                            parse_config)
+from serving.config import (APP_NAME, ROUTER_DEPLOYMENT, SERVE_ENV_DEFAULTS, EngineSpec, Replicas, ServingConfig,
+                            config_digest, load_config, parse_config)
 from serving.engine.deployment import EngineDeployment
 from serving.control.haproxy_launcher import BINARY_ENV, installed_launcher
 from serving.router.metrics_export import MetricsExport, replica_id
@@ -46,6 +50,15 @@ class RouterIngress(Router):
         self.metrics_export = MetricsExport(self.metrics.registry, replica_id() or "router")
         self.metrics_export.start()
         activate(self)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A new catalog (`serving apply`), applied in place; requests in flight keep what they chose."""
+        if user_config.get("digest") == self.config_digest:
+            return
+        config = parse_config(user_config["config"], "the router's user_config")
+        engines = {name: self.engines.get(name) or serve.get_deployment_handle(name, APP_NAME)
+                   for name in (spec.name for spec in config.models)}
+        await self.apply_config(config, engines)
 
     def __del__(self):  # Ray Serve calls it on a graceful stop: withdraw this replica's series now
         export = getattr(self, "metrics_export", None)
@@ -96,13 +109,23 @@ def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
     if spec.replicas.fixed:
         options["num_replicas"] = spec.replicas.min
     else:
-        options["autoscaling_config"] = {
-            "min_replicas": spec.replicas.min,
-            "max_replicas": spec.replicas.max,
-            "initial_replicas": max(spec.replicas.min, 1),
-            "target_ongoing_requests": spec.replicas.target_ongoing_requests,
-        }
+        options["autoscaling_config"] = autoscaling_config(spec.replicas)
     return options
+
+
+def autoscaling_config(replicas: Replicas) -> dict[str, Any]:
+    """Ray Serve's autoscaling on ongoing requests per replica (the engines' running + queued work).
+    No `initial_replicas`: Ray resets a running deployment's count to it on every config change,
+    which would undo autoscaling at each `serving apply`; min 0 starts cold, as scale to zero means."""
+    config: dict[str, Any] = {"min_replicas": replicas.min, "max_replicas": replicas.max,
+                              "target_ongoing_requests": replicas.target_ongoing_requests}
+    if replicas.upscale_delay_s is not None:
+        config["upscale_delay_s"] = replicas.upscale_delay_s
+    if replicas.downscale_delay_s is not None:
+        config["downscale_delay_s"] = replicas.downscale_delay_s
+        if replicas.min == 0:  # the last replica goes after the same delay (Ray's default for it: 300 s)
+            config["downscale_to_zero_delay_s"] = replicas.downscale_delay_s
+    return config
 
 
 def engine_init_args(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
@@ -136,22 +159,76 @@ def ray_env(config: ServingConfig, port: int) -> dict[str, str]:
     return env
 
 
-def build(config: ServingConfig, engine_cls: type = EngineDeployment) -> Application:
-    """The application graph. `engine_cls` is replaceable only for bench's null engine."""
+# What in a model entry only the router reads (routing, naming, pricing) or Ray Serve applies to a
+# running deployment in place (replica counts, queue limits): a change to these alone keeps the
+# model's engine replicas running.
+CATALOG_ONLY_FIELDS = {"tags", "aliases", "price", "fallbacks", "routing", "replicas", "max_ongoing_requests",
+                       "max_queued_requests", "max_replicas_per_node", "graceful_shutdown_timeout_s"}
+ADAPTER_CATALOG_FIELDS = {"tags", "aliases", "price"}
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """This stack's code and engine versions: a replica built from other code is a different version."""
+    import ray
+    import vllm
+
+    digest = hashlib.sha256(f"ray {ray.__version__} vllm {getattr(vllm, '__version__', '?')}".encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.relative_to(Path(__file__).parent).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def version_of(identity: Any) -> str:
+    return hashlib.sha256(json.dumps([identity, code_fingerprint()], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def engine_identity(engine: EngineSpec, config: ServingConfig, engine_cls: type) -> dict[str, Any]:
+    """What needs new engine processes when it changes: the init args without the catalog-only fields."""
+    args = engine_init_args(engine, config)
+    model = args["model"].model_dump(mode="json", exclude=CATALOG_ONLY_FIELDS)
+    model["adapters"] = [{k: v for k, v in a.items() if k not in ADAPTER_CATALOG_FIELDS} for a in model["adapters"]]
+    return {**args, "model": model, "class": f"{engine_cls.__module__}.{engine_cls.__qualname__}"}
+
+
+def router_user_config(config: ServingConfig) -> dict[str, Any]:
+    """The catalog every router replica applies in place (RouterIngress.reconfigure): models, names,
+    routes. JSON, as Ray Serve requires of user_config; the digest lets a replica skip an unchanged one."""
+    return {"digest": config_digest(config), "config": config.model_dump(mode="json")}
+
+
+def build(config: ServingConfig, engine_cls: type = EngineDeployment, catalog: ServingConfig | None = None,
+          keep: ServingConfig | None = None) -> Application:
+    """The application graph. `engine_cls` is replaceable only for bench's null engine.
+
+    Each deployment carries its own version (Ray Serve otherwise gives every deployment a new random
+    one at each deploy, restarting them all): an engine's changes only when its engine_identity does,
+    the router's only when the `router:` section does. So redeploying a changed file (`serving apply`)
+    restarts what changed; names, routes and replica counts change in place. `catalog` (default:
+    `config`) is what the routers serve, and `keep` a config whose engines stay deployed as they are
+    though `config` drops them: `serving apply` starts engines before routing to them and stops
+    routing to engines before removing them (serving/control/apply.py)."""
+    specs = [config.engine_spec(spec) for spec in config.models]
+    if keep is not None:
+        specs += [keep.engine_spec(spec) for spec in keep.models if spec.name not in {e.model.name for e in specs}]
     engines = {}
-    for spec in config.models:
-        engine = config.engine_spec(spec)
-        engines[spec.name] = serve.deployment(engine_cls).options(**engine_options(engine, config)).bind(
-            **engine_init_args(engine, config))
+    for engine in specs:
+        spec = engine.model
+        deployment = serve.deployment(engine_cls).options(**engine_options(engine, config))
+        deployment = deployment.options(version=version_of(engine_identity(engine, config, engine_cls)), _internal=True)
+        engines[spec.name] = deployment.bind(**engine_init_args(engine, config))
     router = config.router
-    return RouterIngress.options(
+    ingress = RouterIngress.options(
         num_replicas=router.replicas,
         max_ongoing_requests=router.max_ongoing_requests,
         max_queued_requests=router.max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": 1},
         ray_actor_options={"num_cpus": router.cpus, **({"resources": router.ray_resources} if router.ray_resources else {})},
         graceful_shutdown_timeout_s=router.drain_timeout_s,
-    ).bind(config, engines)  # typed across the boundary: Ray pickles the validated models
+        user_config=router_user_config(catalog or config),
+    )
+    ingress = ingress.options(version=version_of(router.model_dump(mode="json")), _internal=True)
+    return ingress.bind(catalog or config, engines)  # typed across the boundary: Ray pickles the validated models
 
 
 def build_app(args: dict[str, Any]) -> Application:

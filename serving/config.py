@@ -159,6 +159,12 @@ class Replicas(_Strict):
     min: int = Field(1, ge=0)
     max: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16, gt=0, description="autoscaling target per replica")
+    upscale_delay_s: float | None = Field(None, ge=0, description="autoscaling: how long the load must stay above "
+                                          "target before a replica is added (default: Ray Serve's, 30 s)")
+    downscale_delay_s: float | None = Field(None, ge=0, description="autoscaling: how long the load must stay below "
+                                            "target before a replica is removed (default: Ray Serve's, 600 s)")
+    cold_start_timeout_s: float = Field(300, gt=0, description="min 0 (scale to zero): how long a request for a "
+                                        "model with no replica waits for one to start before a 503 with retry-after")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Replicas":
@@ -708,6 +714,15 @@ def parse_config(raw: Any, source: str = "config") -> ServingConfig:
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def config_digest(config: ServingConfig) -> str:
+    """A short fingerprint of a whole config: each router answer names the one it routed by
+    (x-serving-config), so a client or `serving apply` can tell which catalog was in force."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_config(path: str | Path) -> ServingConfig:

@@ -1,4 +1,4 @@
-"""The `serving` command: check, provision, up, status."""
+"""The `serving` command: check, provision, up, apply, status."""
 
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ def _load(path: str) -> ServingConfig:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.file)
-    problems = [] if args.skip_engine_args else engine_arg_problems(config) + serve_arg_problems(config)
-    problems += adapter_problems(config)
+    problems = config_problems(config, args.skip_engine_args)
     if problems:
         print(f"{args.file} is not valid:", file=sys.stderr)
         for problem in problems:
@@ -110,7 +109,7 @@ def all_models_ready(base: str, headers: dict[str, str] | None = None) -> bool:
     except OSError:  # nothing listening yet
         return False
     models = body.get("models") or {}
-    return status == 200 and bool(models) and all(m["state"] == "ready" for m in models.values())
+    return status == 200 and bool(models) and all(m["state"] in ("ready", "cold") for m in models.values())
 
 
 def _print_models(base: str) -> dict:
@@ -140,6 +139,8 @@ def probe_models(base: str, config: ServingConfig, timeout: float = 60) -> dict[
     key = api_key(config)
     failed = {}
     for spec in config.models:
+        if spec.replicas.min == 0:  # scaled to zero: a probe would start a replica nobody asked for
+            continue
         path, body = PROBES[spec.task]
         request = urllib.request.Request(f"{base}{path}", data=json.dumps(body(spec.name)).encode(), method="POST",
                                          headers={"content-type": "application/json",
@@ -240,24 +241,80 @@ def _stop_app(config: ServingConfig, stop: _Stop, own_cluster: bool, shutdown_cl
     print("stopped", flush=True)
 
 
+def job_runtime_env(config: ServingConfig, port: int) -> dict:
+    """The Ray job's runtime env for `serving up` and `serving apply`, and this process's environment.
+    Ray Serve merges the deploying job's runtime env into every deployment's: `apply` must deploy
+    with exactly `up`'s, or every replica would count as changed and restart."""
+    from serving.app import ray_env
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.update(ray_env(config, port))  # read by every Ray process at import: set before Ray starts
+    # also as the job's runtime env: on an existing cluster (--address) the Serve controller and
+    # proxies are started by that cluster's raylets, which never saw this process's environment
+    return {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"], **ray_env(config, port)}}
+
+
+def config_problems(config: ServingConfig, skip_engine_args: bool = False) -> list[str]:
+    """What `serving check` refuses beyond the schema: engine and serve arguments vLLM would not take, adapters."""
+    problems = [] if skip_engine_args else engine_arg_problems(config) + serve_arg_problems(config)
+    return problems + adapter_problems(config)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import ray
+
+    from serving.control import apply as applying
+    from serving.engine import capacity
+
+    new = _load(args.file)
+    problems = config_problems(new)
+    if problems:  # refused before anything changes
+        print(f"{args.file} is not valid; nothing was changed:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    port = args.port or new.router.port
+    ray.init(address=args.address, logging_level="WARNING", runtime_env=job_runtime_env(new, port))
+    try:
+        old = applying.live_config()
+        report = capacity.check(new, capacity.nodes_from_ray(ray.nodes()))
+        if not report.ok and not args.skip_capacity_check:
+            print(f"{args.file} does not fit this cluster; nothing was changed:", file=sys.stderr)
+            for problem in report.problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return 3
+        the_plan = applying.plan(old, new)
+        print(f"{args.file} against the running stack:")
+        for line in the_plan.lines():
+            print(f"  {line}")
+        if args.dry_run or the_plan.empty:
+            return 0
+        started = time.monotonic()
+        print("applying:", flush=True)
+        applying.apply(old, new, the_plan, args.timeout, log=lambda m: print(m, flush=True))
+        print(f"APPLIED in {time.monotonic() - started:.1f}s", flush=True)
+        return 0
+    except RuntimeError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
     from ray.serve.api import _run
 
     from serving.engine import capacity
-    from serving.app import build, ray_env
+    from serving.app import build
     from serving.config import APP_NAME
     from serving.router.drain import set_draining
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = _load(args.file)
     port = args.port or config.router.port
-    os.environ.update(ray_env(config, port))  # read by every Ray process at import: set before Ray starts
+    env = job_runtime_env(config, port)
     host = args.host or config.router.host
-    # also as the job's runtime env: on an existing cluster (--address) the Serve controller and
-    # proxies are started by that cluster's raylets, which never saw this process's environment
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"], **ray_env(config, port)}}
     if args.address:
         ray.init(address=args.address, logging_level="WARNING", runtime_env=env)
     else:
@@ -397,6 +454,15 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--start-timeout", type=float, default=600, help="seconds for every model to answer before giving up")
     up.add_argument("--skip-capacity-check", action="store_true", help="deploy even if the requests exceed the cluster")
     up.set_defaults(func=cmd_up)
+
+    apply = sub.add_parser("apply", help="change the running stack to this models file in place (no restart)")
+    apply.add_argument("file")
+    apply.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+    apply.add_argument("--address", default="auto", help="the running stack's Ray cluster (default: this machine's)")
+    apply.add_argument("--port", type=int, help="the port `serving up` was given, if not the file's router.port")
+    apply.add_argument("--timeout", type=float, default=900, help="seconds each step may take (engines starting)")
+    apply.add_argument("--skip-capacity-check", action="store_true", help="apply even if the file exceeds the cluster")
+    apply.set_defaults(func=cmd_apply)
 
     status = sub.add_parser("status", help="show deployments, replicas and load")
     status.add_argument("--url", default="http://127.0.0.1:8000")

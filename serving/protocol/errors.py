@@ -122,6 +122,12 @@ def unavailable(message: str, retry_after_s: int = 1) -> ServingError:
                         {"retry-after": str(retry_after_s)}, origin="engine")
 
 
+def cold_start_timeout(model: str, waited_s: float, retry_after_s: int = 10) -> ServingError:
+    return ServingError(503, f"The model {model!r} is scaled to zero and no replica started within {waited_s:g} s; "
+                        "one is still starting. Retry later.", "service_unavailable_error", None, "cold_start_timeout",
+                        {"retry-after": str(retry_after_s)}, origin="engine")
+
+
 def overloaded(model: str) -> ServingError:
     return ServingError(503, f"The model {model!r} is overloaded: its request queue is full. Retry later.",
                         "service_unavailable_error", None, "overloaded", {"retry-after": "1"}, origin="overload")

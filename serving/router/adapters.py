@@ -119,6 +119,18 @@ class RuntimeAdapters:
         self._book: Any = None
         self._task: asyncio.Task | None = None
 
+    def rebind(self, config: ServingConfig, catalog: dict[str, Target], routes: Mapping[str, Route]) -> None:
+        """A new models config (`serving apply`): the run-time adapters join its catalog."""
+        self.config, self.catalog, self.declared, self.routes = config, catalog, dict(catalog), routes
+        self.adopt(self.version, list(self.entries.values()))
+        if not self.enabled:
+            self.stop()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
     @property
     def enabled(self) -> bool:
         return any(self.config.engine_spec(spec).lora for spec in self.config.models)

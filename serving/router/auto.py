@@ -117,6 +117,17 @@ class AutoRouter:
                 (logger.debug if self.mode == "deployment" else logger.warning)("exemplar embedding not ready: %r", error)
                 await asyncio.sleep(2.0)
 
+    @property
+    def source(self) -> tuple:
+        """What its vectors come from: an AutoRouter with the same source can keep its classifier."""
+        return self.embedder, self.mode, self.embed_spec, self.handle is not None
+
+    def stop(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
     def start(self) -> None:
         """Embed the exemplars in the background (at router start; again on a request if not yet)."""
         if self.handle is not None and self._warming is None:

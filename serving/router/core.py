@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving.protocol import errors
-from serving.config import ServingConfig, served_models
+from serving.config import ServingConfig, config_digest, served_models
 from serving.router.metrics import RouterMetrics
 from serving.router.accounting import Accounting, RequestRecord
 from serving.router.adapters import RuntimeAdapters
@@ -49,37 +49,75 @@ class Router:
         if load_views is None:  # the request routers Ray Serve makes in this process (serving.router.registry)
             from serving.router.registry import LOAD_VIEWS as load_views
         self.config = config  # validated once, by whoever built the app (serving.app.build)
-        self.catalog = catalog_from_config(self.config)  # models and adapters; run-time adapters join in place
-        self.routes = routes_from_config(self.config)
-        self.policies = {spec.name: policy_from_spec(spec.routing, self.config.router.replicas) for spec in self.config.models}
-        # Context-window fallback needs a prompt-length estimate: only pay for it when configured.
-        self.needs_prompt_tokens = any(t.fallbacks for t in self.catalog.values())
         router = self.config.router
         self.metrics = RouterMetrics()
-        deployments = [spec.name for spec in self.config.models]
-        self.loads = LoadView(deployments, load_views, router.report_stale_after_s)
-        self.metrics.engines.reports = lambda: {name: self.loads.reports(name) for name in deployments}
-        self.prices = prices = {m.name: m.price for m in served_models(self.config) if m.price}
-        self.adapters = RuntimeAdapters(self.config, self.catalog, self.routes, self.loads.reports, self.loads.fresh,
-                                        on_change=self._adapters_changed)
+        self.load_views = load_views
+        self.loads = LoadView([], load_views, router.report_stale_after_s)
+        self.metrics.engines.reports = lambda: {name: self.loads.reports(name) for name in self.loads.names}
+        self.prices: dict[str, Any] = {}  # shared with the accounting: updated in place
+        self.engines: dict[str, Any] = {}
+        self._install(config, engines)
         self.keys = KeyStore(router.keys_file, os.environ.get(router.api_keys_env, ""), env_admin=router.api_keys_admin)
         self.max_body_bytes = router.max_body_bytes
         self.limiter = make_limiter(router)
         self.trace_prompts = router.trace_prompts
         trace = make_request_log(router, path=router.trace_file, stdout=False) if router.trace_file else None
-        self.accounting = Accounting(self.metrics, prices, request_log=make_request_log(router),
+        self.accounting = Accounting(self.metrics, self.prices, request_log=make_request_log(router),
                                      limiter=self.limiter, trace=trace)
-        # One streaming handle per deployment, made once: this also starts each handle's
-        # request router, so the load view fills before the first request.
-        streams = {name: handle.options(stream=True) for name, handle in engines.items()}
+        self.adapters = RuntimeAdapters(config, self.catalog, self.routes, self.loads.reports, self.loads.fresh,
+                                        on_change=self._adapters_changed)
+        self.auto = AutoRouter(config, self.catalog, self.routes, self.engines, self.metrics)
         hub = StreamHub() if router.stream_transport == "link" else None
-        self.forwarder = Forwarder(streams, self.loads, self.accounting, router.request_timeout_s, hub,
-                                   deployment_of=self.deployment_of)
-        self.engines = engines
-        self.auto = AutoRouter(self.config, self.catalog, self.routes, engines, self.metrics)
+        self.forwarder = Forwarder(self.streams, self.loads, self.accounting, router.request_timeout_s, hub,
+                                   deployment_of=self.deployment_of, cold_start=self.cold_start_timeout)
         self.open_paths = set(router.open_paths)
         # Behind Ray Serve's proxy, its middleware fills in x-request-id and echoes it on every response.
         self.echo_request_id = True
+
+    def _install(self, config: ServingConfig, engines: dict[str, Any]) -> None:
+        """Everything that follows from the models: catalog, routes, replica policies, loads, prices,
+        handles. Catalog and routes are new objects, so a request that read them keeps a consistent view."""
+        self.config = config
+        self.config_digest = config_digest(config)
+        self.catalog = catalog_from_config(config)  # models and adapters; run-time adapters join in place
+        self.routes = routes_from_config(config)
+        self.policies = {spec.name: policy_from_spec(spec.routing, config.router.replicas) for spec in config.models}
+        # Context-window fallback needs a prompt-length estimate: only pay for it when configured.
+        self.needs_prompt_tokens = any(t.fallbacks for t in self.catalog.values())
+        self.loads.track([spec.name for spec in config.models])
+        self.cold = {spec.name: spec.replicas.cold_start_timeout_s for spec in config.models if spec.replicas.min == 0}
+        self.prices.clear()
+        self.prices.update({m.name: m.price for m in served_models(config) if m.price})
+        # One streaming handle per deployment, made once: this also starts each handle's request
+        # router, so the load view fills before the first request. Kept for removed models too:
+        # their requests in flight finish on them.
+        old = getattr(self, "streams", {})
+        self.streams = {**old, **{name: old.get(name) or handle.options(stream=True) for name, handle in engines.items()}}
+        self.engines = {**self.engines, **engines}
+        if getattr(self, "forwarder", None) is not None:
+            self.forwarder.streams = self.streams
+
+    async def apply_config(self, config: ServingConfig, engines: dict[str, Any]) -> None:
+        """Serve a new catalog (`serving apply` through RouterIngress.reconfigure) without a restart."""
+        self._install(config, engines)
+        self.adapters.rebind(config, self.catalog, self.routes)
+        if self.adapters.enabled:
+            await self.adapters.refresh()
+            self.adapters.start(config.router.load_report_interval_s)
+        auto = AutoRouter(config, self.catalog, self.routes, self.engines, self.metrics)
+        if auto.source == self.auto.source:  # same embedder: keep its vectors, route by the new routes
+            auto.stop()
+            self.auto.routes = self.routes
+        else:
+            self.auto.stop()
+            self.auto = auto
+            self.auto.start()
+        logger.info("catalog applied: %d models, %d names", len(config.models), len(self.catalog))
+
+    def cold_start_timeout(self, deployment: str) -> float | None:
+        """How long a request waits for a replica of a scaled-to-zero model (None: it has one, or may not scale to zero)."""
+        limit = self.cold.get(deployment)
+        return limit if limit is not None and not self.loads.load(deployment).replicas else None
 
     def deployment_of(self, name: str) -> str:
         """The engine deployment serving a model or adapter name."""
@@ -248,7 +286,8 @@ class Router:
         return tokens, tokens * per_token
 
     def _id_header(self, request_id: str) -> dict[str, str]:
-        return {"x-request-id": errors.header_safe(request_id)} if self.echo_request_id else {}
+        config = {"x-serving-config": self.config_digest}  # which catalog routed it (serving apply changes it)
+        return {"x-request-id": errors.header_safe(request_id), **config} if self.echo_request_id else config
 
     def affinity_keys(self, decision: Decision, request: Request, body: dict, source) -> tuple[str | None, str | None]:
         """Prefix and session keys, computed only when a candidate deployment routes by them."""
@@ -300,7 +339,10 @@ class Router:
         models = {}
         now = time.time()
         for name, load in self.loads.loads().items():
-            models[name] = {"state": {True: "ready", False: "unavailable", None: "starting"}[load.healthy],
+            state = {True: "ready", False: "unavailable", None: "starting"}[load.healthy]
+            if load.healthy is None and name in self.cold and not load.inflight:
+                state = "cold"  # scaled to zero: the next request starts a replica
+            models[name] = {"state": state,
                             "replicas": load.replicas, "running": load.running, "waiting": load.waiting,
                             "kv_cache_usage": load.kv_cache_usage, "inflight": load.inflight,
                             "saturated": load.saturated, "reported_at": load.reported_at}
@@ -308,7 +350,7 @@ class Router:
             if any(r.adapter_slots for r in reports):  # LoRA: what its replicas serve, and hold in memory now
                 models[name]["adapters"] = sorted({a for r in reports for a in r.adapters})
                 models[name]["resident_adapters"] = sorted({a for r in reports for a in r.resident_adapters})
-        ok = any(m["state"] == "ready" for m in models.values())
+        ok = any(m["state"] in ("ready", "cold") for m in models.values())
         return {"status": "ok" if ok else "unavailable", "models": models}
 
 

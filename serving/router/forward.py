@@ -112,8 +112,10 @@ class Attempts:
 
 class Forwarder:
     def __init__(self, streams: dict[str, Any], loads: LoadView, accounting: Accounting, timeout_s: float,
-                 hub: StreamHub | None = None, deployment_of: Callable[[str], str] = lambda name: name):
+                 hub: StreamHub | None = None, deployment_of: Callable[[str], str] = lambda name: name,
+                 cold_start: Callable[[str], float | None] = lambda deployment: None):
         self.streams = streams  # deployment name -> handle with stream=True, method `generate`
+        self.cold_start = cold_start  # deployment -> how long to wait for a first replica (None: not cold)
         self.deployment_of = deployment_of  # served name (a model, or a LoRA adapter) -> its engine deployment
         self.hub = hub  # streams' bodies arrive here, not as Ray items (serving.protocol.streamlink); None: Ray
         self.loads = loads
@@ -139,6 +141,8 @@ class Forwarder:
             self.accounting.metrics.inflight.labels(deployment).inc()
             reply_to, inbox = self.hub.open() if use_link else (None, None)
             record.engine_called, record.engine_ended = True, False
+            cold_limit = self.cold_start(deployment)  # scaled to zero: the handle holds it while a replica starts
+            called_at = time.monotonic()
             call = Call(self.streams[deployment].generate.remote(dataclasses.replace(
                 message, deadline=deadline, reply_to=reply_to, usage_ticket=self.accounting.ticket(record, name),
                 adapter=name if deployment != name else None)), deployment)
@@ -146,7 +150,12 @@ class Forwarder:
             handed_over = False
             try:
                 try:
-                    head: ReplyHead = await call.stream.__anext__()
+                    if cold_limit is None:
+                        head: ReplyHead = await call.stream.__anext__()
+                    else:
+                        head = await asyncio.wait_for(call.stream.__anext__(), cold_limit)
+                except asyncio.TimeoutError:  # only the cold wait has this timeout
+                    raise errors.cold_start_timeout(name, cold_limit) from None
                 except RequestCancelledError:
                     if call.timed_out:
                         raise errors.timed_out(self.timeout_s) from None
@@ -169,6 +178,9 @@ class Forwarder:
                     self.accounting.metrics.route_failovers.labels(deployment).inc()
                     continue
                 served = {**headers, "x-served-model": name, "x-served-replica": errors.header_safe(head.replica)}
+                if cold_limit is not None:  # how long this request waited for its model's first replica
+                    waited = time.monotonic() - called_at - (head.engine_s or 0.0)
+                    served["x-cold-start-ms"] = f"{max(waited, 0.0) * 1000:.0f}"
                 if deployment != name:  # a LoRA adapter: the model whose engine ran it
                     served["x-served-base-model"] = deployment
                 failover = "overloaded" if any(why == "overloaded" for _, why in attempts.tried) else "down"

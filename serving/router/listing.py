@@ -59,7 +59,7 @@ class ModelCard(_OpenAIModel):
     tags: list[str] | None = None
     aliases: list[str] | None = None
     alias_of: str | None = None  # on an alias's entry: the model it names
-    status: str | None = None  # ready | starting | unavailable, as /v1/status reports it
+    status: str | None = None  # ready | starting | unavailable | cold (scaled to zero), as /v1/status reports it
     replicas: int | None = None
     price: Price | None = None
 

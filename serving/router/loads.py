@@ -18,7 +18,17 @@ class LoadView:
     def __init__(self, names: list[str], views: Mapping[str, object], stale_after_s: float):
         self.views = views  # deployment name -> EngineRequestRouter (registers itself when Ray creates it)
         self.stale_after_s = stale_after_s
-        self.inflight: dict[str, int] = {name: 0 for name in names}
+        self.names: list[str] = []
+        self.inflight: dict[str, int] = {}
+        self.track(names)
+
+    def track(self, names: list[str]) -> None:
+        """The deployments the catalog routes to (`serving apply` changes them). A removed one's
+        count stays while its requests finish, and leaves the view once they have."""
+        self.names = list(names)
+        self.inflight = {name: n for name, n in self.inflight.items() if n or name in names}
+        for name in names:
+            self.inflight.setdefault(name, 0)
 
     def reports(self, name: str) -> list[RoutingStats]:
         view = self.views.get(name)
@@ -52,7 +62,7 @@ class LoadView:
 
     def loads(self) -> dict[str, Load]:
         now = time.time()
-        return {name: self.load(name, now) for name in self.inflight}
+        return {name: self.load(name, now) for name in self.names}
 
     def mark_dead(self, name: str, replica: str) -> None:
         """A replica of `name` answered that its engine is dead: its replica choice avoids it now."""
@@ -61,7 +71,9 @@ class LoadView:
             view.mark_dead(replica)
 
     def acquire(self, name: str) -> None:
-        self.inflight[name] += 1
+        self.inflight[name] = self.inflight.get(name, 0) + 1
 
     def release(self, name: str) -> None:
         self.inflight[name] -= 1
+        if not self.inflight[name] and name not in self.names:
+            del self.inflight[name]
