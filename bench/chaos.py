@@ -66,8 +66,9 @@ def default_config() -> dict[str, Any]:
 # --- the stack and its processes -------------------------------------------------------------
 
 class Stack:
-    def __init__(self, config: dict, port: int, log: Path):
+    def __init__(self, config: dict, port: int, log: Path, up_args: tuple[str, ...] = ()):
         self.port = port
+        self.up_args = up_args  # more `serving up` flags (e.g. --per-model-apps)
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         config = {**config, "router": {**config.get("router", {}), "port": port}}
@@ -77,7 +78,7 @@ class Stack:
 
     def start(self, timeout: float = 900) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving.control.cli", "up", str(self.config_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "serving.control.cli", "up", str(self.config_path), *self.up_args],
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     auto_live.add_parser(sub)
     cpuprof.add_parser(sub)
     capacity.add_parser(sub)
-    from bench import abuse, chaos  # start and break a real stack; need the serving package
+    from bench import abuse, chaos, live_change  # start and break a real stack; need the serving package
     chaos.add_parser(sub)
+    live_change.add_parser(sub)
     abuse.add_parser(sub)
     from bench import adapters  # uses serving's model cache folder
     adapters.add_parser(sub)

@@ -31,7 +31,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serving.config import ModelSpec, RouterSpec, ServingConfig  # noqa: E402
+from serving.config import (ADAPTER_NAMING_FIELDS, APP_NAME, ENGINE_ROUTER_FIELDS, NAMING_FIELDS, ROUTER_DEPLOYMENT,  # noqa: E402
+                            ModelSpec, RouterSpec, ServingConfig)
 
 CHART = ROOT / "deploy" / "helm" / "serving"
 CHART_ONLY = ROOT / "deploy" / "helm" / "chart-values.schema.yaml"
@@ -56,7 +57,9 @@ def config_defaults() -> dict[str, Any]:
     """Defaults of the config keys the templates read; the chart merges values over them."""
     model = {name: f.default for name, f in ModelSpec.model_fields.items()
              if not f.is_required() and f.default_factory is None and isinstance(f.default, (int, float, str))}
-    return {"router": RouterSpec().model_dump(mode="json"), "model": model}
+    fields = {"naming": list(NAMING_FIELDS), "adapter_naming": list(ADAPTER_NAMING_FIELDS),
+              "engine_router": list(ENGINE_ROUTER_FIELDS), "app_name": APP_NAME, "router_deployment": ROUTER_DEPLOYMENT}
+    return {"router": RouterSpec().model_dump(mode="json"), "model": model, "fields": fields}
 
 
 def generated() -> dict[Path, str]:

@@ -17,8 +17,9 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serving.config import (APP_NAME, ROUTER_DEPLOYMENT, SERVE_ENV_DEFAULTS, EngineSpec, Replicas, ServingConfig,
-                            config_digest, load_config, parse_config)
+from serving.config import (ADAPTER_NAMING_FIELDS, APP_NAME, DEPLOYMENT_OPTION_FIELDS, NAMING_FIELDS, ROUTER_DEPLOYMENT,
+                            SERVE_ENV_DEFAULTS, EngineSpec, Replicas, RouterSpec, ServingConfig, config_digest, engine_app_args,
+                            engine_app_name, load_config, parse_config)
 from serving.engine.deployment import EngineDeployment
 from serving.control.haproxy_launcher import BINARY_ENV, installed_launcher
 from serving.router.metrics_export import MetricsExport, replica_id
@@ -37,8 +38,31 @@ ENGINE_WORKER_ENV = {"RAY_worker_niceness": SERVE_ENV_DEFAULTS["RAY_worker_nicen
 @serve.deployment(name=ROUTER_DEPLOYMENT)
 @serve.ingress(router_http_app)
 class RouterIngress(Router):
-    async def __init__(self, config: ServingConfig, engines: dict[str, Any]):
-        super().__init__(config, engines)
+    """The router deployment. Its catalog (the whole models config) arrives as user_config: Ray
+    Serve calls `reconfigure` once before the replica takes traffic, which starts the router, and
+    again on every change (`serving apply`, `helm upgrade`), which applies it in place."""
+
+    async def __init__(self, engines: dict[str, Any] | None = None, per_model_apps: bool = False):
+        self.bound_engines = engines or {}  # handles bound into this application (`serving up`)
+        self.per_model_apps = per_model_apps  # else each model is its own application (the Helm chart)
+        self.started = False
+
+    def handles(self, config: ServingConfig) -> dict[str, Any]:
+        have = {**self.bound_engines, **getattr(self, "engines", {})}
+        # unchecked: a model's application may be deployed after the routers' (and checking blocks the loop)
+        return {spec.name: have.get(spec.name) or serve.get_deployment_handle(
+                    spec.name, engine_app_name(spec.name) if self.per_model_apps else APP_NAME, _check_exists=False)
+                for spec in config.models}
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = parse_config(user_config["config"], "the router's user_config")
+        if not self.started:
+            await self._start(config)
+        elif config_digest(config) != self.config_digest:  # requests in flight keep what they chose
+            await self.apply_config(config, self.handles(config))
+
+    async def _start(self, config: ServingConfig) -> None:
+        Router.__init__(self, config, self.handles(config))
         self.echo_request_id = False
         if not self.keys.open:  # keys mean limits and usage: have the shared counters up before traffic
             await self.limiter.warm_up()
@@ -50,15 +74,7 @@ class RouterIngress(Router):
         self.metrics_export = MetricsExport(self.metrics.registry, replica_id() or "router")
         self.metrics_export.start()
         activate(self)
-
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """A new catalog (`serving apply`), applied in place; requests in flight keep what they chose."""
-        if user_config.get("digest") == self.config_digest:
-            return
-        config = parse_config(user_config["config"], "the router's user_config")
-        engines = {name: self.engines.get(name) or serve.get_deployment_handle(name, APP_NAME)
-                   for name in (spec.name for spec in config.models)}
-        await self.apply_config(config, engines)
+        self.started = True
 
     def __del__(self):  # Ray Serve calls it on a graceful stop: withdraw this replica's series now
         export = getattr(self, "metrics_export", None)
@@ -84,6 +100,7 @@ def engine_options(engine: EngineSpec, config: ServingConfig) -> dict[str, Any]:
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": engine.graceful_shutdown_timeout_s,
+        "max_surge_percent": spec.max_surge_percent,  # a roll starts replacements before stopping old replicas
         "ray_actor_options": actor,
         # Per-token work happens inside one call per request; the access log adds nothing here.
         "logging_config": {"enable_access_log": False},
@@ -143,15 +160,16 @@ def ray_env(config: ServingConfig, port: int) -> dict[str, str]:
     fallback proxy 8500/9500, direct ingress 30000/40000), derived from the router port so two
     stacks on one machine (tests, benchmarks) never share one. (HAProxy's files need nothing:
     Ray puts them in a folder per node id.)
-    Block of 16 ports at 20000 + (port % 2800) * 16: up to 6 router replicas per node."""
-    base = 20000 + (port % 2800) * 16
+    Block of 32 ports at 20000 + (port % 1400) * 32: 14 application ingress replicas per node (each
+    router replica; with --per-model-apps also each model's ingress, and one more during a roll)."""
+    base = 20000 + (port % 1400) * 32
     # CI saw requests to one stack answered by another: HAProxy's backup server for the router is
     # the fallback proxy, whose fixed port 8500 the other stack's fallback proxy had bound first
     derived = {
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": base, "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": base + 5,
-        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": base + 6, "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": base + 11,
-        "RAY_SERVE_HAPROXY_METRICS_PORT": base + 12, "RAY_SERVE_HAPROXY_STATS_PORT": base + 13,
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": base + 14, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": base + 15,
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": base, "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": base + 13,
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": base + 14, "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": base + 27,
+        "RAY_SERVE_HAPROXY_METRICS_PORT": base + 28, "RAY_SERVE_HAPROXY_STATS_PORT": base + 29,
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": base + 30, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": base + 31,
     }
     env = {**{k: str(v) for k, v in derived.items()}, **config.router.serve_env}
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and BINARY_ENV not in env and BINARY_ENV not in os.environ:
@@ -159,12 +177,7 @@ def ray_env(config: ServingConfig, port: int) -> dict[str, str]:
     return env
 
 
-# What in a model entry only the router reads (routing, naming, pricing) or Ray Serve applies to a
-# running deployment in place (replica counts, queue limits): a change to these alone keeps the
-# model's engine replicas running.
-CATALOG_ONLY_FIELDS = {"tags", "aliases", "price", "fallbacks", "routing", "replicas", "max_ongoing_requests",
-                       "max_queued_requests", "max_replicas_per_node", "graceful_shutdown_timeout_s"}
-ADAPTER_CATALOG_FIELDS = {"tags", "aliases", "price"}
+CATALOG_ONLY_FIELDS = set(NAMING_FIELDS) | set(DEPLOYMENT_OPTION_FIELDS)  # a change to these alone keeps engines
 
 
 @functools.cache
@@ -187,14 +200,26 @@ def engine_identity(engine: EngineSpec, config: ServingConfig, engine_cls: type)
     """What needs new engine processes when it changes: the init args without the catalog-only fields."""
     args = engine_init_args(engine, config)
     model = args["model"].model_dump(mode="json", exclude=CATALOG_ONLY_FIELDS)
-    model["adapters"] = [{k: v for k, v in a.items() if k not in ADAPTER_CATALOG_FIELDS} for a in model["adapters"]]
+    model["adapters"] = [{k: v for k, v in a.items() if k not in ADAPTER_NAMING_FIELDS} for a in model["adapters"]]
     return {**args, "model": model, "class": f"{engine_cls.__module__}.{engine_cls.__qualname__}"}
 
 
-def router_user_config(config: ServingConfig) -> dict[str, Any]:
-    """The catalog every router replica applies in place (RouterIngress.reconfigure): models, names,
-    routes. JSON, as Ray Serve requires of user_config; the digest lets a replica skip an unchanged one."""
-    return {"digest": config_digest(config), "config": config.model_dump(mode="json")}
+def router_user_config(config: ServingConfig | dict[str, Any]) -> dict[str, Any]:
+    """The catalog every router replica applies in place (RouterIngress.reconfigure): the whole
+    models config, as JSON (Ray Serve's user_config is JSON)."""
+    return {"config": config.model_dump(mode="json") if isinstance(config, ServingConfig) else config}
+
+
+def router_options(router: RouterSpec) -> dict[str, Any]:
+    return dict(
+        num_replicas=router.replicas,
+        max_ongoing_requests=router.max_ongoing_requests,
+        max_queued_requests=router.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": 1},
+        ray_actor_options={"num_cpus": router.cpus, **({"resources": router.ray_resources} if router.ray_resources else {})},
+        graceful_shutdown_timeout_s=router.drain_timeout_s,
+        max_surge_percent=100,  # a router roll starts the new replica before stopping the old
+    )
 
 
 def build(config: ServingConfig, engine_cls: type = EngineDeployment, catalog: ServingConfig | None = None,
@@ -218,17 +243,49 @@ def build(config: ServingConfig, engine_cls: type = EngineDeployment, catalog: S
         deployment = deployment.options(version=version_of(engine_identity(engine, config, engine_cls)), _internal=True)
         engines[spec.name] = deployment.bind(**engine_init_args(engine, config))
     router = config.router
-    ingress = RouterIngress.options(
-        num_replicas=router.replicas,
-        max_ongoing_requests=router.max_ongoing_requests,
-        max_queued_requests=router.max_queued_requests,
-        backpressure_config={"status_code": 503, "retry_after_s": 1},
-        ray_actor_options={"num_cpus": router.cpus, **({"resources": router.ray_resources} if router.ray_resources else {})},
-        graceful_shutdown_timeout_s=router.drain_timeout_s,
-        user_config=router_user_config(catalog or config),
-    )
+    ingress = RouterIngress.options(**router_options(router), user_config=router_user_config(catalog or config))
     ingress = ingress.options(version=version_of(router.model_dump(mode="json")), _internal=True)
-    return ingress.bind(catalog or config, engines)  # typed across the boundary: Ray pickles the validated models
+    return ingress.bind(engines)
+
+
+@serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
+class ModelApplication:
+    """The ingress of one model's own application, which Ray Serve requires and an engine cannot be
+    (with HAProxy, Ray refuses a custom request router on an ingress). It serves nothing: the routers
+    call the engine deployment of the application directly."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+
+def build_engine_app(args: dict[str, Any]) -> Application:
+    """One model's engine as its own application (the Helm chart's serveConfigV2): `args` is
+    `serving.config.engine_app_args` of the models config, a config of that one model."""
+    config = parse_config(args, "engine application args")
+    engine = config.engine_spec(config.models[0])
+    return ModelApplication.bind(serve.deployment(EngineDeployment).options(**engine_options(engine, config)).bind(
+        **engine_init_args(engine, config)))
+
+
+def build_router_app(args: dict[str, Any]) -> Application:
+    """The routers as their own application, in front of one application per model: `args` is
+    {"router": the router section} (its options); the catalog is the router deployment's user_config."""
+    router = RouterSpec.model_validate(args.get("router") or {})
+    return RouterIngress.options(**router_options(router)).bind(per_model_apps=True)
+
+
+def serve_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Serve applications of a models config, one per model plus the routers: what the Helm
+    chart's serveConfigV2 holds (rendered by its template, tested equal). Ray Serve versions an
+    application by its import path and args, so a change rolls exactly the applications whose args
+    changed; the catalog is the router's user_config, applied in place."""
+    router = raw.get("router") or {}
+    apps = [{"name": APP_NAME, "import_path": "serving.app:build_router_app", "route_prefix": "/",
+             "args": {"router": router},
+             "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": router_user_config(raw)}]}]
+    apps += [{"name": engine_app_name(m["name"]), "import_path": "serving.app:build_engine_app", "route_prefix": None,
+              "args": engine_app_args(raw, m["name"])} for m in raw["models"]]
+    return {"applications": apps}
 
 
 def build_app(args: dict[str, Any]) -> Application:

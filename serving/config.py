@@ -32,6 +32,18 @@ TAG_SELECTOR_PREFIX = "tag:"
 # the drain find them (the Helm chart names the application the same in its serveConfigV2).
 APP_NAME = "serving"
 ROUTER_DEPLOYMENT = "router"
+# What in a model entry only the routers read (naming, pricing, fallbacks): never part of what an
+# engine is built from. And what Ray Serve applies to a running deployment in place (options, not
+# the replica's process). serving.app versions engines without both; the per-model applications
+# of the Helm chart (`engine_app_args`) leave out the first (deploy/schema.py renders it for the chart).
+NAMING_FIELDS = ("tags", "aliases", "price", "fallbacks")
+ADAPTER_NAMING_FIELDS = ("tags", "aliases", "price")
+DEPLOYMENT_OPTION_FIELDS = ("routing", "replicas", "max_ongoing_requests", "max_queued_requests",
+                            "max_replicas_per_node", "graceful_shutdown_timeout_s", "max_surge_percent")
+# The router settings an engine deployment is built with (its replica policy's inputs, its stream
+# flushing, its drain default): the rest of `router:` is the routers' alone.
+ENGINE_ROUTER_FIELDS = ("replicas", "report_stale_after_s", "load_report_interval_s", "request_timeout_s",
+                        "stream_flush_ms")
 # What a model is for; serving.protocol.endpoints says which endpoints each task serves. embed and
 # classify models run on vLLM's pooling runner (classify: a sequence-classification head, e.g. a cross-encoder).
 Task = Literal["chat", "completion", "embed", "classify"]
@@ -262,6 +274,9 @@ class ModelSpec(_Strict):
     max_ongoing_requests: int = Field(32, ge=1, description="requests one replica works on at once")
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica before 503 (-1: unbounded)")
     max_replicas_per_node: int | None = Field(None, ge=1, description="spread replicas: at most this many on one Ray node")
+    max_surge_percent: int = Field(100, ge=0, le=100, description="when its replicas roll (`serving apply`), extra "
+                                   "replicas (percent of the count) started before old ones stop: 100 keeps every replica "
+                                   "serving until its replacement runs, but needs room for it; 0 stops old ones first")
     price: Price | None = None
     routing: RoutingSpec = RoutingSpec()
     fallbacks: list[str] = Field(default_factory=list, description="ordered names, aliases or tag selectors tried when this model is down, overloaded or too short")
@@ -714,6 +729,35 @@ def parse_config(raw: Any, source: str = "config") -> ServingConfig:
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+def engine_app_name(model: str) -> str:
+    """The Ray Serve application of one model's engine when each model is its own application (the
+    Helm chart's serveConfigV2: Ray versions an application by its args, so one per model rolls
+    only the models whose engine changed)."""
+    return f"{APP_NAME}.{model}"
+
+
+def engine_app_args(raw: dict[str, Any], model: str) -> dict[str, Any]:
+    """The args of `model`'s own application: a one-model config holding only what its engine is
+    built from (its entry without the naming fields, its profile, the engine's router settings), so
+    renaming, aliasing or re-pricing it, or any change to another model, leaves the args, and so
+    its replicas, unchanged. The Helm chart renders the same (templates/_helpers.tpl, tested equal)."""
+    entry = dict(next(m for m in raw["models"] if m["name"] == model))
+    for name in NAMING_FIELDS:
+        entry.pop(name, None)
+    if entry.get("adapters"):
+        entry["adapters"] = [{k: v for k, v in a.items() if k not in ADAPTER_NAMING_FIELDS} for a in entry["adapters"]]
+    args: dict[str, Any] = {"models": [entry]}
+    profile = entry.get("profile") or raw.get("default_profile")
+    if profile:
+        entry["profile"] = profile
+        args["profiles"] = {profile: (raw.get("profiles") or {})[profile]}
+    router = raw.get("router") or {}
+    picked = {k: router[k] for k in ENGINE_ROUTER_FIELDS if k in router}
+    if picked:
+        args["router"] = picked
+    return args
 
 
 def config_digest(config: ServingConfig) -> str:

@@ -24,7 +24,7 @@ from serving.control.cli import all_models_ready
 ROOT = Path(__file__).resolve().parent.parent
 # Test stacks listen on 28000-28300: outside Ray's worker port range (10002-19999) and the
 # ephemeral range (32768+), where another Ray cluster's processes could already hold the port;
-# their derived HAProxy/direct-ingress blocks (serving.app.ray_env) land in 20000-24800.
+# their derived HAProxy/direct-ingress blocks (serving.app.ray_env) land in 20000-29631.
 PORT = int(os.environ.get("SERVING_TEST_PORT", "28000"))
 CHAT_MODEL = "smollm2-135m"
 SECOND_CHAT_MODEL = "smollm2-135m-b"
@@ -156,7 +156,7 @@ def pytest_runtest_teardown(item, nextitem):
         ray.shutdown()
 
 
-STACK_FIXTURES = {"stack", "stack_url", "tenants"}
+STACK_FIXTURES = {"stack", "stack_url", "tenants", "per_model_stack"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not e2e"` never starts a stack
@@ -164,18 +164,22 @@ def pytest_collection_modifyitems(config, items):
     """Every test that uses a stack is marked e2e, whatever its file says. Then order by what a
     test needs, not by file name: tests that stop the shared stack (marker `stops_stack`) run
     after every other user of it, and the tenants stack's users run last and together, so at
-    most one extra stack runs beside the shared one. The local Ray's users run first, together."""
+    most one extra stack runs beside the shared one; those that apply new models files to it
+    (`changes_tenants_stack`) after its other users. The local Ray's users run first, together; then
+    the per-model-applications stack's (module-scoped: it stops before the shared one starts)."""
     for item in items:
         if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
         if "local_ray" in getattr(item, "fixturenames", ()):  # `make unit -n 2`: one worker, one Ray
             item.add_marker(pytest.mark.xdist_group("local_ray"))
 
-    def group(item) -> int:
+    def group(item) -> float:
         if "local_ray" in getattr(item, "fixturenames", ()):
             return -1
+        if "per_model_stack" in getattr(item, "fixturenames", ()):  # its own stack, alone, before the shared one
+            return -0.5
         if "tenants" in getattr(item, "fixturenames", ()):
-            return 2
+            return 3 if item.get_closest_marker("changes_tenants_stack") else 2
         return 1 if item.get_closest_marker("stops_stack") else 0
     items.sort(key=group)  # stable: file order within a group
 
@@ -234,6 +238,8 @@ def tenants(tmp_path_factory):
     for model in raw["models"]:
         if "path" in model["source"]:  # the large twin reads the folder provisioning filled
             model["source"] = {"path": str(model_dir(chat))}
+        # room on 2 logical CPUs for what tests/test_e2e_apply.py adds: a scale-to-zero model and a second replica
+        model["resources"] = {"cpus": 0.3}
     # exact counts even on a loaded 2-core CI machine: wait for the limits actor, never fail open
     raw["router"] = {**raw.get("router", {}), "port": TENANTS_PORT, "replicas": 2, "cpus": 0.1, "keys_file": str(keys),
                      "limits_timeout_s": 30, "limits_fail_open": False,
@@ -254,7 +260,9 @@ def tenants(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"tenant stack not ready:\n{log.read_text()[-4000:]}")
             time.sleep(2)
-        yield {"url": url, "keys": made, "log": log, "request_log": tmp / "requests.jsonl"}
+        address = next(line.split()[-1] for line in log.read_text().splitlines() if line.startswith("ray cluster at "))
+        yield {"url": url, "keys": made, "log": log, "request_log": tmp / "requests.jsonl", "config": config,
+               "port": TENANTS_PORT, "address": address}
     finally:
         process.send_signal(signal.SIGINT)
         try:

@@ -13,8 +13,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import autoscaling_config, build, engine_options, router_user_config
-from serving.config import parse_config
+from serving.app import autoscaling_config, build, engine_options
+from serving.config import config_digest, parse_config
 from serving.control import apply as applying
 from serving.control.cli import main as serving_main
 from serving.protocol.messages import ReplyHead, Usage
@@ -46,8 +46,8 @@ def model(raw, name) -> dict:
 def versions(raw) -> dict[str, str]:
     """Each deployment's pinned version, and the router's user_config digest, as `build` makes them."""
     router = build(parse_config(raw))._bound_deployment
-    engines = router._replica_config.init_args[1]
-    return {"router": router.version, "router-catalog": router._deployment_config.user_config["digest"],
+    engines = router._replica_config.init_args[0]
+    return {"router": router.version, "router-catalog": json.dumps(router._deployment_config.user_config, sort_keys=True),
             **{name: bound._bound_deployment.version for name, bound in engines.items()}}
 
 
@@ -149,7 +149,7 @@ def test_router_applies_a_new_catalog_without_restart(monkeypatch):
     asyncio.run(router.apply_config(new, {"a": a, "b": b}))
     second = http.post("/v1/chat/completions", json={"model": "chat", **CHAT})
     assert second.headers["x-served-model"] == "b"
-    assert second.headers["x-serving-config"] == router_user_config(new)["digest"] != first.headers["x-serving-config"]
+    assert second.headers["x-serving-config"] == config_digest(new) != first.headers["x-serving-config"]
 
 
 def test_a_removed_model_answers_404_and_its_request_in_flight_finishes(monkeypatch):

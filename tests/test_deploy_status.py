@@ -46,3 +46,22 @@ def test_changes_prints_only_what_changed():
                                             "deployments": {**DETAILS["applications"]["serving"]["deployments"], "chat": healthy}}}}
     _, lines = changes(seen, states_from_details(details, "serving"))
     assert lines == ["  chat: HEALTHY (no replicas)"]
+
+
+def test_per_model_applications_fold_into_the_stacks_states():
+    """`serving up --per-model-apps` (the Helm chart's shape): each model's deployment is in its own
+    application; the stack's view lists it (not its ingress stub), and a model whose builder failed
+    shows the application's error."""
+    details = {"applications": {
+        "serving": {"status": "RUNNING", "message": "", "deployments": {"router": {"status": "HEALTHY", "replicas": []}}},
+        "serving.chat": {"status": "RUNNING", "message": "", "deployments": {
+            "chat": {"status": "HEALTHY", "replicas": [{"replica_id": "c1", "state": "RUNNING"}]},
+            "ingress": {"status": "HEALTHY", "replicas": []}}},
+        "serving.broken": {"status": "DEPLOY_FAILED", "message": "Deploying app 'serving.broken' failed: ValueError",
+                           "deployments": {}},
+        "other": {"status": "RUNNING", "message": "", "deployments": {"x": {"status": "HEALTHY", "replicas": []}}},
+    }}
+    app = states_from_details(details, "serving")
+    assert set(app.deployments) == {"router", "chat", "broken"}
+    assert app.deployments["chat"].running == 1
+    assert app.deployments["broken"].failed and "ValueError" in app.deployments["broken"].message

@@ -77,6 +77,12 @@ def serve_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return yaml.safe_load(one(objects, "RayService")["spec"]["serveConfigV2"])
 
 
+def served(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole models config the chart serves: the routers' user_config (their catalog)."""
+    router_app = serve_config(objects)["applications"][0]
+    return router_app["deployments"][0]["user_config"]["config"]
+
+
 def pod_templates(rayservice: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     cluster = rayservice["spec"]["rayClusterConfig"]
     out = [("head", cluster["headGroupSpec"]["template"])]
@@ -146,41 +152,70 @@ def test_validation_catches_broken_objects(rendered):
 
 
 @pytest.mark.parametrize("key", list(VALUE_SETS))
-def test_serve_config_is_the_serving_application(rendered, key):
+def test_serve_config_is_one_application_per_model_and_one_for_the_routers(rendered, key):
+    """The chart renders exactly serving.app.serve_config of the config it serves (one source), each
+    application's args valid for its builder; the models config is the routers' user_config."""
+    from serving.app import serve_config as python_serve_config
+
     config = serve_config(rendered[key])
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert config["proxy_location"] == "EveryNode"
-    (app,) = config["applications"]
-    assert app["name"] == "serving"
-    assert app["import_path"] == "serving.app:build_app"
-    assert app["route_prefix"] == "/"
-    parse_config(app["args"], "serveConfigV2 args")
-    # Deployment options (graceful_shutdown_timeout_s, replicas, resources) are the builder's,
-    # computed from the args: an override here would be a second copy of the config.
-    assert "deployments" not in app
+    router_app, *engine_apps = config["applications"]
+    assert (router_app["name"], router_app["import_path"], router_app["route_prefix"]) == (
+        "serving", "serving.app:build_router_app", "/")
+    whole = served(rendered[key])
+    parse_config(whole, "the router's user_config")
+    assert router_app["args"] == {"router": whole.get("router") or {}}
+    assert [a["name"] for a in engine_apps] == [f"serving.{m['name']}" for m in whole["models"]]
+    assert all(a["route_prefix"] is None and a["import_path"] == "serving.app:build_engine_app" for a in engine_apps)
+    for app in engine_apps:  # each a valid one-model config
+        assert len(parse_config(app["args"], app["name"]).models) == 1
+    assert config["applications"] == python_serve_config(whole)["applications"]
     configmap = one(rendered[key], "ConfigMap", "-config")
-    assert yaml.safe_load(configmap["data"]["models.yaml"]) == app["args"]
+    assert yaml.safe_load(configmap["data"]["models.yaml"]) == whole
 
 
-def test_import_path_resolves_to_the_application_builder(rendered):
-    module_name, attr = serve_config(rendered["default"])["applications"][0]["import_path"].split(":")
-    module = importlib.import_module(module_name)
-    builder = getattr(module, attr)
-    assert callable(builder)
-    assert list(inspect.signature(builder).parameters) == ["args"]
-    assert builder.__module__ == "serving.app"
+def _app_args(values: dict) -> dict[str, Any]:
+    return {a["name"]: a.get("args") for a in serve_config(render(values))["applications"]}
+
+
+def test_an_upgrade_changes_the_args_of_only_the_applications_it_must_roll():
+    """Ray Serve versions an application by its args: a rename, alias, tag or price change leaves every
+    application's args (only the routers' user_config changes, applied in place); an engine
+    argument changes only its own model's application."""
+    base = {"serving": copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text())["serving"])}
+    before = _app_args(base)
+    renamed = copy.deepcopy(base)
+    first, second = renamed["serving"]["models"][:2]
+    first["aliases"], second["aliases"] = first["aliases"][1:], second.get("aliases", []) + first["aliases"][:1]
+    first["tags"], first["price"] = ["moved"], {"input_per_million": 9.0, "output_per_million": 9.0}
+    assert _app_args(renamed) == before
+    assert served(render(renamed)) != served(render(base))
+    rolled = copy.deepcopy(base)
+    rolled["serving"]["models"][1]["engine_args"] = {"max_model_len": 128}
+    after = _app_args(rolled)
+    assert [name for name in before if before[name] != after[name]] == [f"serving.{second['name']}"]
+
+
+def test_import_paths_resolve_to_the_application_builders(rendered):
+    for app in serve_config(rendered["default"])["applications"]:
+        module_name, attr = app["import_path"].split(":")
+        builder = getattr(importlib.import_module(module_name), attr)
+        assert callable(builder) and builder.__module__ == "serving.app"
+        assert list(inspect.signature(builder).parameters) == ["args"]
+        assert builder(app["args"]) is not None  # each builds its application from its args
 
 
 @pytest.mark.parametrize("key", ["default", "gpu"])
 def test_serve_config_models_pass_serving_check(rendered, key, tmp_path):
     path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(serve_config(rendered[key])["applications"][0]["args"]))
+    path.write_text(yaml.safe_dump(served(rendered[key])))
     result = run_cli("check", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_default_values_serve_the_repository_models_yaml(rendered):
-    args = serve_config(rendered["default"])["applications"][0]["args"]
+    args = served(rendered["default"])
     assert args == yaml.safe_load((ROOT / "models.yaml").read_text()), (
         "values.yaml `serving:` must equal models.yaml; update it (and run `python deploy/render.py` for k8s/)"
     )
@@ -202,19 +237,19 @@ def test_gpu_models_file_is_valid_and_sized():
 
 
 def test_gpu_values_serve_the_gpu_models_file(rendered):
-    served = parse_config(serve_config(rendered["gpu"])["applications"][0]["args"])
+    served_config = parse_config(served(rendered["gpu"]))
     wanted = load_config(ROOT / "deploy" / "models.gpu.yaml")
-    assert [m.name for m in served.models] == [m.name for m in wanted.models]
-    assert served.models == wanted.models
-    assert served.router == wanted.router
-    assert [served.engine_spec(m) for m in served.models] == [wanted.engine_spec(m) for m in wanted.models]
+    assert [m.name for m in served_config.models] == [m.name for m in wanted.models]
+    assert served_config.models == wanted.models
+    assert served_config.router == wanted.router
+    assert [served_config.engine_spec(m) for m in served_config.models] == [wanted.engine_spec(m) for m in wanted.models]
     # the literal block in the values file is the models file
     assert gpu_values()["serving"] == yaml.safe_load((ROOT / "deploy" / "models.gpu.yaml").read_text())
 
 
 def test_gpu_worker_groups_hold_every_model(rendered):
     rayservice = one(rendered["gpu"], "RayService")
-    served = parse_config(serve_config(rendered["gpu"])["applications"][0]["args"])
+    config = parse_config(served(rendered["gpu"]))
     groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     pod_gpus = {}
     for g in groups:
@@ -223,11 +258,11 @@ def test_gpu_worker_groups_hold_every_model(rendered):
         if pod_gpus[g["groupName"]]:
             assert limits["nvidia.com/gpu"] == g["template"]["spec"]["containers"][0]["resources"]["requests"]["nvidia.com/gpu"]
             assert any(t["key"] == "nvidia.com/gpu" for t in g["template"]["spec"]["tolerations"])
-    for spec in served.models:
-        need = served.engine_spec(spec).resources.gpus
+    for spec in config.models:
+        need = config.engine_spec(spec).resources.gpus
         assert any(gpus >= need for gpus in pod_gpus.values()), f"{spec.name} needs {need} GPUs per pod"
     # minimum GPU capacity covers every model's minimum replicas
-    need_total = sum(served.engine_spec(m).resources.gpus * m.replicas.min for m in served.models)
+    need_total = sum(config.engine_spec(m).resources.gpus * m.replicas.min for m in config.models)
     have_total = sum(pod_gpus[g["groupName"]] * g["minReplicas"] for g in groups)
     assert have_total >= need_total
 
@@ -536,7 +571,7 @@ CHECKED_BY_SERVING_CHECK = {
 def test_cross_key_problems_are_caught_by_serving_check_on_the_render(case, tmp_path):
     values, expected = CHECKED_BY_SERVING_CHECK[case]
     path = tmp_path / "models.yaml"
-    path.write_text(yaml.safe_dump(serve_config(render(values))["applications"][0]["args"]))
+    path.write_text(yaml.safe_dump(served(render(values))))
     result = run_cli("check", str(path))
     assert result.returncode != 0 and expected in result.stderr, result.stdout + result.stderr
 
@@ -553,7 +588,7 @@ GOOD_CONFIGS = {
 def test_valid_models_configs_render(case):
     values = GOOD_CONFIGS[case]
     objects = render(values)
-    args = serve_config(objects)["applications"][0]["args"]
+    args = served(objects)
     parse_config(args)
     assert args["models"] == values["serving"]["models"]
 

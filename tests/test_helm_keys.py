@@ -36,7 +36,8 @@ def templates(rs):
 
 
 def app_args(objects):
-    return yaml.safe_load(rayservice(objects)["spec"]["serveConfigV2"])["applications"][0]["args"]
+    router_app = yaml.safe_load(rayservice(objects)["spec"]["serveConfigV2"])["applications"][0]
+    return router_app["deployments"][0]["user_config"]["config"]  # the models config the routers serve
 
 
 def configmap_config(objects):

@@ -36,5 +36,5 @@ def test_stacks_on_different_ports_share_no_port():
 
 
 def test_derived_ports_stay_valid_for_any_router_port():
-    for port in (80, 8000, 2799, 2800, 28000, 65535):
+    for port in (80, 8000, 1399, 1400, 2799, 2800, 28000, 65535):
         assert all(1024 < int(v) <= 65535 for k, v in ray_env(CONFIG, port).items() if k.endswith("_PORT"))

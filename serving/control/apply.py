@@ -86,7 +86,7 @@ def plan(old: ServingConfig, new: ServingConfig) -> Plan:
         if engine_identity(before, old, EngineDeployment) != engine_identity(after, new, EngineDeployment) or \
                 before.resources != after.resources or before.env != after.env:
             restarted.append(name)
-        elif _comparable(engine_options(before, old)) != _comparable(engine_options(after, new)):
+        elif engine_options(before, old) != engine_options(after, new):  # by value (600 == 600.0)
             rescaled.append(name)
     old_names, new_names = _names(old), _names(new)
     names = []
@@ -103,10 +103,6 @@ def plan(old: ServingConfig, new: ServingConfig) -> Plan:
                 restarted=tuple(restarted), rescaled=tuple(rescaled), names=tuple(names),
                 router_restarted=old.router != new.router,
                 catalog_changed=old.model_dump(mode="json") != new.model_dump(mode="json"))
-
-
-def _comparable(options: dict[str, Any]) -> str:
-    return repr(sorted((k, repr(v)) for k, v in options.items()))
 
 
 # --- against a running stack -------------------------------------------------------------------
@@ -158,7 +154,45 @@ def apply(old: ServingConfig, new: ServingConfig, the_plan: Plan, timeout_s: flo
         _wait_gone(the_plan.removed, new.router.drain_timeout_s + 60, log)
 
 
-def _wait_running(timeout_s: float) -> None:
+# --- one application per model (the Helm chart's shape) ----------------------------------------
+
+
+def per_model_apps_running() -> bool:
+    """Whether the running stack was deployed as one application per model (`serving up
+    --per-model-apps`, or KubeRay with the chart's serveConfigV2)."""
+    from ray import serve
+
+    from serving.config import engine_app_name
+
+    apps = serve.status().applications
+    return any(name.startswith(engine_app_name("")) for name in apps)
+
+
+def deploy_per_model_apps(raw: dict[str, Any], http: dict[str, Any] | None = None) -> None:
+    """Deploy `serving.app.serve_config(raw)` as KubeRay does with the chart's serveConfigV2: one
+    declarative deploy of every application. Ray Serve rolls the applications whose args changed,
+    applies the routers' new user_config in place, and deletes applications no longer listed."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import serve_config
+
+    body = serve_config(raw)
+    if http:
+        body["http_options"] = http
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(body))
+
+
+def apply_per_model_apps(raw: dict[str, Any], timeout_s: float, log: Callable[[str], None] = print) -> None:
+    """`serving apply` on a stack of per-model applications: the same single deploy as `helm upgrade`
+    (no phases: Ray Serve applies every application's change at once, as KubeRay would)."""
+    started = time.monotonic()
+    deploy_per_model_apps(raw)
+    _wait_running(timeout_s, every_app=True)
+    log(f"  every application redeployed: done in {time.monotonic() - started:.1f}s")
+
+
+def _wait_running(timeout_s: float, every_app: bool = False) -> None:
     """Until the application is RUNNING again: Ray sets it DEPLOYING when the deploy lands and back to
     RUNNING once every deployment's replicas run the target version (routers reconfigured included)."""
     from ray import serve
@@ -166,7 +200,17 @@ def _wait_running(timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     seen_deploying = False
     while time.monotonic() < deadline:
-        app = serve.status().applications.get(APP_NAME)
+        apps = serve.status().applications
+        if every_app:  # the stack's applications: the routers' and each model's
+            ours = [a for name, a in apps.items() if name == APP_NAME or name.startswith(f"{APP_NAME}.")]
+            failed = [a for a in ours if a.status == "DEPLOY_FAILED"]
+            if failed:
+                raise RuntimeError(f"Ray Serve could not deploy: {failed[0].message}")
+            if ours and all(a.status == "RUNNING" and _all_healthy(a) for a in ours):
+                return
+            time.sleep(0.5)
+            continue
+        app = apps.get(APP_NAME)
         status = app.status if app else None
         if status == "DEPLOY_FAILED":
             failed = {n: d.message for n, d in app.deployments.items() if d.status != "HEALTHY"}

@@ -18,6 +18,14 @@ from serving.engine.vllm_args import engine_arg_problems, serve_arg_problems
 DEFAULT_CONFIG = "models.yaml"
 
 
+def _raw(path: str) -> dict:
+    """The file as written (already validated by _load): what a declarative deploy passes on as args."""
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
 def _load(path: str) -> ServingConfig:
     try:
         return load_config(path)
@@ -236,9 +244,27 @@ def _stop_app(config: ServingConfig, stop: _Stop, own_cluster: bool, shutdown_cl
     else:
         print(f"removing application {APP_NAME!r} (the Ray cluster keeps running)...", flush=True)
         serve.delete(APP_NAME)
+        for name in serve.status().applications:  # --per-model-apps: each model's own application
+            if name.startswith(f"{APP_NAME}."):
+                serve.delete(name)
         set_draining(APP_NAME, False)
     ray.shutdown()
     print("stopped", flush=True)
+
+
+def use_token_auth(address: str | None) -> str | None:
+    """Ray connects to an explicit address without token auth unless RAY_AUTH_MODE was set before Ray
+    was imported (only a cluster found with "auto" turns it on by itself), though a local cluster has
+    it by default. With RAY_AUTH_MODE unset and a token at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
+    or ~/.ray/auth_token), do what Ray does for "auto": send it."""
+    if address not in (None, "auto"):
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available)
+        except ImportError:  # another Ray version: RAY_AUTH_MODE stays the operator's to set
+            return address
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)  # respects RAY_AUTH_MODE when set
+    return address
 
 
 def job_runtime_env(config: ServingConfig, port: int) -> dict:
@@ -274,7 +300,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 2
     port = args.port or new.router.port
-    ray.init(address=args.address, logging_level="WARNING", runtime_env=job_runtime_env(new, port))
+    ray.init(address=use_token_auth(args.address), logging_level="WARNING", runtime_env=job_runtime_env(new, port))
     try:
         old = applying.live_config()
         report = capacity.check(new, capacity.nodes_from_ray(ray.nodes()))
@@ -291,7 +317,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
             return 0
         started = time.monotonic()
         print("applying:", flush=True)
-        applying.apply(old, new, the_plan, args.timeout, log=lambda m: print(m, flush=True))
+        if applying.per_model_apps_running():
+            applying.apply_per_model_apps(_raw(args.file), args.timeout, log=lambda m: print(m, flush=True))
+        else:
+            applying.apply(old, new, the_plan, args.timeout, log=lambda m: print(m, flush=True))
         print(f"APPLIED in {time.monotonic() - started:.1f}s", flush=True)
         return 0
     except RuntimeError as error:
@@ -316,11 +345,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     env = job_runtime_env(config, port)
     host = args.host or config.router.host
     if args.address:
-        ray.init(address=args.address, logging_level="WARNING", runtime_env=env)
+        ray.init(address=use_token_auth(args.address), logging_level="WARNING", runtime_env=env)
     else:
         ray.init(address="local", include_dashboard=False, num_cpus=args.num_cpus, logging_level="WARNING",
                  object_store_memory=256 * 2**20, runtime_env=env)
     own_cluster = not args.address
+    # where `serving apply --address` and `serving status --address` find this stack's cluster
+    print(f"ray cluster at {ray.get_runtime_context().gcs_address}", flush=True)
     stop = _Stop()  # after ray.init: Ray installs its own SIGTERM handler, which would kill us undrained
 
     nodes = capacity.nodes_from_ray(ray.nodes())
@@ -344,7 +375,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     serve.start(proxy_location=args.proxy_location,
                 http_options={"host": host, "port": port, "request_timeout_s": config.router.request_timeout_s})
     set_draining(APP_NAME, False)  # a previous stop may have left the flag on this cluster
-    _run(build(config), name=APP_NAME, route_prefix="/", _blocking=False)
+    if args.per_model_apps:  # the Helm chart's shape: one application per model, deployed from a config
+        from serving.control.apply import deploy_per_model_apps
+
+        deploy_per_model_apps(_raw(args.file))
+    else:
+        _run(build(config), name=APP_NAME, route_prefix="/", _blocking=False)
     base = f"http://127.0.0.1:{port}"
     print(f"deploying {len(config.models)} models at http://{host}:{port}/v1 "
           f"(ready once each model answers; --start-timeout {args.start_timeout:g}s)", flush=True)
@@ -413,7 +449,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         from serving.config import APP_NAME
         from serving.control.status import app_state
 
-        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=use_token_auth(args.address), logging_level="ERROR", log_to_driver=False)
         app = app_state(APP_NAME)
         print(f"application {APP_NAME}: {app.status}" + (f": {app.message}" if app.message else ""))
         for name, dep in app.deployments.items():
@@ -453,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="HTTP proxies on every Ray node (each node answers on the port) or the head only")
     up.add_argument("--start-timeout", type=float, default=600, help="seconds for every model to answer before giving up")
     up.add_argument("--skip-capacity-check", action="store_true", help="deploy even if the requests exceed the cluster")
+    up.add_argument("--per-model-apps", action="store_true",
+                    help="deploy as the Helm chart does: one Ray Serve application per model, from a config")
     up.set_defaults(func=cmd_up)
 
     apply = sub.add_parser("apply", help="change the running stack to this models file in place (no restart)")

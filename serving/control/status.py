@@ -50,12 +50,22 @@ def _plain(value: Any) -> str:
 
 
 def states_from_details(details: dict[str, Any], app_name: str) -> AppState:
-    """The controller's `get_serve_instance_details()` dict -> the states of one application."""
-    app = (details.get("applications") or {}).get(app_name)
+    """The controller's `get_serve_instance_details()` dict -> the states of one application, with the
+    deployments of its per-model applications (`app_name.<model>`, the Helm chart's shape) folded in."""
+    apps = details.get("applications") or {}
+    app = apps.get(app_name)
     if app is None:
         return AppState("NOT_STARTED", f"no application {app_name!r} on this Ray cluster", {})
     deployments = {}
-    for name, dep in (app.get("deployments") or {}).items():
+    merged = {}
+    for other, body in apps.items():
+        if not other.startswith(f"{app_name}."):
+            continue
+        model = other[len(app_name) + 1:]
+        merged.update({name: dep for name, dep in (body.get("deployments") or {}).items() if name == model})
+        if _plain(body.get("status")) == "DEPLOY_FAILED" and model not in merged:  # its builder failed: say why
+            merged[model] = {"status": "DEPLOY_FAILED", "message": body.get("message") or ""}
+    for name, dep in {**(app.get("deployments") or {}), **merged}.items():
         replicas = dep.get("replicas") or []
         deployments[name] = DeploymentState(
             status=_plain(dep.get("status")),

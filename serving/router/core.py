@@ -351,7 +351,7 @@ class Router:
                 models[name]["adapters"] = sorted({a for r in reports for a in r.adapters})
                 models[name]["resident_adapters"] = sorted({a for r in reports for a in r.resident_adapters})
         ok = any(m["state"] in ("ready", "cold") for m in models.values())
-        return {"status": "ok" if ok else "unavailable", "models": models}
+        return {"status": "ok" if ok else "unavailable", "config": self.config_digest, "models": models}
 
 
 def authorization(request: Request) -> str | None:

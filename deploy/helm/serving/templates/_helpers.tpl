@@ -131,15 +131,49 @@ run on the same config. Only what needs the worker groups is checked here.
 {{- end }}
 {{- end }}
 
-{{/* serveConfigV2: the Ray Serve config KubeRay applies to the cluster. Deployment options
-(replicas, resources, graceful_shutdown_timeout_s) come from the args through the builder. */}}
+{{/* serveConfigV2: the Ray Serve config KubeRay applies to the cluster. One application per model
+(its engine; args: that model's entry without its naming fields, its profile, the engine's router
+settings, as serving/config.py `engine_app_args` makes them, tested equal) and one for the routers
+(args: the router section; the whole models config is the router's user_config, which Ray Serve
+applies in place). Ray Serve versions an application by its args, so a `helm upgrade` rolls only
+the models whose engine changed, and names, aliases, tags and routes change without any restart.
+Deployment options (replicas, resources, graceful_shutdown_timeout_s) come from the args through
+the builders. The field lists come from serving/config.py (templates/_config_defaults.tpl). */}}
 {{- define "serving.serveConfig" -}}
 {{- $router := include "serving.routerJson" . | fromJson }}
+{{- $fields := (include "serving.configDefaults" . | fromJson).fields }}
 {{- $holder := dict "root" . }}
 {{- include "serving.withKeysFile" $holder }}
-{{- $app := dict "name" "serving" "import_path" "serving.app:build_app" "route_prefix" "/" "args" $holder.config }}
+{{- $config := $holder.config }}
+{{- $routerSection := $config.router | default dict }}
+{{- $routerUser := dict "config" $config }}
+{{- $routerApp := dict "name" $fields.app_name "import_path" "serving.app:build_router_app" "route_prefix" "/" "args" (dict "router" $routerSection) "deployments" (list (dict "name" $fields.router_deployment "user_config" $routerUser)) }}
+{{- $apps := list $routerApp }}
+{{- range $m := $config.models }}
+{{- $entry := deepCopy $m }}
+{{- range $f := $fields.naming }}{{ $_ := unset $entry $f }}{{ end }}
+{{- if $entry.adapters }}
+{{- $adapters := list }}
+{{- range $a := $entry.adapters }}
+{{- $copy := deepCopy $a }}
+{{- range $f := $fields.adapter_naming }}{{ $_ := unset $copy $f }}{{ end }}
+{{- $adapters = append $adapters $copy }}
+{{- end }}
+{{- $_ := set $entry "adapters" $adapters }}
+{{- end }}
+{{- $args := dict "models" (list $entry) }}
+{{- $profile := $m.profile | default $config.default_profile }}
+{{- if $profile }}
+{{- $_ := set $entry "profile" $profile }}
+{{- $_ := set $args "profiles" (dict $profile (index ($config.profiles | default dict) $profile)) }}
+{{- end }}
+{{- $picked := dict }}
+{{- range $f := $fields.engine_router }}{{ if hasKey $routerSection $f }}{{ $_ := set $picked $f (index $routerSection $f) }}{{ end }}{{ end }}
+{{- if $picked }}{{ $_ := set $args "router" $picked }}{{ end }}
+{{- $apps = append $apps (dict "name" (printf "%s.%s" $fields.app_name $m.name) "import_path" "serving.app:build_engine_app" "route_prefix" nil "args" $args) }}
+{{- end }}
 {{- $http := dict "host" "0.0.0.0" "port" (int $router.port) }}
-{{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "applications" (list $app)) }}
+{{- toYaml (dict "proxy_location" .Values.serve.proxyLocation "http_options" $http "applications" $apps) }}
 {{- end }}
 
 {{/*
