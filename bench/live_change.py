@@ -1,6 +1,6 @@
 """Live change: steady load on a running stack while `serving apply` changes it and autoscaling moves.
 
-`python -m bench live-change` starts `serving up` on a small config (two chat deployments of the
+`python -m bench live-change [--per-model-apps]` starts `serving up` on a small config (two chat deployments of the
 same weights on CPU: `old`, serving the alias `chat`, and `keep`), keeps a closed loop of
 requests going (by the alias, by `keep`'s name, streamed and not), and applies in turn:
 
@@ -241,7 +241,8 @@ def run_scenario(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     files = scenario_files(base_config(args.port), out / "configs")
     configs = {name: load_config(path) for name, path in files.items()}
-    stack = Stack(yaml.safe_load(files["base"].read_text()), args.port, out / "serving-up.log")
+    stack = Stack(yaml.safe_load(files["base"].read_text()), args.port, out / "serving-up.log",
+                  up_args=("--per-model-apps",) if args.per_model_apps else ())
     steps: list[dict[str, Any]] = []
     checks: list[dict[str, Any]] = []
     print(f"starting the stack ({files['base']})", flush=True)
@@ -323,4 +324,6 @@ def add_parser(sub) -> None:
     p.add_argument("--ramp-workers", type=int, default=8, help="concurrent streams of the autoscaling ramp")
     p.add_argument("--ramp-tokens", type=int, default=128)
     p.add_argument("--ramp-timeout", type=float, default=180)
+    p.add_argument("--per-model-apps", action="store_true",
+                   help="the Helm chart's shape: one application per model; each apply is one deploy, as `helm upgrade`")
     p.set_defaults(func=run_scenario)
