@@ -50,6 +50,7 @@ class Sample:
     config: str | None = None  # x-serving-config: the catalog that routed it
     replica: str | None = None
     error: str = ""
+    phase: str = "steady"  # or "ramp": the autoscaling ramp's own clients
 
 
 @dataclass
@@ -63,14 +64,16 @@ class LiveLoad:
     max_tokens: int = 8
     headers: dict[str, str] = field(default_factory=dict)
     samples: list[Sample] = field(default_factory=list)
+    phase: str = "steady"
+    clock: float | None = None  # another load's start: its samples' times on that load's clock
 
     def __post_init__(self):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.started = time.monotonic()
+        self.started = self.clock or time.monotonic()
 
     def __enter__(self) -> "LiveLoad":
-        self.started = time.monotonic()
+        self.started = self.clock or time.monotonic()
         self._threads = [threading.Thread(target=self._worker, args=(i,), daemon=True) for i in range(self.workers)]
         for thread in self._threads:
             thread.start()
@@ -90,7 +93,7 @@ class LiveLoad:
                 n += 1
 
     def call(self, client: httpx.Client, name: str, stream: bool) -> Sample:
-        sample = Sample(name, stream, time.monotonic() - self.started)
+        sample = Sample(name, stream, time.monotonic() - self.started, phase=self.phase)
         body = {"model": name, "max_tokens": self.max_tokens, "stream": stream,
                 "messages": [{"role": "user", "content": "Say something short."}]}
         try:
@@ -263,10 +266,14 @@ def run_scenario(args: argparse.Namespace) -> int:
                     break
                 time.sleep(args.settle)
             ramp_at = load.now()
-            ramp = _autoscale(stack.url, args) if steps and steps[-1]["step"] == "autoscale" and steps[-1]["exit"] == 0 else {}
+            ramp = _autoscale(stack.url, args, load.started) if steps and steps[-1]["step"] == "autoscale" and steps[-1]["exit"] == 0 else {}
+            if ramp:
+                ramp["ramp_started_s"] = round(ramp_at, 2)
         samples = load.samples + ramp.pop("samples", [])
         problems = check(samples, list(configs.values()))
-        keep_replicas = replicas_by_model([s for s in load.samples if s.sent < ramp_at]).get("keep", set())
+        # keep's own change is the last step: until it, the plan leaves keep alone
+        last_at = next((step["at_s"] for step in steps if step["step"] == "autoscale"), ramp_at)
+        keep_replicas = replicas_by_model([s for s in load.samples if s.sent + s.seconds < last_at]).get("keep", set())
         checks.append({"check": "0 failed requests, every answer from the alias target in force", "ok": not problems,
                        "detail": problems[:20]})
         checks.append({"check": "keep's replica untouched by add/move/roll/remove", "ok": len(keep_replicas) == 1,
@@ -296,9 +303,10 @@ def _all_answer(url: str, config: Any, digest: str) -> bool:
         return False
 
 
-def _autoscale(url: str, args: argparse.Namespace) -> dict[str, Any]:
+def _autoscale(url: str, args: argparse.Namespace, clock: float) -> dict[str, Any]:
     """A ramp of concurrent long streams on `keep` until it has 2 replicas, then idle until it has 1."""
-    with LiveLoad(url, ["keep"], workers=args.ramp_workers, max_tokens=args.ramp_tokens) as ramp:
+    with LiveLoad(url, ["keep"], workers=args.ramp_workers, max_tokens=args.ramp_tokens, phase="ramp",
+                  clock=clock) as ramp:
         up = wait_for(lambda: model_replicas(url, "keep") >= 2, args.ramp_timeout)
     ramp_ended = time.monotonic()
     down = wait_for(lambda: model_replicas(url, "keep") == 1, args.ramp_timeout)
