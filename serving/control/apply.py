@@ -57,19 +57,14 @@ class Plan:
 
 
 def _names(config: ServingConfig) -> dict[str, str]:
-    """Every name a request may use -> what it resolves to (a model or adapter; a route)."""
-    from serving.routing import catalog_from_config, routes_from_config
+    """Every alias, tag selector and route -> what it resolves to (by the config's one resolver)."""
+    from serving.config import select_models, served_models
+    from serving.routing import routes_from_config
 
-    out: dict[str, str] = {}
-    for name, target in catalog_from_config(config).items():
-        out[name] = name
-        for alias in target.aliases:
-            out[alias] = name
-        for tag in target.tags:
-            out.setdefault(f"tag:{tag}", "")
-            out[f"tag:{tag}"] = ",".join(sorted(filter(None, out[f"tag:{tag}"].split(",") + [name])))
-    for name, route in routes_from_config(config).items():
-        out[name] = f"route {route.small}|{route.large}"
+    served = served_models(config)
+    refs = {a for m in served for a in m.aliases} | {f"tag:{t}" for m in served for t in m.tags}
+    out = {ref: ",".join(sorted(m.name for m in select_models(config, ref))) for ref in refs}
+    out.update({name: f"route {r.small}|{r.large}" for name, r in routes_from_config(config).items()})
     return out
 
 

@@ -51,7 +51,6 @@ class Router:
         self.config = config  # validated once, by whoever built the app (serving.app.build)
         router = self.config.router
         self.metrics = RouterMetrics()
-        self.load_views = load_views
         self.loads = LoadView([], load_views, router.report_stale_after_s)
         self.metrics.engines.reports = lambda: {name: self.loads.reports(name) for name in self.loads.names}
         self.prices: dict[str, Any] = {}  # shared with the accounting: updated in place
