@@ -78,16 +78,15 @@ def plan(old: ServingConfig, new: ServingConfig) -> Plan:
     restarted, rescaled = [], []
     for name in sorted(set(old_models) & set(new_models)):
         before, after = old.engine_spec(old_models[name]), new.engine_spec(new_models[name])
+        # the same identity serving.app versions engines by; resources are Ray's actor options
         if engine_identity(before, old, EngineDeployment) != engine_identity(after, new, EngineDeployment) or \
-                before.resources != after.resources or before.env != after.env:
+                before.resources != after.resources:
             restarted.append(name)
         elif engine_options(before, old) != engine_options(after, new):  # by value (600 == 600.0)
             rescaled.append(name)
     old_names, new_names = _names(old), _names(new)
     names = []
-    for name in sorted(set(old_names) | set(new_names)):
-        if name in old_models or name in new_models:
-            continue  # models themselves: added/removed above
+    for name in sorted(set(old_names) | set(new_names)):  # aliases, tags, routes (models: added/removed above)
         before, after = old_names.get(name), new_names.get(name)
         if before != after:
             names.append(f"{name}: {before or '(none)'} -> {after or '(none)'}")
