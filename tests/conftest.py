@@ -31,9 +31,10 @@ SECOND_CHAT_MODEL = "smollm2-135m-b"
 EMBED_MODEL = "all-minilm-l6-v2"
 START_TIMEOUT_S = 900
 # The shared stack's request deadline (the default is 600 s): tests/test_e2e_slow_reader.py waits
-# for it, so it is short. Every e2e client gives up within 300 s of silence, and no request a test
-# lets finish runs past ~60 s (long ones are cut by their client or by this deadline on purpose).
-E2E_REQUEST_TIMEOUT_S = 75
+# for it, so it is short. Every e2e client gives up within 300 s of silence; the longest request a
+# test lets finish took 8 s in a whole run (session 30, the router's request log); long ones are cut
+# by their client or by this deadline on purpose.
+E2E_REQUEST_TIMEOUT_S = 30
 # LoRA adapters the twin chat deployment serves (bench/adapters.py, made with peft and cached like the
 # models: `fruit_adapters()` gives their folders): name -> tags. Each one's alias is in e2e_config.
 ADAPTER_TAGS = {"fruit-apple": ["fruit", "red"], "fruit-banana": ["fruit", "yellow"], "fruit-cherry": ["fruit", "red"]}
@@ -104,8 +105,12 @@ class Stack:
         return self.exit_code
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
+def launch_shared_stack(tmp_path_factory) -> Stack:
+    """`serving up` of the shared stack, started once (not waited for): the first test that needs
+    no stack after the cluster stack's starts it (pytest_runtest_setup), so it comes up while the
+    tests that need none run; the `stack` fixture waits for it."""
+    if "stack" in _SHARED:
+        return _SHARED["stack"]
     from serving.config import load_config
     from serving.engine.provision import provision_model
 
@@ -117,21 +122,46 @@ def stack(tmp_path_factory) -> Stack:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "serving.control.cli", "up", str(config)], cwd=ROOT, env=env,
                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{PORT}"
+    _SHARED["stack"] = Stack(process, f"http://127.0.0.1:{PORT}", log)
+    return _SHARED["stack"]
+
+
+_SHARED: dict[str, Stack] = {}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    shared = launch_shared_stack(tmp_path_factory)
+    process, log = shared.process, shared.log
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while True:
             if process.poll() is not None:
                 pytest.fail(f"`serving up` exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            if all_models_ready(url):
+            if all_models_ready(shared.url):
                 break
             if time.monotonic() > deadline:
                 pytest.fail(f"stack not ready after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
             time.sleep(2)
-        yield Stack(process, url, log)
+        yield shared
     finally:
         if process.poll() is None:
-            Stack(process, url, log).stop()
+            shared.stop()
+
+
+def pytest_runtest_setup(item):
+    """Start the shared stack early: at the first test that needs no stack, once the tests before it
+    (the local Ray's, the cluster stack's) are done, if a later test needs the shared stack."""
+    if "stack" in _SHARED or _group(item) != 0:
+        return
+    if any("stack" in getattr(other, "fixturenames", ()) for other in item.session.items):
+        launch_shared_stack(item.config._tmp_path_factory)  # what the tmp_path_factory fixture returns
+
+
+def pytest_sessionfinish(session):
+    shared = _SHARED.get("stack")  # launched, but the run ended before a test asked for it (-x, Ctrl-C)
+    if shared is not None and shared.process.poll() is None:
+        shared.stop()
 
 
 @pytest.fixture
@@ -156,7 +186,23 @@ def pytest_runtest_teardown(item, nextitem):
         ray.shutdown()
 
 
-STACK_FIXTURES = {"stack", "stack_url", "tenants", "per_model_stack"}
+STACK_FIXTURES = {"stack", "stack_url", "tenants", "cluster_stack"}
+
+
+def _group(item) -> float:
+    """Run order: the local Ray's tests, the two-node cluster stack's (alone), the tests that need no
+    stack (the shared stack starting meanwhile), the shared stack's, those that stop it, the tenants
+    stack's, those that change it."""
+    names = getattr(item, "fixturenames", ())
+    if "local_ray" in names:
+        return -1
+    if "cluster_stack" in names:
+        return -0.5
+    if "tenants" in names:
+        return 3 if item.get_closest_marker("changes_tenants_stack") else 2
+    if item.get_closest_marker("stops_stack"):
+        return 1
+    return 0.5 if STACK_FIXTURES & set(names) else 0
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not e2e"` never starts a stack
@@ -166,22 +212,14 @@ def pytest_collection_modifyitems(config, items):
     after every other user of it, and the tenants stack's users run last and together, so at
     most one extra stack runs beside the shared one; those that apply new models files to it
     (`changes_tenants_stack`) after its other users. The local Ray's users run first, together; then
-    the per-model-applications stack's (module-scoped: it stops before the shared one starts)."""
+    the two-node cluster stack's (tests/test_e2e_multinode.py, module-scoped: it stops before the shared one starts)."""
     for item in items:
         if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
         if "local_ray" in getattr(item, "fixturenames", ()):  # `make unit -n 2`: one worker, one Ray
             item.add_marker(pytest.mark.xdist_group("local_ray"))
 
-    def group(item) -> float:
-        if "local_ray" in getattr(item, "fixturenames", ()):
-            return -1
-        if "per_model_stack" in getattr(item, "fixturenames", ()):  # its own stack, alone, before the shared one
-            return -0.5
-        if "tenants" in getattr(item, "fixturenames", ()):
-            return 3 if item.get_closest_marker("changes_tenants_stack") else 2
-        return 1 if item.get_closest_marker("stops_stack") else 0
-    items.sort(key=group)  # stable: file order within a group
+    items.sort(key=_group)  # stable: file order within a group
 
 
 @pytest.fixture(scope="session")
