@@ -175,6 +175,9 @@ class Replicas(_Strict):
                                           "target before a replica is added (default: Ray Serve's, 30 s)")
     downscale_delay_s: float | None = Field(None, ge=0, description="autoscaling: how long the load must stay below "
                                             "target before a replica is removed (default: Ray Serve's, 600 s)")
+    look_back_period_s: float | None = Field(None, gt=0, description="autoscaling: the window ongoing requests are "
+                                             "averaged over; a load that ended counts until it leaves it (default: "
+                                             "Ray Serve's, 30 s)")
     cold_start_timeout_s: float = Field(300, gt=0, description="min 0 (scale to zero): how long a request for a "
                                         "model with no replica waits for one to start before a 503 with retry-after")
 

@@ -35,6 +35,10 @@ START_TIMEOUT_S = 900
 # test lets finish took 8 s in a whole run (session 30, the router's request log); long ones are cut
 # by their client or by this deadline on purpose.
 E2E_REQUEST_TIMEOUT_S = 30
+# Engines that share cores (every test stack: 3-5 engines on 2 cores) wait for work asleep, not
+# spinning: libgomp's default spin-wait at each OpenMP barrier burned the cores a starting replica
+# needed (3 engine cores at 60+60+30 % under a light load; deploy/models.auto-cpu.yaml has the numbers).
+SHARED_CORES_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # LoRA adapters the twin chat deployment serves (bench/adapters.py, made with peft and cached like the
 # models: `fruit_adapters()` gives their folders): name -> tags. Each one's alias is in e2e_config.
 ADAPTER_TAGS = {"fruit-apple": ["fruit", "red"], "fruit-banana": ["fruit", "yellow"], "fruit-cherry": ["fruit", "red"]}
@@ -65,6 +69,7 @@ def e2e_config(tmp: Path) -> Path:
     # Three engines + router on a 2-core machine: reserve fractions so Ray can place them all.
     for model in raw["models"]:
         model["resources"] = {"cpus": 0.4}
+    raw["profiles"]["cpu"]["env"].update(SHARED_CORES_ENV)
     # an open API on a test machine: anyone may add adapters at run time (default: admin keys only)
     raw["router"] = {**raw.get("router", {}), "port": PORT, "cpus": 0.2, "request_timeout_s": E2E_REQUEST_TIMEOUT_S,
                      "adapter_admin": "open"}
@@ -126,7 +131,8 @@ def launch_shared_stack(tmp_path_factory) -> Stack:
     return _SHARED["stack"]
 
 
-_SHARED: dict[str, Stack] = {}
+_SHARED: dict = {}  # "stack": Stack, "tenants": what launch_tenants_stack started
+_WANTED: dict = {}
 
 
 @pytest.fixture(scope="session")
@@ -150,18 +156,29 @@ def stack(tmp_path_factory) -> Stack:
 
 
 def pytest_runtest_setup(item):
-    """Start the shared stack early: at the first test that needs no stack, once the tests before it
-    (the local Ray's, the cluster stack's) are done, if a later test needs the shared stack."""
-    if "stack" in _SHARED or _group(item) != 0:
+    """Start a stack before the tests that need it, while others run: the shared stack at the first
+    test that needs no stack (once the local Ray's and the cluster stack's tests are done), the
+    tenants stack at the first test that stops the shared stack. Only if a later test needs it."""
+    group = _group(item)
+    if group not in (0, 1) or ("stack" if group == 0 else "tenants") in _SHARED:
         return
-    if any("stack" in getattr(other, "fixturenames", ()) for other in item.session.items):
-        launch_shared_stack(item.config._tmp_path_factory)  # what the tmp_path_factory fixture returns
+    if _WANTED.get("session") is not item.session:  # the fixtures this run's tests use, once per run
+        _WANTED.update(session=item.session, names=set().union(*(getattr(o, "fixturenames", ()) for o in item.session.items)))
+    wanted = _WANTED["names"]
+    factory = item.config._tmp_path_factory  # what the tmp_path_factory fixture returns
+    if group == 0 and "stack" in wanted:
+        launch_shared_stack(factory)
+    if group == 1 and "tenants" in wanted:
+        launch_tenants_stack(factory)
 
 
 def pytest_sessionfinish(session):
-    shared = _SHARED.get("stack")  # launched, but the run ended before a test asked for it (-x, Ctrl-C)
+    """Stacks launched early whose fixture never ran (the run ended first: -x, Ctrl-C) are stopped."""
+    shared = _SHARED.get("stack")
     if shared is not None and shared.process.poll() is None:
         shared.stop()
+    if "tenants" in _SHARED:
+        _stop_tenants(_SHARED["tenants"]["process"])
 
 
 @pytest.fixture
@@ -252,8 +269,11 @@ def create_key(keys: Path, name: str, *flags: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="session")
-def tenants(tmp_path_factory):
+def launch_tenants_stack(tmp_path_factory) -> dict:
+    """`serving up` of the tenants stack, started once (not waited for): the tests that stop the
+    shared stack start it (pytest_runtest_setup), so it comes up while they run; `tenants` waits."""
+    if "tenants" in _SHARED:
+        return _SHARED["tenants"]
     tmp = tmp_path_factory.mktemp("tenants")
     keys = tmp / "keys.yaml"
     made = {
@@ -289,7 +309,16 @@ def tenants(tmp_path_factory):
     env.pop("SERVING_API_KEYS", None)
     process = subprocess.Popen([sys.executable, "-m", "serving.control.cli", "up", str(config)], cwd=ROOT, env=env,
                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{TENANTS_PORT}"
+    _SHARED["tenants"] = {"url": f"http://127.0.0.1:{TENANTS_PORT}", "keys": made, "log": log,
+                          "request_log": tmp / "requests.jsonl", "config": config, "port": TENANTS_PORT,
+                          "process": process}
+    return _SHARED["tenants"]
+
+
+@pytest.fixture(scope="session")
+def tenants(tmp_path_factory):
+    launched = launch_tenants_stack(tmp_path_factory)
+    process, log, url = launched["process"], launched["log"], launched["url"]
     deadline = time.monotonic() + 900
     try:
         while not all_models_ready(url):
@@ -299,9 +328,13 @@ def tenants(tmp_path_factory):
                 pytest.fail(f"tenant stack not ready:\n{log.read_text()[-4000:]}")
             time.sleep(2)
         address = next(line.split()[-1] for line in log.read_text().splitlines() if line.startswith("ray cluster at "))
-        yield {"url": url, "keys": made, "log": log, "request_log": tmp / "requests.jsonl", "config": config,
-               "port": TENANTS_PORT, "address": address}
+        yield {**{k: v for k, v in launched.items() if k != "process"}, "address": address}
     finally:
+        _stop_tenants(process)
+
+
+def _stop_tenants(process: subprocess.Popen) -> None:
+    if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=120)

@@ -13,7 +13,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.app import autoscaling_config, build, engine_options
+from serving.app import AUTOSCALING_METRICS_INTERVAL_S, autoscaling_config, build, engine_options
 from serving.config import config_digest, parse_config
 from serving.control import apply as applying
 from serving.control.cli import main as serving_main
@@ -128,10 +128,13 @@ def test_apply_refuses_an_invalid_file_before_connecting_to_anything(tmp_path, c
 
 def test_autoscaling_never_sets_initial_replicas_and_passes_the_delays():
     spec = parse_config(changed(lambda r: model(r, "a").__setitem__(
-        "replicas", {"min": 0, "max": 2, "target_ongoing_requests": 2, "upscale_delay_s": 3, "downscale_delay_s": 20})))
+        "replicas", {"min": 0, "max": 2, "target_ongoing_requests": 2, "upscale_delay_s": 3, "downscale_delay_s": 20,
+                     "look_back_period_s": 5})))
     config = autoscaling_config(spec.models[0].replicas)
     assert config == {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 3,
-                      "downscale_delay_s": 20, "downscale_to_zero_delay_s": 20}
+                      "downscale_delay_s": 20, "downscale_to_zero_delay_s": 20, "look_back_period_s": 5,
+                      "metrics_interval_s": AUTOSCALING_METRICS_INTERVAL_S}
+    assert AUTOSCALING_METRICS_INTERVAL_S < 10  # Ray's default: a cold model's first request waited for it
     options = engine_options(spec.engine_spec(spec.models[0]), spec)
     assert "num_replicas" not in options and "initial_replicas" not in options["autoscaling_config"]
 

@@ -51,8 +51,10 @@ def files(tenants, tmp_path_factory) -> dict:
     _model(remove, LARGE)["engine_args"] = {**_model(remove, LARGE).get("engine_args", {}), "max_num_seqs": 8}
     steps["remove"] = remove
     autoscale = json.loads(json.dumps(remove))
+    # a 5 s averaging window: the ended ramp leaves it within 5 s (Ray's default window, 30 s, kept
+    # 2 replicas ~25 s more)
     _model(autoscale, SMALL)["replicas"] = {"min": 1, "max": 2, "target_ongoing_requests": 2, "upscale_delay_s": 2,
-                                            "downscale_delay_s": 10}
+                                            "downscale_delay_s": 10, "look_back_period_s": 5}
     steps["autoscale"] = autoscale
     paths = {}
     for name, raw in steps.items():

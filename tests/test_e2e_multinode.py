@@ -35,6 +35,7 @@ import yaml
 
 from bench.live_change import LiveLoad, apply_file, check, replicas_by_model
 from serving.config import config_to_dict, load_config
+from tests.conftest import SHARED_CORES_ENV
 
 PORT = 28100
 URL = f"http://127.0.0.1:{PORT}"
@@ -46,7 +47,7 @@ CPU = SHIPPED["profiles"]["cpu"]  # the shipped profile, made smaller
 CONFIG = {
     "default_profile": "cpu",
     "profiles": {"cpu": {**CPU, "engine_args": {**CPU["engine_args"], "max_model_len": 1024, "max_num_seqs": 8},
-                         "resources": {"cpus": 0.5}}},
+                         "env": {**CPU["env"], **SHARED_CORES_ENV}, "resources": {"cpus": 0.5}}},
     # the router stays on the head (router.ray_resources), as on VMs with a stable ingress node: the
     # node lost is an engine node, so every request it held is answered by the router
     "router": {"port": PORT, "cpus": 0.2, "drain_timeout_s": 10, "request_timeout_s": 120,

@@ -17,9 +17,9 @@ both is a broken case. `pytest tests/test_e2e_parity.py -k bare-vllm` runs only 
 and never starts the stack (the stack fixture is requested lazily, for stack cases only).
 
 Bare vLLM serves one model per process, so the chat model and the embedding model each get a
-server of their own. This machine has 2 cores and every CPU engine binds all of them, so the
-two never run at once: the chat cases run first on one server, which is stopped before the
-embedding server starts, and no bare server runs while the stack cases run.
+server of their own. Both start together (a start is mostly single-threaded imports, so two take
+about as long as one on 2 cores); the cases run one at a time, so an idle engine never competes
+with the one answering, and no bare server runs while the stack cases run.
 """
 
 from __future__ import annotations
@@ -100,57 +100,61 @@ def answers(url: str, model: str) -> bool:
 
 
 class BareVllm:
-    """At most one bare vLLM server at a time: asking for another model stops the running one."""
+    """The bare vLLM servers, one per model, started together the first time one is asked for (a
+    start is mostly single-threaded imports: two side by side take about as long as one) and
+    stopped together before any stack case runs."""
 
     def __init__(self, logs: Path):
         self.logs = logs
-        self.model: str | None = None
-        self.process: subprocess.Popen | None = None
+        self.processes: dict[str, subprocess.Popen] = {}
 
     def url(self, model: str) -> str:
+        if not self.processes:
+            self._start()
+        process, log = self.processes[model], self.logs / f"{model}.log"
         url = f"http://127.0.0.1:{BARE_PORTS[model]}"
-        if self.model == model and self.process is not None and self.process.poll() is None:
-            return url
-        self.stop()
-        from serving.config import load_config
-        from serving.engine.provision import model_dir, provision_model
-
-        spec = next(m for m in load_config(ROOT / "models.yaml").models if m.name == model)
-        provision_model(spec)
-        log = self.logs / f"{model}.log"
-        self.model = model
-        self.process = subprocess.Popen(bare_command(model, model_dir(spec), BARE_PORTS[model]), cwd=ROOT,
-                                        env=bare_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not answers(url, model):
-            if self.process.poll() is not None:
-                pytest.fail(f"bare vLLM for {model} exited with {self.process.returncode}:\n{log.read_text()[-4000:]}")
+            if process.poll() is not None:
+                pytest.fail(f"bare vLLM for {model} exited with {process.returncode}:\n{log.read_text()[-4000:]}")
             if time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"bare vLLM for {model} not ready after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
             time.sleep(2)
         return url
 
+    def _start(self) -> None:
+        from serving.config import load_config
+        from serving.engine.provision import model_dir, provision_model
+
+        for model in BARE_PORTS:
+            spec = next(m for m in load_config(ROOT / "models.yaml").models if m.name == model)
+            provision_model(spec)
+            self.processes[model] = subprocess.Popen(
+                bare_command(model, model_dir(spec), BARE_PORTS[model]), cwd=ROOT, env=bare_env(),
+                stdout=open(self.logs / f"{model}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
     def stop(self) -> None:
         """Ctrl-C (vLLM shuts its engine core down), then terminate, then kill; always reaped."""
-        process, self.process, self.model = self.process, None, None
-        if process is None or process.poll() is not None:
-            return
-        for stop, wait_s in ((lambda: process.send_signal(signal.SIGINT), 60), (process.terminate, 15),
-                             (lambda: os.killpg(process.pid, signal.SIGKILL), 15)):
-            try:
-                stop()
-                process.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-            except ProcessLookupError:
-                break
-        try:  # the engine core is a child in the same session: leave nothing behind
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        processes, self.processes = self.processes, {}
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+        for process in processes.values():
+            for stop, wait_s in ((lambda: None, 60), (process.terminate, 15),
+                                 (lambda: os.killpg(process.pid, signal.SIGKILL), 15)):
+                try:
+                    stop()
+                    process.wait(timeout=wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+                except ProcessLookupError:
+                    break
+            try:  # the engine core is a child in the same session: leave nothing behind
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The CLI against the running stack, then Ctrl-C: everything it started must be gone.
 
 Runs after every other user of the session's shared stack (marker `stops_stack`, ordered in conftest): it stops it.
+The tenants stack starts beside these tests (tests/conftest.py), so they look only at the shared stack's processes.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.stops_stack]
 
 
 def test_status_command_shows_models_and_deployments(stack):
-    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "status", "--url", stack.url],
-                            capture_output=True, text=True, timeout=120)
+    # this stack's cluster by name: the tenants stack's, starting beside it, is the machine's newest
+    address = next(line.split()[-1] for line in stack.log.read_text().splitlines() if line.startswith("ray cluster at "))
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "status", "--url", stack.url,
+                             "--address", address], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for name in (CHAT_MODEL, SECOND_CHAT_MODEL, EMBED_MODEL):
         assert any(line.split()[:2] == [name, "ready"] for line in result.stdout.splitlines()), result.stdout
@@ -35,10 +38,15 @@ def test_up_printed_url_and_model_states(stack):
         assert any(line.split()[:2] == [name, "ready"] for line in log.splitlines())
 
 
-def engine_core_of(model: str) -> psutil.Process:
-    for process in psutil.process_iter(["cmdline"]):
-        if any(f"ServeReplica:serving:{model}" in part for part in (process.info["cmdline"] or [])) \
-                and not any(f"ServeReplica:serving:{model}-" in part for part in process.info["cmdline"]):
+def engine_core_of(stack, model: str) -> psutil.Process:
+    """The vLLM engine core of `model`'s replica in this stack (the tenants stack may be starting beside it)."""
+    for process in psutil.Process(stack.process.pid).children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+        except psutil.Error:
+            continue
+        if any(f"ServeReplica:serving:{model}" in part for part in cmdline) \
+                and not any(f"ServeReplica:serving:{model}-" in part for part in cmdline):
             cores = [c for c in process.children() if "EngineCore" in c.name()]
             if cores:
                 return cores[0]
@@ -58,7 +66,7 @@ def test_dead_engine_is_routed_around_then_replaced(stack):
         before = http.post("/v1/completions", json={"model": SECOND_CHAT_MODEL, "prompt": "Hi", "max_tokens": 2})
         assert before.status_code == 200, before.text
         old_replica = before.headers["x-served-replica"]
-        engine_core_of(SECOND_CHAT_MODEL).kill()
+        engine_core_of(stack, SECOND_CHAT_MODEL).kill()
         served = []
         for _ in range(4):
             response = http.post("/v1/completions", json={"model": "tag:chat,small", "prompt": "Hi", "max_tokens": 2})

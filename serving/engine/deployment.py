@@ -449,17 +449,10 @@ class EngineDeployment:
         ).to_dict()
 
     async def check_health(self) -> None:
-        """Ray Serve's health check. A vLLM engine that died never comes back, so the replica exits:
-        Ray replaces a crashed replica at this check, where a raising one waits out two more checks
-        (REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD x health_check_period_s, 30 s here)."""
-        if not self.engine.errored:
-            try:
-                await self.engine.check_health()
-                return
-            except Exception:
-                if not self.engine.errored:
-                    raise  # not dead: Ray counts a failed check
-        exit_dead_replica(self.name, self.engine)
+        """Ray Serve restarts the replica when this raises: a dead engine never gets traffic."""
+        if self.engine.errored:
+            raise RuntimeError(f"vLLM engine of {self.name} is dead: {self.engine.dead_error!r}")
+        await self.engine.check_health()
 
     def __del__(self):
         links = getattr(self, "_links", None)
@@ -468,18 +461,6 @@ class EngineDeployment:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
-
-
-def exit_dead_replica(name: str, engine: Any) -> None:
-    """End this replica's process: its engine is dead. The engine core is stopped first (if any of it
-    is left), so nothing outlives the replica."""
-    logger.error("vLLM engine of %s is dead (%r): the replica exits so Ray replaces it", name, engine.dead_error)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    try:
-        engine.shutdown()
-    finally:
-        os._exit(1)
 
 
 class _LatestStats:
