@@ -218,7 +218,7 @@ def scenario_files(base: dict[str, Any], folder: Path) -> dict[str, Path]:
     return paths
 
 
-def base_config(port: int) -> dict[str, Any]:
+def base_config(port: int, engine_env: dict[str, str] | None = None) -> dict[str, Any]:
     from bench.chaos import default_config
     from serving.config import load_config
     from serving.engine.provision import model_dir
@@ -232,6 +232,7 @@ def base_config(port: int) -> dict[str, Any]:
     entry.pop("name")
     # three engines at most at once (old, keep, new) plus keep's second replica: 0.3 CPU each on 2 cores
     raw["profiles"]["cpu"]["resources"] = {"cpus": 0.3}
+    raw["profiles"]["cpu"]["env"] = {**raw["profiles"]["cpu"].get("env", {}), **(engine_env or {})}
     raw["models"] = [{"name": "old", **entry, "aliases": ["chat"]}, {"name": "keep", **entry, "aliases": []}]
     return raw
 
@@ -242,7 +243,7 @@ def run_scenario(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = scenario_files(base_config(args.port), out / "configs")
+    files = scenario_files(base_config(args.port, dict(kv.split("=", 1) for kv in args.engine_env)), out / "configs")
     configs = {name: load_config(path) for name, path in files.items()}
     stack = Stack(yaml.safe_load(files["base"].read_text()), args.port, out / "serving-up.log",
                   up_args=("--per-model-apps",) if args.per_model_apps else ())
@@ -332,6 +333,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ramp-workers", type=int, default=8, help="concurrent streams of the autoscaling ramp")
     p.add_argument("--ramp-tokens", type=int, default=128)
     p.add_argument("--ramp-timeout", type=float, default=180)
+    p.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="more environment for every engine (the cpu profile's env), e.g. OMP_WAIT_POLICY=PASSIVE")
     p.add_argument("--per-model-apps", action="store_true",
                    help="the Helm chart's shape: one application per model; each apply is one deploy, as `helm upgrade`")
     p.set_defaults(func=run_scenario)

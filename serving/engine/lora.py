@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.config import AdapterSpec, ServingConfig
-from serving.protocol.adapter_book import RuntimeAdapter
+from serving.protocol.adapter_book import RuntimeAdapter, follow_book
 
 logger = logging.getLogger("serving.engine")
 
@@ -87,14 +87,8 @@ class AdapterSync:
     # --- keeping in step ------------------------------------------------------------------
 
     async def run(self, interval_s: float) -> None:
-        while True:
-            try:
-                await self.sync()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the book may be restarting: try again next round
-                logger.warning("adapter sync of %s failed: %r", self.base, error)
-            await asyncio.sleep(interval_s)
+        await follow_book(self.sync, interval_s,
+                          lambda error: logger.warning("adapter sync of %s failed: %r", self.base, error))
 
     async def sync(self) -> None:
         if self.book is not None:

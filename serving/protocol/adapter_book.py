@@ -10,8 +10,9 @@ each engine gets them at start and each router from the config.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from serving.config import AdapterSpec
 from serving.tenants import shared_actor
@@ -63,3 +64,17 @@ def kill_book() -> bool:
         return True
     except ValueError:  # never created
         return False
+
+
+async def follow_book(step: Callable[[], Awaitable[None]], interval_s: float,
+                      on_error: Callable[[BaseException], None]) -> None:
+    """Run `step` (read the book, act on it) every `interval_s` until cancelled. A failed round (the
+    book's actor restarting) goes to `on_error` and the next round tries again."""
+    while True:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            on_error(error)
+        await asyncio.sleep(interval_s)

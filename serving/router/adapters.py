@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from serving.config import GENERATIVE_TASKS, AdapterSpec, ServingConfig
 from serving.protocol import errors
-from serving.protocol.adapter_book import RuntimeAdapter
+from serving.protocol.adapter_book import RuntimeAdapter, follow_book
 from serving.protocol.messages import RoutingStats
 from serving.routing import Route, Target
 
@@ -156,15 +156,8 @@ class RuntimeAdapters:
         if self.enabled and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._poll(interval_s))
 
-    async def _poll(self, interval_s: float) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the book restarting: keep the catalog we have
-                logger.debug("adapter book poll failed: %r", error)
-            await asyncio.sleep(interval_s)
+    async def _poll(self, interval_s: float) -> None:  # a failed round keeps the catalog we have
+        await follow_book(self.refresh, interval_s, lambda error: logger.debug("adapter book poll failed: %r", error))
 
     async def refresh(self) -> None:
         read = await (await self.book()).read.remote(self.version)
