@@ -447,6 +447,40 @@ def test_dead_engine_answer_is_retried_elsewhere(client):
     assert router.loads.inflight == {"a": 0, "b": 0}
 
 
+class GoneView(FakeView):
+    """Ray ran replicas of the deployment and runs none now: they died, a replacement is starting."""
+
+    def reports(self):
+        return []
+
+    def lost_every_replica(self):
+        return True
+
+
+def test_a_model_that_lost_every_replica_answers_at_once_instead_of_waiting_in_rays_queue(client):
+    a, b = FakeHandle("a", ok("a")), FakeHandle("b", ok("b"))
+    router, http = client({"a": a, "b": b}, {"a": GoneView(), "b": FakeView(healthy("b"))})
+    by_name = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
+    assert by_name.status_code == 503 and by_name.json()["error"]["type"] == "service_unavailable_error"
+    assert by_name.headers["x-route-attempts"] == "a: no replica"
+    by_tag = http.post("/v1/chat/completions", json={"model": "tag:small", **CHAT})
+    assert by_tag.status_code == 200 and by_tag.headers["x-served-model"] == "b"
+    assert a.requests == []  # never handed to Ray's handle, where it would wait for a replica
+    assert router.loads.inflight == {"a": 0, "b": 0}
+
+
+def test_the_replica_router_says_every_replica_is_gone_only_after_it_had_some():
+    from serving.router.replica_router import EngineRequestRouter
+
+    view = EngineRequestRouter.__new__(EngineRequestRouter)  # Ray builds it; here only its replica list
+    view._replicas_list = []
+    assert not view.lost_every_replica()  # starting: no replica yet is not a loss
+    view.had_replicas, view._replicas_list = True, ["r1"]
+    assert not view.lost_every_replica()
+    view._replicas_list = []
+    assert view.lost_every_replica()
+
+
 def test_a_dead_engine_is_avoided_at_once_by_the_replica_choice(client):
     """The retry and the requests after it go to the deployment's other replica: the dead one is
     marked in its replica router now, not when its next (late) report arrives."""

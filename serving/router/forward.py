@@ -137,11 +137,17 @@ class Forwarder:
             record.model = name
             deployment = self.deployment_of(name)
             record.base_model = deployment if deployment != name else None
+            cold_limit = self.cold_start(deployment)  # scaled to zero: the handle holds it while a replica starts
+            if cold_limit is None and self.loads.lost_every_replica(deployment):
+                # its replicas died and Ray is replacing them: answer now (the next candidate, or a
+                # 503 to retry) rather than wait in Ray's queue until the deadline
+                attempts.tried.append((name, "no replica"))
+                self.accounting.metrics.route_failovers.labels(deployment).inc()
+                continue
             self.loads.acquire(deployment)
             self.accounting.metrics.inflight.labels(deployment).inc()
             reply_to, inbox = self.hub.open() if use_link else (None, None)
             record.engine_called, record.engine_ended = True, False
-            cold_limit = self.cold_start(deployment)  # scaled to zero: the handle holds it while a replica starts
             called_at = time.monotonic()
             call = Call(self.streams[deployment].generate.remote(dataclasses.replace(
                 message, deadline=deadline, reply_to=reply_to, usage_ticket=self.accounting.ticket(record, name),

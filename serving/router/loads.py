@@ -64,6 +64,11 @@ class LoadView:
         now = time.time()
         return {name: self.load(name, now) for name in self.names}
 
+    def lost_every_replica(self, name: str) -> bool:
+        """Every replica of `name` is gone and none runs yet (not a scale to zero: see the router's cold map)."""
+        view = self.views.get(name)
+        return bool(view is not None and getattr(view, "lost_every_replica", lambda: False)())
+
     def mark_dead(self, name: str, replica: str) -> None:
         """A replica of `name` answered that its engine is dead: its replica choice avoids it now."""
         view = self.views.get(name)

@@ -38,6 +38,16 @@ class EngineRequestRouter(RequestRouter):
 
         registry.register_load_view(self._deployment_id.name, self)
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        if replicas:
+            self.had_replicas = True
+
+    def lost_every_replica(self) -> bool:
+        """Ray ran replicas of this deployment and runs none now (they died; replacements may be
+        starting): a request sent now would wait in Ray's queue until one runs or its deadline."""
+        return getattr(self, "had_replicas", False) and not self._replicas_list
+
     def views(self, replicas: list[RunningReplica] | None = None) -> list[ReplicaView]:
         """The policy's picture of each replica: the engine's last report + this process's in-flight count."""
         now = time.time()
