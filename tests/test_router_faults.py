@@ -462,7 +462,7 @@ def test_a_model_that_lost_every_replica_answers_at_once_instead_of_waiting_in_r
     router, http = client({"a": a, "b": b}, {"a": GoneView(), "b": FakeView(healthy("b"))})
     by_name = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
     assert by_name.status_code == 503 and by_name.json()["error"]["type"] == "service_unavailable_error"
-    assert by_name.headers["x-route-attempts"] == "a: no replica"
+    assert by_name.headers["x-route-attempts"] == "a: no replica" and by_name.headers["retry-after"] == "1"
     by_tag = http.post("/v1/chat/completions", json={"model": "tag:small", **CHAT})
     assert by_tag.status_code == 200 and by_tag.headers["x-served-model"] == "b"
     assert a.requests == []  # never handed to Ray's handle, where it would wait for a replica
