@@ -42,7 +42,8 @@ checkov: .venv-checkov/.installed-$(CHECKOV_VERSION)
 	touch $@
 
 unit: install  # every test that needs no stack (tests using one are marked e2e by tests/conftest.py)
-	$(BIN)/python -m pytest -m 'not e2e' -n 2 --dist loadgroup  # 2 workers; the local Ray's tests share one (tests/conftest.py)
+	@# 2 workers; the local Ray's tests share one, as do those importing vLLM (tests/conftest.py)
+	$(BIN)/python -m pytest -m 'not e2e' --ignore-glob='tests/test_e2e_*' -n 2 --dist loadgroup
 
 check: install
 	$(BIN)/serving check $(MODELS)

@@ -21,6 +21,8 @@ from serving.protocol.messages import ReplyHead, Usage
 from serving.router.http import app
 from tests.test_router_faults import FakeHandle, FakeStream, FakeView, healthy, make_router, ok
 
+pytestmark = pytest.mark.imports_vllm  # one xdist worker takes these (tests/conftest.py)
+
 BASE = {
     "router": {"request_timeout_s": 30},
     "models": [

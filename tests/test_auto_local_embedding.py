@@ -19,6 +19,8 @@ from serving.router.embedder import LocalEmbedder, StaticEmbedder
 from serving.routing import catalog_from_config, routes_from_config
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.imports_vllm  # one xdist worker takes these (tests/conftest.py)
+
 CONFIG = load_config(ROOT / "deploy" / "models.auto-cpu.yaml")
 EMBED = next(m for m in CONFIG.models if m.task == "embed")
 HARD = "Prove by induction that the sum of the first n odd numbers is n^2, then implement a Python function that checks it."

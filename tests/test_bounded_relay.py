@@ -24,6 +24,8 @@ from tests.test_engine_pending import CHUNK, chat_request, engine_with
 from tests.test_router_faults import CHAT, FakeHandle, make_router, ok
 from tests.test_streamlink import HEAD, LinkedCall, stream_a
 
+pytestmark = pytest.mark.imports_vllm  # one xdist worker takes these (tests/conftest.py)
+
 PIECE = b"x" * (16 << 10)
 
 

@@ -27,6 +27,10 @@ from render import render  # noqa: E402
 from test_docker import instructions  # noqa: E402
 from test_helm import VALUE_SETS, values_for  # noqa: E402
 
+# checkov_result (module-scoped) runs checkov, ~8 s: under `make unit -n 2` the module stays on one
+# worker, or each worker that gets one of its two tests runs it.
+pytestmark = pytest.mark.xdist_group("checkov")
+
 NAMESPACE = "serving"
 SERVE_PORT = 8000
 # Ports a Ray pod listens on (GCS, Ray Client, dashboard, metrics, dashboard agent, runtime env

@@ -13,6 +13,8 @@ import yaml
 from serving.config import ConfigError, load_config, parse_config
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.imports_vllm  # one xdist worker takes these (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 BASE = {
@@ -203,11 +205,23 @@ def run_check(path) -> subprocess.CompletedProcess:
 
 
 def test_check_command_accepts_the_shipped_file():
-    """The one real process run of the command (the others call it in-process: tests.conftest.run_cli)."""
-    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(ROOT / "models.yaml")],
-                            capture_output=True, text=True)
+    result = run_check(ROOT / "models.yaml")
     assert result.returncode == 0, result.stderr
     assert "smollm2-135m" in result.stdout
+
+
+def test_check_command_as_a_process_exits_2_with_the_problems_on_stderr(tmp_path):
+    """The one real process run of the command (the others call it in-process: tests.conftest.run_cli):
+    exit status, streams and the module entry point. A file refused before vLLM's own fields are
+    read, so the process does not import vLLM (~8 s) to show what the in-process runs show."""
+    path = tmp_path / "models.yaml"
+    path.write_text("models: []\nmodelz: 1\n")
+    result = subprocess.run([sys.executable, "-m", "serving.control.cli", "check", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "modelz: unknown key 'modelz'; did you mean 'models'?" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_check_command_names_the_key_path(tmp_path):

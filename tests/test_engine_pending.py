@@ -10,12 +10,16 @@ import json
 import time
 import types
 
+import pytest
+
 from serving.engine.deployment import EngineDeployment, _LatestStats, _request_parsers
 from serving.protocol.streamlink import LinkPool, StreamHub
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats, estimate_body_tokens
 from serving.routing import Load
 from serving.routing.core import score
 from serving.routing.replicas import ReplicaView
+
+pytestmark = pytest.mark.imports_vllm  # one xdist worker takes these (tests/conftest.py)
 
 CHUNK = 'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 

@@ -19,6 +19,8 @@ from serving.config import load_config
 from serving.router import listing
 from serving.routing import catalog_from_config
 
+pytestmark = pytest.mark.imports_vllm  # one xdist worker takes these (tests/conftest.py)
+
 # Ours against vLLM's class of the same name. vLLM is imported by the tests, not at collection,
 # so collecting the suite (once per xdist worker) does not pay vLLM's ~6 s import.
 PAIRS = [errors.ErrorInfo, errors.ErrorResponse, listing.ModelPermission, listing.ModelCard, listing.ModelList]

@@ -38,6 +38,8 @@ KUBE_VERSION = "1.32"
 sys.path.insert(0, str(ROOT / "deploy"))
 from render import render  # noqa: E402
 
+pytestmark = pytest.mark.imports_vllm  # one xdist worker takes these (tests/conftest.py)
+
 
 def gpu_values() -> dict[str, Any]:
     return yaml.safe_load(GPU_VALUES.read_text())

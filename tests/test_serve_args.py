@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import yaml
 from serving.config import load_config, parse_config
 from tests.conftest import run_cli
 
-pytest.importorskip("vllm")
+# find_spec, not importorskip: importing vLLM (torch) at collection cost every xdist worker ~3 s.
+pytestmark = [pytest.mark.imports_vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")]
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
