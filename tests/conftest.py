@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -157,20 +158,81 @@ def stack(tmp_path_factory) -> Stack:
 
 
 def pytest_runtest_setup(item):
-    """Start a stack before the tests that need it, while others run: the shared stack at the first
-    test that needs no stack (once the local Ray's and the cluster stack's tests are done), the
-    tenants stack at the first test that stops the shared stack. Only if a later test needs it."""
+    """Start a stack before the tests that need it, while others run: at the run's first test what
+    waits for nothing (launch_early), the shared stack at the first test that needs no stack (once
+    the local Ray's and the cluster stack's tests are done), the tenants stack at the first test
+    that stops the shared stack. Only if a test of this run needs it."""
+    if _WANTED.get("session") is not item.session:  # the fixtures this run's tests use, once per run
+        _WANTED.update(session=item.session, names=set().union(*(getattr(o, "fixturenames", ()) for o in item.session.items)))
+        launch_early(_WANTED["names"], item.config._tmp_path_factory)
     group = _group(item)
     if group not in (0, 1) or ("stack" if group == 0 else "tenants") in _SHARED:
         return
-    if _WANTED.get("session") is not item.session:  # the fixtures this run's tests use, once per run
-        _WANTED.update(session=item.session, names=set().union(*(getattr(o, "fixturenames", ()) for o in item.session.items)))
     wanted = _WANTED["names"]
     factory = item.config._tmp_path_factory  # what the tmp_path_factory fixture returns
     if group == 0 and "stack" in wanted:
         launch_shared_stack(factory)
     if group == 1 and "tenants" in wanted:
         launch_tenants_stack(factory)
+
+
+def launch_early(wanted: set[str], tmp_path_factory) -> None:
+    """What this run needs and can start at once, in the background while the first tests run (the
+    local Ray's use a core of two): the null-engine stack (no vLLM, its own Ray), and the test
+    adapters the stacks serve, trained if not cached (bench/adapters.py trains them in a child
+    process; a later fruit_adapters() waits on its file lock, then finds them)."""
+    if "null_stack" in wanted:
+        launch_null_stack(tmp_path_factory)
+    if {"stack", "tenants"} & wanted:
+        threading.Thread(target=fruit_adapters, name="train-adapters", daemon=True).start()
+
+
+NULL_STACK_PORT = int(os.environ.get("NULL_STACK_TEST_PORT", "28300"))
+
+
+def launch_null_stack(tmp_path_factory) -> subprocess.Popen:
+    """bench/scripts/null_stack.py: the real router in front of the null engine, on its own Ray."""
+    if "null" not in _SHARED:
+        log = tmp_path_factory.mktemp("null") / "null-stack.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        _SHARED["null"] = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench/scripts/null_stack.py"), "--port", str(NULL_STACK_PORT),
+             "--tokens-per-s", "500", "--flush-ms", "10"],
+            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        _SHARED["null"].log = log
+    return _SHARED["null"]
+
+
+def stop_null_stack(wait: bool) -> None:
+    """Ctrl-C; its Ray winds down while the next tests run, and the session's end waits for it."""
+    process = _SHARED.get("null")
+    if process is None or process.poll() is not None:
+        return
+    if not getattr(process, "interrupted", False):
+        process.send_signal(signal.SIGINT)
+        process.interrupted = True
+    if wait:
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")  # stopped after its module's tests
+def null_stack(tmp_path_factory):
+    """The null stack (tests/test_bench_null_engine.py), started at the run's first test (launch_early),
+    once it says READY. Defined here, not in the test file: the hooks' _SHARED is this module's."""
+    process = launch_null_stack(tmp_path_factory)
+    try:
+        deadline = time.monotonic() + 180
+        while "null stack READY" not in process.log.read_text():
+            if process.poll() is not None:
+                pytest.fail(f"null stack exited with {process.returncode}:\n{process.log.read_text()[-3000:]}")
+            assert time.monotonic() < deadline, f"null stack not ready:\n{process.log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{NULL_STACK_PORT}"
+    finally:
+        stop_null_stack(wait=False)
 
 
 def pytest_sessionfinish(session):
@@ -180,17 +242,19 @@ def pytest_sessionfinish(session):
         shared.stop()
     if "tenants" in _SHARED:
         _stop_tenants(_SHARED["tenants"]["process"])
+    stop_null_stack(wait=True)
 
 
 @pytest.fixture
 def local_ray():
     """A local Ray (1 CPU, no dashboard) for tests of actors without a stack. Started once for
     the tests that need it, which run together (ordering below); pytest_runtest_teardown stops
-    it after the last, so it never runs beside a stack or a test's own ray.init."""
+    it after the last, so it never runs beside a test's own ray.init. Its own cluster ("local"),
+    never the null stack's that starts beside it (launch_early)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
 
 

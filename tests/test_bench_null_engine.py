@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,8 +15,6 @@ import pytest
 from bench.null_engine import NullEngine
 from serving.config import ModelSpec
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def spec(name: str, task: str = "chat") -> ModelSpec:
@@ -143,30 +136,6 @@ def test_deadline_gives_504_and_routing_stats_count_running():
 
 
 # --- e2e: the real router in front of the null engine ---------------------------------------
-
-PORT = int(os.environ.get("NULL_STACK_TEST_PORT", "28300"))
-
-
-@pytest.fixture(scope="module")
-def null_stack():
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "bench/scripts/null_stack.py"), "--port", str(PORT),
-                             "--tokens-per-s", "500", "--flush-ms", "10"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if "null stack READY" in line:
-                break
-        else:
-            pytest.fail(f"null stack exited with {proc.wait()}")
-        yield f"http://127.0.0.1:{PORT}"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
 
 @pytest.mark.e2e
 def test_router_relays_the_null_engine(null_stack):

@@ -54,9 +54,9 @@ def engine_core_of(stack, model: str) -> psutil.Process:
 
 
 def test_dead_engine_is_routed_around_then_replaced(stack):
-    """Kill one engine's vLLM core: traffic for its tag goes to the other model; Ray Serve replaces
-    the replica (a new replica id answers by name), and the replacement serves the LoRA adapter that
-    was added at run time before the crash, as trained."""
+    """Kill one engine's vLLM core: traffic for its tag goes to the other model; the replica exits and
+    Ray Serve replaces it (a new replica id answers by name), and the replacement serves the LoRA
+    adapter that was added at run time before the crash, as trained."""
     import httpx
 
     with httpx.Client(base_url=stack.url, timeout=120) as http:
@@ -83,6 +83,8 @@ def test_dead_engine_is_routed_around_then_replaced(stack):
             assert again.json()["error"]["type"] == "service_unavailable_error"
             assert time.monotonic() < deadline, "the dead engine's replica was never replaced"
             time.sleep(2)
+        # the old replica ended itself at its first health check after the death (deployment.py exit_dead_replica)
+        assert f"vLLM engine of {SECOND_CHAT_MODEL} is dead" in stack.log.read_text()
         deadline = time.monotonic() + 15  # its first load report follows within a report interval or two
         while http.get("/v1/status").json()["models"][SECOND_CHAT_MODEL]["state"] != "ready":
             assert time.monotonic() < deadline, "the replacement never reported itself ready"

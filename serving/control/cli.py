@@ -243,13 +243,25 @@ def _stop_app(config: ServingConfig, stop: _Stop, own_cluster: bool, shutdown_cl
             print("  (--shutdown-cluster: Serve is shut down; stop the Ray nodes with `ray stop` on each)", flush=True)
     else:
         print(f"removing application {APP_NAME!r} (the Ray cluster keeps running)...", flush=True)
-        serve.delete(APP_NAME)
-        for name in serve.status().applications:  # --per-model-apps: each model's own application
-            if name.startswith(f"{APP_NAME}."):
-                serve.delete(name)
+        delete_applications(serve, [APP_NAME] + [name for name in serve.status().applications
+                                                 if name.startswith(f"{APP_NAME}.")])  # --per-model-apps
         set_draining(APP_NAME, False)
     ray.shutdown()
     print("stopped", flush=True)
+
+
+def delete_applications(serve, names: list[str], timeout_s: float = 120.0) -> None:
+    """Delete the applications together: each one's replicas drain and stop at once, where
+    `serve.delete` one by one waited for each in turn (~7 s an application with an engine)."""
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while left := [name for name, app in serve.status().applications.items()
+                   if name in names and app.status != "NOT_STARTED"]:
+        if time.monotonic() > deadline:
+            print(f"  still removing after {timeout_s:.0f}s: {', '.join(left)}", flush=True)
+            return
+        time.sleep(0.2)
 
 
 def use_token_auth(address: str | None) -> str | None:

@@ -29,6 +29,7 @@ import contextvars
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -449,10 +450,18 @@ class EngineDeployment:
         ).to_dict()
 
     async def check_health(self) -> None:
-        """Ray Serve restarts the replica when this raises: a dead engine never gets traffic."""
-        if self.engine.errored:
-            raise RuntimeError(f"vLLM engine of {self.name} is dead: {self.engine.dead_error!r}")
-        await self.engine.check_health()
+        """Ray Serve's health check. A vLLM engine that died never comes back, so the replica exits:
+        Ray replaces a crashed replica at this check, where a raising one waits out two more checks
+        (REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD x serving.app.ENGINE_HEALTH_CHECK_PERIOD_S). The
+        router answers for a model left with no replica meanwhile (forward.py: next candidate or 503)."""
+        if not self.engine.errored:
+            try:
+                await self.engine.check_health()
+                return
+            except Exception:
+                if not self.engine.errored:
+                    raise  # not dead: Ray counts a failed check
+        exit_dead_replica(self.name, self.engine)
 
     def __del__(self):
         links = getattr(self, "_links", None)
@@ -461,6 +470,20 @@ class EngineDeployment:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def exit_dead_replica(name: str, engine: Any) -> None:
+    """End this replica's process: its engine is dead. The engine core is stopped first (if any of it
+    is left), so nothing outlives the replica."""
+    message = f"vLLM engine of {name} is dead ({engine.dead_error!r}): the replica exits so Ray replaces it"
+    # In a replica, Ray Serve's logger buffers the replica's log file and an ERROR flushes it (os._exit
+    # would drop the buffer); the worker's own stderr is what Ray streams to the driver (`serving up`).
+    logging.getLogger("ray.serve").error(message)
+    print(message, file=sys.__stderr__, flush=True)
+    try:
+        engine.shutdown()
+    finally:
+        os._exit(1)
 
 
 class _LatestStats:
