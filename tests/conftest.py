@@ -7,6 +7,7 @@ between two deployments sharing a tag can be tested). It is stopped with SIGINT 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -160,29 +161,32 @@ def stack(tmp_path_factory) -> Stack:
 def pytest_runtest_setup(item):
     """Start a stack before the tests that need it, while others run: at the run's first test what
     waits for nothing (launch_early), the shared stack at the first test that needs no stack (once
-    the local Ray's and the cluster stack's tests are done), the tenants stack at the first test
-    that stops the shared stack. Only if a test of this run needs it."""
+    the local Ray's and the cluster stack's tests are done), the tenants stack at the first of the
+    shared stack's tests that mostly wait (else at the first that stops it). Only if a test of this
+    run needs it."""
     if _WANTED.get("session") is not item.session:  # the fixtures this run's tests use, once per run
         _WANTED.update(session=item.session, names=set().union(*(getattr(o, "fixturenames", ()) for o in item.session.items)))
         launch_early(_WANTED["names"], item.config._tmp_path_factory)
     group = _group(item)
-    if group not in (0, 1) or ("stack" if group == 0 else "tenants") in _SHARED:
+    if group not in (0, 0.75, 1) or ("stack" if group == 0 else "tenants") in _SHARED:
         return
     wanted = _WANTED["names"]
     factory = item.config._tmp_path_factory  # what the tmp_path_factory fixture returns
     if group == 0 and "stack" in wanted:
         launch_shared_stack(factory)
-    if group == 1 and "tenants" in wanted:
+    if group >= 0.75 and "tenants" in wanted:
         launch_tenants_stack(factory)
 
 
 def launch_early(wanted: set[str], tmp_path_factory) -> None:
     """What this run needs and can start at once, in the background while the first tests run (the
-    local Ray's use a core of two): the null-engine stack (no vLLM, its own Ray), and the test
-    adapters the stacks serve, trained if not cached (bench/adapters.py trains them in a child
-    process; a later fruit_adapters() waits on its file lock, then finds them)."""
+    local Ray's use a core of two): the null-engine stack (no vLLM, its own Ray), the chart's
+    checkov scan, and the test adapters the stacks serve, trained if not cached (bench/adapters.py
+    trains them in a child process; a later fruit_adapters() waits on its file lock, then finds them)."""
     if "null_stack" in wanted:
         launch_null_stack(tmp_path_factory)
+    if "checkov_result" in wanted and not os.environ.get("PYTEST_XDIST_WORKER"):  # `make unit`: its own worker
+        _SHARED["checkov"] = concurrent.futures.ThreadPoolExecutor(1, "checkov").submit(scan_chart)
     if {"stack", "tenants"} & wanted:
         threading.Thread(target=fruit_adapters, name="train-adapters", daemon=True).start()
 
@@ -235,6 +239,24 @@ def null_stack(tmp_path_factory):
         stop_null_stack(wait=False)
 
 
+def scan_chart() -> dict:
+    """deploy/checkov_scan.py over the chart's value sets and k8s/ (a checkov process, ~8 s of CPU)."""
+    sys.path.insert(0, str(ROOT / "deploy"))
+    import checkov_scan
+
+    executable = checkov_scan.checkov_executable()
+    assert executable, "checkov is needed: `make checkov` (its own venv, .venv-checkov/) or set CHECKOV"
+    return checkov_scan.run_checkov(checkov_scan.value_sets(), executable)
+
+
+@pytest.fixture(scope="module")
+def checkov_result() -> dict:
+    """tests/test_chart_security.py's scan: started by launch_early at the run's first test (the
+    scan is a subprocess: it runs while the tests before it do), else now."""
+    started = _SHARED.pop("checkov", None)
+    return started.result() if started is not None else scan_chart()
+
+
 def pytest_sessionfinish(session):
     """Stacks launched early whose fixture never ran (the run ended first: -x, Ctrl-C) are stopped."""
     shared = _SHARED.get("stack")
@@ -273,7 +295,8 @@ STACK_FIXTURES = {"stack", "stack_url", "tenants", "cluster_stack"}
 
 def _group(item) -> float:
     """Run order: the local Ray's tests, the two-node cluster stack's (alone), the tests that need no
-    stack (the shared stack starting meanwhile), the shared stack's, those that stop it, the tenants
+    stack (the shared stack starting meanwhile), the shared stack's, those of them that mostly wait
+    (marker `mostly_waits`: the tenants stack starts beside them), those that stop it, the tenants
     stack's, those that change it."""
     names = getattr(item, "fixturenames", ())
     if "local_ray" in names:
@@ -284,6 +307,8 @@ def _group(item) -> float:
         return 3 if item.get_closest_marker("changes_tenants_stack") else 2
     if item.get_closest_marker("stops_stack"):
         return 1
+    if item.get_closest_marker("mostly_waits") and "stack" in names:
+        return 0.75
     return 0.5 if STACK_FIXTURES & set(names) else 0
 
 

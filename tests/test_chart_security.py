@@ -315,11 +315,7 @@ def test_pod_user_is_the_images_user():
 # --- checkov --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkov_result():
-    executable = checkov_scan.checkov_executable()
-    assert executable, "checkov is needed: `make checkov` (its own venv, .venv-checkov/) or set CHECKOV"
-    return checkov_scan.run_checkov(checkov_scan.value_sets(), executable)
+# checkov_result: tests/conftest.py (the scan starts at the run's first test, in the background)
 
 
 def test_skip_list_is_short_and_explained():
