@@ -166,7 +166,8 @@ def pytest_runtest_setup(item):
     run needs it."""
     if _WANTED.get("session") is not item.session:  # the fixtures this run's tests use, once per run
         _WANTED.update(session=item.session, names=set().union(*(getattr(o, "fixturenames", ()) for o in item.session.items)))
-        launch_early(_WANTED["names"], item.config._tmp_path_factory)
+        modules = list({id(o.module): o.module for o in item.session.items if hasattr(o, "module")}.values())
+        launch_early(_WANTED["names"], modules, item.config._tmp_path_factory)
     group = _group(item)
     if group not in (0, 0.75, 1) or ("stack" if group == 0 else "tenants") in _SHARED:
         return
@@ -178,17 +179,22 @@ def pytest_runtest_setup(item):
         launch_tenants_stack(factory)
 
 
-def launch_early(wanted: set[str], tmp_path_factory) -> None:
+def launch_early(wanted: set[str], modules: list, tmp_path_factory) -> None:
     """What this run needs and can start at once, in the background while the first tests run (the
-    local Ray's use a core of two): the null-engine stack (no vLLM, its own Ray), the chart's
-    checkov scan, and the test adapters the stacks serve, trained if not cached (bench/adapters.py
-    trains them in a child process; a later fruit_adapters() waits on its file lock, then finds them)."""
-    if "null_stack" in wanted:
-        launch_null_stack(tmp_path_factory)
-    if "checkov_result" in wanted and not os.environ.get("PYTEST_XDIST_WORKER"):  # `make unit`: its own worker
-        _SHARED["checkov"] = concurrent.futures.ThreadPoolExecutor(1, "checkov").submit(scan_chart)
+    local Ray's use a core of two): the test adapters the stacks serve, trained if not cached
+    (bench/adapters.py trains them in a child process; a later fruit_adapters() waits on its file
+    lock, then finds them), the null-engine stack (no vLLM, its own Ray), what a selected test
+    module starts itself (its `launch_ahead(tmp_path_factory)`: the parity test's bare vLLM
+    servers, idle until their tests), and the chart's checkov scan."""
     if {"stack", "tenants"} & wanted:
         threading.Thread(target=fruit_adapters, name="train-adapters", daemon=True).start()
+    if "null_stack" in wanted:
+        launch_null_stack(tmp_path_factory)
+    for module in modules:  # a module with servers of its own (tests/test_e2e_parity.py: bare vLLM)
+        if hasattr(module, "launch_ahead"):
+            module.launch_ahead(tmp_path_factory)
+    if "checkov_result" in wanted and not os.environ.get("PYTEST_XDIST_WORKER"):  # `make unit`: its own worker
+        _SHARED["checkov"] = concurrent.futures.ThreadPoolExecutor(1, "checkov").submit(scan_chart)
 
 
 NULL_STACK_PORT = int(os.environ.get("NULL_STACK_TEST_PORT", "28300"))

@@ -24,11 +24,13 @@ with the one answering, and no bare server runs while the stack cases run.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,8 +109,17 @@ class BareVllm:
     def __init__(self, logs: Path):
         self.logs = logs
         self.processes: dict[str, subprocess.Popen] = {}
+        self.starting: threading.Thread | None = None
+
+    def start_in_background(self) -> None:
+        """Start them while other tests run (the chat server waits for the test adapters, which
+        may still be training): launch_ahead."""
+        self.starting = threading.Thread(target=self._start, name="bare-vllm", daemon=True)
+        self.starting.start()
+        atexit.register(self.stop)  # the run ended before the fixture's stop (-x, Ctrl-C)
 
     def url(self, model: str) -> str:
+        self._started()
         if not self.processes:
             self._start()
         process, log = self.processes[model], self.logs / f"{model}.log"
@@ -134,8 +145,14 @@ class BareVllm:
                 bare_command(model, model_dir(spec), BARE_PORTS[model]), cwd=ROOT, env=bare_env(),
                 stdout=open(self.logs / f"{model}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
+    def _started(self) -> None:
+        if self.starting is not None:
+            self.starting.join()
+            self.starting = None
+
     def stop(self) -> None:
         """Ctrl-C (vLLM shuts its engine core down), then terminate, then kill; always reaped."""
+        self._started()
         processes, self.processes = self.processes, {}
         for process in processes.values():
             if process.poll() is None:
@@ -157,9 +174,20 @@ class BareVllm:
                 pass
 
 
+_AHEAD: list[BareVllm] = []  # the servers launch_ahead started
+
+
+def launch_ahead(tmp_path_factory) -> None:
+    """Called by tests/conftest.py (launch_early) at the run's first test when a parity test is
+    selected: the bare servers' start (~40 s, mostly imports) runs beside the tests before them."""
+    if not _AHEAD:
+        _AHEAD.append(BareVllm(tmp_path_factory.mktemp("bare-vllm")))
+        _AHEAD[0].start_in_background()
+
+
 @pytest.fixture(scope="module")
 def bare_vllm(tmp_path_factory):
-    servers = BareVllm(tmp_path_factory.mktemp("bare-vllm"))
+    servers = _AHEAD.pop() if _AHEAD else BareVllm(tmp_path_factory.mktemp("bare-vllm"))
     try:
         yield servers
     finally:
@@ -416,8 +444,8 @@ def stack_headers() -> dict[str, str]:
 # target varies slowest: every bare case (chat, then embed) runs before any stack case
 @pytest.mark.parametrize("model, case", CASES)
 @pytest.mark.parametrize("target", ["bare-vllm", "stack"])
-def test_parity(request, target: str, model: str, case: Callable[[str, dict[str, str]], None]):
-    servers: BareVllm = request.getfixturevalue("bare_vllm")
+def test_parity(request, bare_vllm: BareVllm, target: str, model: str, case: Callable[[str, dict[str, str]], None]):
+    servers = bare_vllm
     if target == "bare-vllm":
         BARE_RESULTS[case.__name__] = case(servers.url(model), {})
         return
