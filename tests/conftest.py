@@ -301,7 +301,8 @@ STACK_FIXTURES = {"stack", "stack_url", "tenants", "cluster_stack"}
 
 def _group(item) -> float:
     """Run order: the local Ray's tests, the two-node cluster stack's (alone), the tests that need no
-    stack (the shared stack starting meanwhile), the shared stack's, those of them that mostly wait
+    stack (the shared stack starting meanwhile; those with servers of their own last), the shared
+    stack's, those of them that mostly wait
     (marker `mostly_waits`: the tenants stack starts beside them), those that stop it, the tenants
     stack's, those that change it."""
     names = getattr(item, "fixturenames", ())
@@ -315,7 +316,11 @@ def _group(item) -> float:
         return 1
     if item.get_closest_marker("mostly_waits") and "stack" in names:
         return 0.75
-    return 0.5 if STACK_FIXTURES & set(names) else 0
+    if STACK_FIXTURES & set(names):
+        return 0.5
+    # e2e with servers of its own (parity's bare vLLM, the null stack: started by launch_early) after
+    # the unit tests, so that their load does not meet the shared stack's start
+    return 0.25 if item.get_closest_marker("e2e") else 0
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not e2e"` never starts a stack
