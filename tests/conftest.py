@@ -7,7 +7,6 @@ between two deployments sharing a tag can be tested). It is stopped with SIGINT 
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import io
 import os
@@ -183,84 +182,14 @@ def launch_early(wanted: set[str], modules: list, tmp_path_factory) -> None:
     """What this run needs and can start at once, in the background while the first tests run (the
     local Ray's use a core of two): the test adapters the stacks serve, trained if not cached
     (bench/adapters.py trains them in a child process; a later fruit_adapters() waits on its file
-    lock, then finds them), the null-engine stack (no vLLM, its own Ray), what a selected test
-    module starts itself (its `launch_ahead(tmp_path_factory)`: the parity test's bare vLLM
-    servers, idle until their tests), and the chart's checkov scan."""
+    lock, then finds them), and what a selected test module starts for itself: its
+    `launch_ahead(tmp_path_factory, wanted)`, told the fixtures this run's tests use (the null-engine
+    stack, the parity test's bare vLLM servers, the chart's checkov scan)."""
     if {"stack", "tenants"} & wanted:
         threading.Thread(target=fruit_adapters, name="train-adapters", daemon=True).start()
-    if "null_stack" in wanted:
-        launch_null_stack(tmp_path_factory)
-    for module in modules:  # a module with servers of its own (tests/test_e2e_parity.py: bare vLLM)
+    for module in modules:
         if hasattr(module, "launch_ahead"):
-            module.launch_ahead(tmp_path_factory)
-    if "checkov_result" in wanted and not os.environ.get("PYTEST_XDIST_WORKER"):  # `make unit`: its own worker
-        _SHARED["checkov"] = concurrent.futures.ThreadPoolExecutor(1, "checkov").submit(scan_chart)
-
-
-NULL_STACK_PORT = int(os.environ.get("NULL_STACK_TEST_PORT", "28300"))
-
-
-def launch_null_stack(tmp_path_factory) -> subprocess.Popen:
-    """bench/scripts/null_stack.py: the real router in front of the null engine, on its own Ray."""
-    if "null" not in _SHARED:
-        log = tmp_path_factory.mktemp("null") / "null-stack.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        _SHARED["null"] = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench/scripts/null_stack.py"), "--port", str(NULL_STACK_PORT),
-             "--tokens-per-s", "500", "--flush-ms", "10"],
-            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        _SHARED["null"].log = log
-    return _SHARED["null"]
-
-
-def stop_null_stack(wait: bool) -> None:
-    """Ctrl-C; its Ray winds down while the next tests run, and the session's end waits for it."""
-    process = _SHARED.get("null")
-    if process is None or process.poll() is not None:
-        return
-    if not getattr(process, "interrupted", False):
-        process.send_signal(signal.SIGINT)
-        process.interrupted = True
-    if wait:
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")  # stopped after its module's tests
-def null_stack(tmp_path_factory):
-    """The null stack (tests/test_bench_null_engine.py), started at the run's first test (launch_early),
-    once it says READY. Defined here, not in the test file: the hooks' _SHARED is this module's."""
-    process = launch_null_stack(tmp_path_factory)
-    try:
-        deadline = time.monotonic() + 180
-        while "null stack READY" not in process.log.read_text():
-            if process.poll() is not None:
-                pytest.fail(f"null stack exited with {process.returncode}:\n{process.log.read_text()[-3000:]}")
-            assert time.monotonic() < deadline, f"null stack not ready:\n{process.log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{NULL_STACK_PORT}"
-    finally:
-        stop_null_stack(wait=False)
-
-
-def scan_chart() -> dict:
-    """deploy/checkov_scan.py over the chart's value sets and k8s/ (a checkov process, ~8 s of CPU)."""
-    sys.path.insert(0, str(ROOT / "deploy"))
-    import checkov_scan
-
-    executable = checkov_scan.checkov_executable()
-    assert executable, "checkov is needed: `make checkov` (its own venv, .venv-checkov/) or set CHECKOV"
-    return checkov_scan.run_checkov(checkov_scan.value_sets(), executable)
-
-
-@pytest.fixture(scope="module")
-def checkov_result() -> dict:
-    """tests/test_chart_security.py's scan: started by launch_early at the run's first test (the
-    scan is a subprocess: it runs while the tests before it do), else now."""
-    started = _SHARED.pop("checkov", None)
-    return started.result() if started is not None else scan_chart()
+            module.launch_ahead(tmp_path_factory, wanted)
 
 
 def pytest_sessionfinish(session):
@@ -270,7 +199,6 @@ def pytest_sessionfinish(session):
         shared.stop()
     if "tenants" in _SHARED:
         _stop_tenants(_SHARED["tenants"]["process"])
-    stop_null_stack(wait=True)
 
 
 @pytest.fixture

@@ -6,8 +6,14 @@ real stack's router in front of it (bench/scripts/null_stack.py, real Ray Serve 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +21,8 @@ import pytest
 from bench.null_engine import NullEngine
 from serving.config import ModelSpec
 from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, RoutingStats
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def spec(name: str, task: str = "chat") -> ModelSpec:
@@ -136,6 +144,57 @@ def test_deadline_gives_504_and_routing_stats_count_running():
 
 
 # --- e2e: the real router in front of the null engine ---------------------------------------
+
+PORT = int(os.environ.get("NULL_STACK_TEST_PORT", "28300"))
+_AHEAD: list[subprocess.Popen] = []  # the null stack launch_ahead started
+
+
+def launch_ahead(tmp_path_factory, wanted: set[str]) -> None:
+    """Called by tests/conftest.py (launch_early) at the run's first test: the null stack
+    (bench/scripts/null_stack.py: the real router in front of the null engine, its own Ray) starts
+    beside the tests before its own. Stopped after this module's tests; at exit if they never ran."""
+    if "null_stack" not in wanted or _AHEAD:
+        return
+    log = tmp_path_factory.mktemp("null") / "null-stack.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "bench/scripts/null_stack.py"), "--port", str(PORT),
+                                "--tokens-per-s", "500", "--flush-ms", "10"],
+                               env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    process.log = log
+    _AHEAD.append(process)
+    atexit.register(stop, process, wait=True)
+
+
+def stop(process: subprocess.Popen, wait: bool) -> None:
+    """Ctrl-C; its Ray winds down while the next tests run, and the run's exit waits for it."""
+    if process.poll() is not None:
+        return
+    if not getattr(process, "interrupted", False):
+        process.send_signal(signal.SIGINT)
+        process.interrupted = True
+    if wait:
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def null_stack(tmp_path_factory):
+    """The null stack launch_ahead started (or starts now), once it says READY."""
+    launch_ahead(tmp_path_factory, {"null_stack"})
+    process = _AHEAD[0]
+    try:
+        deadline = time.monotonic() + 180
+        while "null stack READY" not in process.log.read_text():
+            if process.poll() is not None:
+                pytest.fail(f"null stack exited with {process.returncode}:\n{process.log.read_text()[-3000:]}")
+            assert time.monotonic() < deadline, f"null stack not ready:\n{process.log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{PORT}"
+    finally:
+        stop(process, wait=False)
+
 
 @pytest.mark.e2e
 def test_router_relays_the_null_engine(null_stack):

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import os
 import re
 import sys
 from pathlib import Path
@@ -315,7 +317,26 @@ def test_pod_user_is_the_images_user():
 # --- checkov --------------------------------------------------------------------------------
 
 
-# checkov_result: tests/conftest.py (the scan starts at the run's first test, in the background)
+_AHEAD: list[concurrent.futures.Future] = []  # the scan launch_ahead started
+
+
+def scan_chart() -> dict:
+    """deploy/checkov_scan.py over the chart's value sets and k8s/ (a checkov process, ~8 s of CPU)."""
+    executable = checkov_scan.checkov_executable()
+    assert executable, "checkov is needed: `make checkov` (its own venv, .venv-checkov/) or set CHECKOV"
+    return checkov_scan.run_checkov(checkov_scan.value_sets(), executable)
+
+
+def launch_ahead(tmp_path_factory, wanted: set[str]) -> None:
+    """Called by tests/conftest.py (launch_early) at the run's first test: the scan is a subprocess,
+    so it runs while the tests before it do (`make unit`: this module's worker runs it itself)."""
+    if "checkov_result" in wanted and not _AHEAD and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _AHEAD.append(concurrent.futures.ThreadPoolExecutor(1, "checkov").submit(scan_chart))
+
+
+@pytest.fixture(scope="module")
+def checkov_result() -> dict:
+    return _AHEAD.pop().result() if _AHEAD else scan_chart()
 
 
 def test_skip_list_is_short_and_explained():

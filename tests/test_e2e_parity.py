@@ -177,10 +177,10 @@ class BareVllm:
 _AHEAD: list[BareVllm] = []  # the servers launch_ahead started
 
 
-def launch_ahead(tmp_path_factory) -> None:
-    """Called by tests/conftest.py (launch_early) at the run's first test when a parity test is
-    selected: the bare servers' start (~40 s, mostly imports) runs beside the tests before them."""
-    if not _AHEAD:
+def launch_ahead(tmp_path_factory, wanted: set[str]) -> None:
+    """Called by tests/conftest.py (launch_early) at the run's first test: the bare servers' start
+    (~40 s, mostly imports) runs beside the tests before theirs."""
+    if "bare_vllm" in wanted and not _AHEAD:
         _AHEAD.append(BareVllm(tmp_path_factory.mktemp("bare-vllm")))
         _AHEAD[0].start_in_background()
 
