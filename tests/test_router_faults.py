@@ -469,6 +469,124 @@ def test_a_model_that_lost_every_replica_answers_at_once_instead_of_waiting_in_r
     assert router.loads.inflight == {"a": 0, "b": 0}
 
 
+class LosingView(FakeView):
+    """A deployment whose last replica goes while a request waits for it in Ray's queue."""
+
+    lost = False
+
+    def lost_every_replica(self):
+        return self.lost
+
+
+@pytest.mark.parametrize("told_from", ["the same loop", "another thread"])
+def test_calls_waiting_in_rays_queue_fail_over_when_the_last_replica_goes(client, told_from):
+    """The replica died while the request was on its way (Ray then queues it again, to wait for a
+    replacement that takes longer than the deadline): the request is withdrawn from the queue
+    and fails over at once, instead of a 408 at its deadline. Ray's handle may run its router on
+    its own loop, so the news may come from another thread."""
+    import threading
+
+    views = {"a": LosingView(healthy("a")), "b": FakeView(healthy("b"))}
+    router = None
+
+    def lose():
+        views["a"].lost, views["a"].list = True, []
+        router.forwarder.replicas_lost("a")
+
+    def queued(request):  # Ray's queue: nothing comes until a replica runs or the call is cancelled
+        if told_from == "the same loop":
+            asyncio.get_running_loop().call_later(0.05, lose)
+        else:
+            threading.Timer(0.05, lose).start()
+        return FakeStream([], hang_at=0)
+
+    a = FakeHandle("a", queued)
+    router, http = client({"a": a, "b": FakeHandle("b", ok("b"))}, views)
+    by_name = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
+    assert by_name.status_code == 503, by_name.text  # not Ray's 408 after request_timeout_s
+    assert by_name.json()["error"]["type"] == "service_unavailable_error"
+    assert by_name.headers["x-route-attempts"] == "a: no replica" and by_name.headers["retry-after"] == "1"
+    assert a.streams[0].cancelled  # withdrawn from the queue: no replacement runs it later
+    assert router.loads.inflight == {"a": 0, "b": 0}
+    views["a"].lost, views["a"].list = False, [healthy("a")]  # the replacement runs
+    router.forwarder.replicas_lost("a")  # a late notice withdraws nothing: a replica runs again
+    a.make_stream = ok("a")
+    assert http.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
+    assert 'serving_route_failovers_total{model="a"} 1.0' in http.get("/metrics").text
+
+
+class AtDrainingReplica(FakeStream):
+    """A call Ray's handle gave to a replica that is now draining (a roll): it still answers."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self._replica_result_future = asyncio.get_running_loop().create_future()
+        self._replica_result_future.set_result("the replica's result")
+
+    async def __anext__(self):
+        if self.served == 0:
+            await asyncio.sleep(0.2)
+        return await super().__anext__()
+
+
+def test_a_call_a_draining_replica_accepted_is_not_withdrawn(client):
+    """The last replica leaves the handle's list while it drains (a roll, a scale-down): the calls
+    it accepted finish there; only calls still in Ray's queue are withdrawn."""
+    views = {"a": LosingView(healthy("a")), "b": FakeView(healthy("b"))}
+    router = None
+
+    def lose():
+        views["a"].lost, views["a"].list = True, []
+        router.forwarder.replicas_lost("a")
+
+    def accepted(request):
+        asyncio.get_running_loop().call_later(0.05, lose)
+        return AtDrainingReplica(ok("a")(request).items)
+
+    a = FakeHandle("a", accepted)
+    router, http = client({"a": a, "b": FakeHandle("b", ok("b"))}, views)
+    response = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
+    assert response.status_code == 200 and response.headers["x-served-model"] == "a", response.text
+    assert views["a"].lost and not a.streams[0].cancelled
+    assert router.loads.inflight == {"a": 0, "b": 0}
+
+
+def test_rays_response_generator_still_says_whether_it_was_given_to_a_replica():
+    """forward.Call.assigned reads Ray's private future: a Ray upgrade that renames it fails here."""
+    import concurrent.futures
+
+    from ray.serve.handle import DeploymentResponseGenerator
+
+    from serving.router.forward import Call
+
+    future = concurrent.futures.Future()
+    call = Call(DeploymentResponseGenerator(future, request_metadata=None), "a")
+    assert not call.assigned()
+    future.set_result("the replica's result")
+    assert call.assigned()
+
+
+def test_the_replica_router_tells_the_router_when_its_last_replica_dies():
+    """Ray's handle drops a replica whose actor it found dead (on_replica_actor_died) or that the
+    controller removed (update_replicas): the last one going tells this process's router."""
+    from types import SimpleNamespace
+
+    from serving.router import registry
+    from serving.router.replica_router import EngineRequestRouter
+
+    told = []
+    registry.activate(SimpleNamespace(forwarder=SimpleNamespace(replicas_lost=told.append)))
+    view = EngineRequestRouter.__new__(EngineRequestRouter)  # Ray builds it; here only its replica set
+    view._deployment_id = SimpleNamespace(name="a")
+    view._replicas = {"r1": "replica 1", "r2": "replica 2"}
+    view._replicas_list, view._replica_id_set = list(view._replicas.values()), set(view._replicas)
+    view._queue_len_gauge_last_update, view.had_replicas = {}, True
+    view.on_replica_actor_died("r1")
+    assert told == []  # one replica still runs
+    view.on_replica_actor_died("r2")
+    assert told == ["a"]
+
+
 def test_the_replica_router_says_every_replica_is_gone_only_after_it_had_some():
     from serving.router.replica_router import EngineRequestRouter
 

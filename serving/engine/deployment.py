@@ -479,7 +479,9 @@ def exit_dead_replica(name: str, engine: Any) -> None:
     # In a replica, Ray Serve's logger buffers the replica's log file and an ERROR flushes it (os._exit
     # would drop the buffer); the worker's own stderr is what Ray streams to the driver (`serving up`).
     logging.getLogger("ray.serve").error(message)
-    print(message, file=sys.__stderr__, flush=True)
+    # written, not print()ed: in a replica, Ray Serve's print() given a `file=` prints its args as a tuple
+    sys.__stderr__.write(message + "\n")
+    sys.__stderr__.flush()
     try:
         engine.shutdown()
     finally:

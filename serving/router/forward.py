@@ -69,15 +69,27 @@ class RelayResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Call:
-    """One engine call: its response generator, its deadline timer, and whether the timer fired."""
+    """One engine call: its response generator, its deadline timer, and whether the timer fired
+    (or the call was withdrawn from Ray's queue because its deployment lost every replica)."""
 
     stream: Any
     name: str
     timer: asyncio.TimerHandle | None = None
     timed_out: bool = False
     finished: bool = False
+    no_replica: bool = False
+
+    def assigned(self) -> bool:
+        """Ray's handle has given the call to a replica (it is no longer in the handle's queue). Read
+        from the future Ray's own `cancel()` looks at; tests/test_router_faults.py checks it is there."""
+        future = getattr(self.stream, "_replica_result_future", None)
+        return future is not None and future.done()
+
+    def withdraw(self) -> None:
+        self.no_replica = True
+        self.stream.cancel()
 
     def expire(self) -> None:
         self.timed_out = True
@@ -122,6 +134,34 @@ class Forwarder:
         self.accounting = accounting
         self.timeout_s = timeout_s
         self._ending: set[asyncio.Future] = set()  # linked calls finishing after their stream was relayed
+        # deployment -> its calls not answered yet (in Ray's queue or at a replica): withdrawn from
+        # the queue when the deployment loses every replica (replicas_lost)
+        self._unanswered: dict[str, set[Call]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def replicas_lost(self, deployment: str) -> None:
+        """Ray's handle has just dropped `deployment`'s last replica (it died; a replacement may be
+        starting). Its calls still in the handle's queue would wait there for the replacement until
+        their deadline: withdraw them, so each fails over now (the next candidate, or a 503 to
+        retry). Ray's handle may run its router on another loop: hop onto ours."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            same = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            same = False
+        if same:
+            self._withdraw(deployment)
+        else:
+            loop.call_soon_threadsafe(self._withdraw, deployment)
+
+    def _withdraw(self, deployment: str) -> None:
+        if not self.loads.lost_every_replica(deployment):  # a replacement came up meanwhile
+            return
+        for call in list(self._unanswered.get(deployment, ())):
+            if not call.assigned():  # a replica that drains (a roll, a scale-down) still answers its calls
+                call.withdraw()
 
     async def forward(self, record: RequestRecord, decision: Decision, message: EngineRequest,
                       headers: dict[str, str], stream: bool = False) -> Response:
@@ -129,7 +169,7 @@ class Forwarder:
         `message` is the request for the engine; its deadline, link and ticket are set here, per try."""
         from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         deadline = time.time() + self.timeout_s - record.elapsed()
         attempts = Attempts()
         use_link = stream and self.hub is not None and await self.hub.start()
@@ -157,7 +197,12 @@ class Forwarder:
             try:
                 try:
                     if cold_limit is None:
-                        head: ReplyHead = await call.stream.__anext__()
+                        unanswered = self._unanswered.setdefault(deployment, set())
+                        unanswered.add(call)
+                        try:
+                            head: ReplyHead = await call.stream.__anext__()
+                        finally:
+                            unanswered.discard(call)
                     else:
                         head = await asyncio.wait_for(call.stream.__anext__(), cold_limit)
                 except asyncio.TimeoutError:  # only the cold wait has this timeout
@@ -165,6 +210,10 @@ class Forwarder:
                 except RequestCancelledError:
                     if call.timed_out:
                         raise errors.timed_out(self.timeout_s) from None
+                    if call.no_replica:  # withdrawn from Ray's queue: its replicas are gone
+                        attempts.tried.append((name, "no replica"))
+                        self.accounting.metrics.route_failovers.labels(deployment).inc()
+                        continue
                     raise
                 except BackPressureError:
                     attempts.tried.append((name, "overloaded"))

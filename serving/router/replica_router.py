@@ -42,6 +42,22 @@ class EngineRequestRouter(RequestRouter):
         super().update_replicas(replicas)
         if replicas:
             self.had_replicas = True
+        self._tell_if_lost()
+
+    def on_replica_actor_died(self, replica_id: Any) -> None:
+        """A request found the replica's actor dead before the controller said so (Ray then queues
+        the request again, to wait for another replica)."""
+        super().on_replica_actor_died(replica_id)
+        self._tell_if_lost()
+
+    def _tell_if_lost(self) -> None:
+        """The last replica just went: this process's router withdraws the calls waiting for one."""
+        if self.lost_every_replica():
+            from serving.router import registry
+
+            router = registry.active()
+            if router is not None:
+                router.forwarder.replicas_lost(self._deployment_id.name)
 
     def lost_every_replica(self) -> bool:
         """Ray ran replicas of this deployment and runs none now (they died; replacements may be
