@@ -387,9 +387,22 @@ def tenants(tmp_path_factory):
 
 
 def _stop_tenants(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    """The tenants stack is the run's last: nothing needs its graceful stop (the shared stack's
+    Ctrl-C test covers that path), so its whole process tree is killed at once: ~14 s sooner."""
+    kill_tree(process)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a `serving up` and every process under it (its Ray cluster, replicas, engine cores)."""
+    import psutil
+
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(tree, timeout=30)
+    process.wait(timeout=30)

@@ -54,7 +54,7 @@ def files(tenants, tmp_path_factory) -> dict:
     # a 5 s averaging window: the ended ramp leaves it within 5 s (Ray's default window, 30 s, kept
     # 2 replicas ~25 s more)
     _model(autoscale, SMALL)["replicas"] = {"min": 1, "max": 2, "target_ongoing_requests": 2, "upscale_delay_s": 2,
-                                            "downscale_delay_s": 10, "look_back_period_s": 5}
+                                            "downscale_delay_s": 5, "look_back_period_s": 5}
     steps["autoscale"] = autoscale
     paths = {}
     for name, raw in steps.items():
@@ -171,6 +171,6 @@ def test_autoscaling_rises_under_load_and_falls_back_after(tenants, files, auth)
         time.sleep(8)  # the load goes on a little: the new replica takes part of it
     assert rose is not None, "no second replica under 8 concurrent streams (target 2 per replica)"
     fell = wait_for(lambda: model_replicas(url, SMALL) == 1, 120)
-    assert fell is not None, "still 2 replicas 120 s after the load ended (downscale delay 10 s)"
+    assert fell is not None, "still 2 replicas 120 s after the load ended (downscale delay 5 s)"
     assert check(ramp.samples, [remove, autoscale]) == []
     assert len(replicas_by_model(ramp.samples)[SMALL]) == 2  # the second replica served part of the ramp
