@@ -100,7 +100,7 @@ def test_dead_engine_is_routed_around_then_replaced(stack):
                     assert again.headers["x-served-replica"] != old_replica
                     break
                 assert time.monotonic() < deadline, "the dead engine's replica was never replaced"
-                time.sleep(0.2)
+                time.sleep(0.5)
         # the old replica ended itself at its first health check after the death (deployment.py exit_dead_replica)
         log = stack.log.read_text()
         assert f"vLLM engine of {SECOND_CHAT_MODEL} is dead" in log
