@@ -158,22 +158,16 @@ def stack(tmp_path_factory) -> Stack:
 
 
 def pytest_runtest_setup(item):
-    """Start what a test needs before it, while others run: at the run's first test what waits for
-    nothing (launch_ahead), the shared stack at the first test that needs no stack (once the local
-    Ray's and the cluster stack's tests are done), the servers of the e2e tests with servers of
-    their own at the first of the shared stack's tests (launch_ahead, LAUNCH_AHEAD_AT), the tenants
-    stack at the first of the shared stack's tests that mostly wait (else at the first that stops
-    it). Only if a test of this run needs it."""
+    """Start a stack before the tests that need it, while others run: at the run's first test what
+    waits for nothing (launch_early), the shared stack at the first test that needs no stack (once
+    the local Ray's and the cluster stack's tests are done), the tenants stack at the first of the
+    shared stack's tests that mostly wait (else at the first that stops it). Only if a test of this
+    run needs it."""
     if _WANTED.get("session") is not item.session:  # the fixtures this run's tests use, once per run
         _WANTED.update(session=item.session, names=set().union(*(getattr(o, "fixturenames", ()) for o in item.session.items)))
-        _WANTED["modules"] = list({id(o.module): o.module for o in item.session.items if hasattr(o, "module")}.values())
-        _WANTED["launched"] = []
-        if {"stack", "tenants"} & _WANTED["names"]:
-            # the test adapters the stacks serve, trained if not cached (bench/adapters.py trains them in
-            # a child process; a later fruit_adapters() waits on its file lock, then finds them)
-            threading.Thread(target=fruit_adapters, name="train-adapters", daemon=True).start()
+        modules = list({id(o.module): o.module for o in item.session.items if hasattr(o, "module")}.values())
+        launch_early(_WANTED["names"], modules, item.config._tmp_path_factory)
     group = _group(item)
-    launch_ahead(_WANTED, group, item.config._tmp_path_factory)
     if group not in (0, 0.75, 1) or ("stack" if group == 0 else "tenants") in _SHARED:
         return
     wanted = _WANTED["names"]
@@ -184,18 +178,18 @@ def pytest_runtest_setup(item):
         launch_tenants_stack(factory)
 
 
-def launch_ahead(wanted: dict, group: float, tmp_path_factory) -> None:
-    """What a selected test module starts for itself in the background, ahead of its tests: its
-    `launch_ahead(tmp_path_factory, fixture_names_this_run_uses)`, once, at the first test of its
-    `LAUNCH_AHEAD_AT` group or of a later one (default: the run's first test). The chart's checkov
-    scan starts at once; the null-engine stack and the parity test's bare vLLM servers start beside
-    the shared stack's tests (serial requests: a core mostly idle), not beside the cluster stack's
-    start, which needs both cores."""
-    for module in wanted["modules"]:
-        if hasattr(module, "launch_ahead") and module not in wanted["launched"] \
-                and group >= getattr(module, "LAUNCH_AHEAD_AT", float("-inf")):
-            wanted["launched"].append(module)
-            module.launch_ahead(tmp_path_factory, wanted["names"])
+def launch_early(wanted: set[str], modules: list, tmp_path_factory) -> None:
+    """What this run needs and can start at once, in the background while the first tests run (the
+    local Ray's use a core of two): the test adapters the stacks serve, trained if not cached
+    (bench/adapters.py trains them in a child process; a later fruit_adapters() waits on its file
+    lock, then finds them), and what a selected test module starts for itself: its
+    `launch_ahead(tmp_path_factory, wanted)`, told the fixtures this run's tests use (the null-engine
+    stack, the parity test's bare vLLM servers, the chart's checkov scan)."""
+    if {"stack", "tenants"} & wanted:
+        threading.Thread(target=fruit_adapters, name="train-adapters", daemon=True).start()
+    for module in modules:
+        if hasattr(module, "launch_ahead"):
+            module.launch_ahead(tmp_path_factory, wanted)
 
 
 def pytest_sessionfinish(session):
@@ -212,7 +206,7 @@ def local_ray():
     """A local Ray (1 CPU, no dashboard) for tests of actors without a stack. Started once for
     the tests that need it, which run together (ordering below); pytest_runtest_teardown stops
     it after the last, so it never runs beside a test's own ray.init. Its own cluster ("local"),
-    never another stack's that starts beside it."""
+    never the null stack's that starts beside it (launch_early)."""
     import ray
 
     if not ray.is_initialized():
@@ -235,10 +229,10 @@ STACK_FIXTURES = {"stack", "stack_url", "tenants", "cluster_stack"}
 
 def _group(item) -> float:
     """Run order: the local Ray's tests, the two-node cluster stack's (alone), the tests that need no
-    stack (the shared stack starting meanwhile), the shared stack's (the servers of the next ones
-    starting meanwhile), the e2e tests with servers of their own, the shared stack's tests that
-    mostly wait (marker `mostly_waits`: the tenants stack starts beside them), those that stop it,
-    the tenants stack's, those that change it."""
+    stack (the shared stack starting meanwhile; those with servers of their own last), the shared
+    stack's, those of them that mostly wait
+    (marker `mostly_waits`: the tenants stack starts beside them), those that stop it, the tenants
+    stack's, those that change it."""
     names = getattr(item, "fixturenames", ())
     if "local_ray" in names:
         return -1
@@ -252,9 +246,9 @@ def _group(item) -> float:
         return 0.75
     if STACK_FIXTURES & set(names):
         return 0.5
-    # e2e with servers of its own (parity's bare vLLM, the null stack: launch_ahead) after the shared
-    # stack's tests, beside which their servers start
-    return 0.6 if item.get_closest_marker("e2e") else 0
+    # e2e with servers of its own (parity's bare vLLM, the null stack: started by launch_early) after
+    # the unit tests, so that their load does not meet the shared stack's start
+    return 0.25 if item.get_closest_marker("e2e") else 0
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not e2e"` never starts a stack

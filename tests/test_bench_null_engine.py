@@ -149,11 +149,8 @@ PORT = int(os.environ.get("NULL_STACK_TEST_PORT", "28300"))
 _AHEAD: list[subprocess.Popen] = []  # the null stack launch_ahead started
 
 
-LAUNCH_AHEAD_AT = 0.5  # tests/conftest.py: beside the shared stack's tests, which run before its own
-
-
 def launch_ahead(tmp_path_factory, wanted: set[str]) -> None:
-    """Called by tests/conftest.py (launch_ahead) at the shared stack's first test: the null stack
+    """Called by tests/conftest.py (launch_early) at the run's first test: the null stack
     (bench/scripts/null_stack.py: the real router in front of the null engine, its own Ray) starts
     beside the tests before its own. Stopped after this module's tests; at exit if they never ran."""
     if "null_stack" not in wanted or _AHEAD:

@@ -328,7 +328,7 @@ def scan_chart() -> dict:
 
 
 def launch_ahead(tmp_path_factory, wanted: set[str]) -> None:
-    """Called by tests/conftest.py (launch_ahead) at the run's first test: the scan is a subprocess,
+    """Called by tests/conftest.py (launch_early) at the run's first test: the scan is a subprocess,
     so it runs while the tests before it do (`make unit`: this module's worker runs it itself)."""
     if "checkov_result" in wanted and not _AHEAD and not os.environ.get("PYTEST_XDIST_WORKER"):
         _AHEAD.append(concurrent.futures.ThreadPoolExecutor(1, "checkov").submit(scan_chart))

@@ -177,12 +177,9 @@ class BareVllm:
 _AHEAD: list[BareVllm] = []  # the servers launch_ahead started
 
 
-LAUNCH_AHEAD_AT = 0.5  # tests/conftest.py: beside the shared stack's tests, which run before these
-
-
 def launch_ahead(tmp_path_factory, wanted: set[str]) -> None:
-    """Called by tests/conftest.py (launch_ahead) at the shared stack's first test: the bare servers'
-    start (~40 s, mostly imports) runs beside the tests before theirs."""
+    """Called by tests/conftest.py (launch_early) at the run's first test: the bare servers' start
+    (~40 s, mostly imports) runs beside the tests before theirs."""
     if "bare_vllm" in wanted and not _AHEAD:
         _AHEAD.append(BareVllm(tmp_path_factory.mktemp("bare-vllm")))
         _AHEAD[0].start_in_background()
