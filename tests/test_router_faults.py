@@ -551,6 +551,38 @@ def test_a_call_a_draining_replica_accepted_is_not_withdrawn(client):
     assert router.loads.inflight == {"a": 0, "b": 0}
 
 
+class ColdStart(FakeStream):
+    """A call Ray's handle holds while the autoscaler starts a replica: it comes after a while."""
+
+    async def __anext__(self):
+        if self.served == 0:
+            await asyncio.sleep(0.3)
+        return await super().__anext__()
+
+
+def test_a_model_that_scales_to_zero_keeps_its_queued_calls_for_the_replica_ray_starts(client):
+    """min 0: its last replica going is a scale to zero, and a call Ray's handle holds makes Ray
+    start one (a cold start): the call waits for it, as a request to a cold model does."""
+    views = {"a": LosingView(healthy("a")), "b": FakeView(healthy("b"))}
+    config = json.loads(json.dumps(CONFIG))
+    config["models"][0]["replicas"] = {"min": 0, "max": 1}
+    router = None
+
+    def lose():
+        views["a"].lost, views["a"].list = True, []
+        router.forwarder.replicas_lost("a")
+
+    def queued(request):
+        asyncio.get_running_loop().call_later(0.05, lose)
+        return ColdStart(ok("a")(request).items)
+
+    a = FakeHandle("a", queued)
+    router, http = client({"a": a, "b": FakeHandle("b", ok("b"))}, views, config=config)
+    response = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
+    assert response.status_code == 200 and response.headers["x-served-model"] == "a", response.text
+    assert views["a"].lost and not a.streams[0].cancelled
+
+
 def test_rays_response_generator_still_says_whether_it_was_given_to_a_replica():
     """forward.Call.assigned reads Ray's private future: a Ray upgrade that renames it fails here."""
     import concurrent.futures

@@ -68,7 +68,8 @@ class Router:
         self.auto = AutoRouter(config, self.catalog, self.routes, self.engines, self.metrics)
         hub = StreamHub() if router.stream_transport == "link" else None
         self.forwarder = Forwarder(self.streams, self.loads, self.accounting, router.request_timeout_s, hub,
-                                   deployment_of=self.deployment_of, cold_start=self.cold_start_timeout)
+                                   deployment_of=self.deployment_of, cold_start=self.cold_start_timeout,
+                                   scales_to_zero=lambda deployment: deployment in self.cold)
         self.open_paths = set(router.open_paths)
         # Behind Ray Serve's proxy, its middleware fills in x-request-id and echoes it on every response.
         self.echo_request_id = True

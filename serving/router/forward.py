@@ -125,9 +125,11 @@ class Attempts:
 class Forwarder:
     def __init__(self, streams: dict[str, Any], loads: LoadView, accounting: Accounting, timeout_s: float,
                  hub: StreamHub | None = None, deployment_of: Callable[[str], str] = lambda name: name,
-                 cold_start: Callable[[str], float | None] = lambda deployment: None):
+                 cold_start: Callable[[str], float | None] = lambda deployment: None,
+                 scales_to_zero: Callable[[str], bool] = lambda deployment: False):
         self.streams = streams  # deployment name -> handle with stream=True, method `generate`
         self.cold_start = cold_start  # deployment -> how long to wait for a first replica (None: not cold)
+        self.scales_to_zero = scales_to_zero  # deployment -> whether it may have no replica (min 0)
         self.deployment_of = deployment_of  # served name (a model, or a LoRA adapter) -> its engine deployment
         self.hub = hub  # streams' bodies arrive here, not as Ray items (serving.protocol.streamlink); None: Ray
         self.loads = loads
@@ -158,6 +160,8 @@ class Forwarder:
 
     def _withdraw(self, deployment: str) -> None:
         if not self.loads.lost_every_replica(deployment):  # a replacement came up meanwhile
+            return
+        if self.scales_to_zero(deployment):  # it went to zero: Ray starts one for the calls it holds
             return
         for call in list(self._unanswered.get(deployment, ())):
             if not call.assigned():  # a replica that drains (a roll, a scale-down) still answers its calls
