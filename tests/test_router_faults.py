@@ -478,6 +478,13 @@ class LosingView(FakeView):
         return self.lost
 
 
+def lose_every_replica(router, view: LosingView, name: str = "a") -> None:
+    """Ray's handle drops the deployment's last replica and tells the router, as
+    EngineRequestRouter._tell_if_lost does."""
+    view.lost, view.list = True, []
+    router.forwarder.replicas_lost(name)
+
+
 @pytest.mark.parametrize("told_from", ["the same loop", "another thread"])
 def test_calls_waiting_in_rays_queue_fail_over_when_the_last_replica_goes(client, told_from):
     """The replica died while the request was on its way (Ray then queues it again, to wait for a
@@ -490,8 +497,7 @@ def test_calls_waiting_in_rays_queue_fail_over_when_the_last_replica_goes(client
     router = None
 
     def lose():
-        views["a"].lost, views["a"].list = True, []
-        router.forwarder.replicas_lost("a")
+        lose_every_replica(router, views["a"])
 
     def queued(request):  # Ray's queue: nothing comes until a replica runs or the call is cancelled
         if told_from == "the same loop":
@@ -536,8 +542,7 @@ def test_a_call_a_draining_replica_accepted_is_not_withdrawn(client):
     router = None
 
     def lose():
-        views["a"].lost, views["a"].list = True, []
-        router.forwarder.replicas_lost("a")
+        lose_every_replica(router, views["a"])
 
     def accepted(request):
         asyncio.get_running_loop().call_later(0.05, lose)
@@ -569,8 +574,7 @@ def test_a_model_that_scales_to_zero_keeps_its_queued_calls_for_the_replica_ray_
     router = None
 
     def lose():
-        views["a"].lost, views["a"].list = True, []
-        router.forwarder.replicas_lost("a")
+        lose_every_replica(router, views["a"])
 
     def queued(request):
         asyncio.get_running_loop().call_later(0.05, lose)
