@@ -478,11 +478,54 @@ class LosingView(FakeView):
         return self.lost
 
 
-def lose_every_replica(router, view: LosingView, name: str = "a") -> None:
-    """Ray's handle drops the deployment's last replica and tells the router, as
-    EngineRequestRouter._tell_if_lost does."""
-    view.lost, view.list = True, []
-    router.forwarder.replicas_lost(name)
+class LosesItsLastReplica(FakeHandle):
+    """Deployment "a": 50 ms after its first call is sent, Ray's handle drops its last replica and tells
+    the router, as EngineRequestRouter._tell_if_lost does (from this loop, or from another thread)."""
+
+    def __init__(self, view: LosingView, make_stream, from_thread: bool = False):
+        super().__init__("a", make_stream)
+        self.view, self.from_thread, self.router = view, from_thread, None
+
+    def remote(self, request: EngineRequest):
+        if self.requests:  # only the first call meets the loss
+            return super().remote(request)
+        if self.from_thread:
+            import threading
+
+            threading.Timer(0.05, self.lose).start()
+        else:
+            asyncio.get_running_loop().call_later(0.05, self.lose)
+        return super().remote(request)
+
+    def lose(self):
+        self.view.lost, self.view.list = True, []
+        self.router.forwarder.replicas_lost(self.name)
+
+
+class SlowHead(FakeStream):
+    """Its first item comes after `delay_s`: from a replica Ray's handle already gave the call to
+    (`assigned`: one that drains, in a roll), or from the replica a cold start brings up."""
+
+    def __init__(self, items, delay_s: float, assigned: bool = False):
+        super().__init__(items)
+        self.delay_s = delay_s
+        if assigned:
+            self._replica_result_future = asyncio.get_running_loop().create_future()
+            self._replica_result_future.set_result("the replica's result")
+
+    async def __anext__(self):
+        if self.served == 0:
+            await asyncio.sleep(self.delay_s)
+        return await super().__anext__()
+
+
+def losing_a(client, make_stream, from_thread=False, config=None):
+    """A router over "a" (its last replica about to go) and a healthy "b"."""
+    views = {"a": LosingView(healthy("a")), "b": FakeView(healthy("b"))}
+    a = LosesItsLastReplica(views["a"], make_stream, from_thread)
+    router, http = client({"a": a, "b": FakeHandle("b", ok("b"))}, views, config=config)
+    a.router = router
+    return router, http, a, views["a"]
 
 
 @pytest.mark.parametrize("told_from", ["the same loop", "another thread"])
@@ -491,100 +534,41 @@ def test_calls_waiting_in_rays_queue_fail_over_when_the_last_replica_goes(client
     replacement that takes longer than the deadline): the request is withdrawn from the queue
     and fails over at once, instead of a 408 at its deadline. Ray's handle may run its router on
     its own loop, so the news may come from another thread."""
-    import threading
-
-    views = {"a": LosingView(healthy("a")), "b": FakeView(healthy("b"))}
-    router = None
-
-    def lose():
-        lose_every_replica(router, views["a"])
-
-    def queued(request):  # Ray's queue: nothing comes until a replica runs or the call is cancelled
-        if told_from == "the same loop":
-            asyncio.get_running_loop().call_later(0.05, lose)
-        else:
-            threading.Timer(0.05, lose).start()
-        return FakeStream([], hang_at=0)
-
-    a = FakeHandle("a", queued)
-    router, http = client({"a": a, "b": FakeHandle("b", ok("b"))}, views)
+    # Ray's queue: nothing comes until a replica runs or the call is cancelled
+    router, http, a, view = losing_a(client, lambda request: FakeStream([], hang_at=0),
+                                     from_thread=told_from == "another thread")
     by_name = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
     assert by_name.status_code == 503, by_name.text  # not Ray's 408 after request_timeout_s
     assert by_name.json()["error"]["type"] == "service_unavailable_error"
     assert by_name.headers["x-route-attempts"] == "a: no replica" and by_name.headers["retry-after"] == "1"
     assert a.streams[0].cancelled  # withdrawn from the queue: no replacement runs it later
     assert router.loads.inflight == {"a": 0, "b": 0}
-    views["a"].lost, views["a"].list = False, [healthy("a")]  # the replacement runs
+    view.lost, view.list = False, [healthy("a")]  # the replacement runs
     router.forwarder.replicas_lost("a")  # a late notice withdraws nothing: a replica runs again
     a.make_stream = ok("a")
     assert http.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
     assert 'serving_route_failovers_total{model="a"} 1.0' in http.get("/metrics").text
 
 
-class AtDrainingReplica(FakeStream):
-    """A call Ray's handle gave to a replica that is now draining (a roll): it still answers."""
-
-    def __init__(self, items):
-        super().__init__(items)
-        self._replica_result_future = asyncio.get_running_loop().create_future()
-        self._replica_result_future.set_result("the replica's result")
-
-    async def __anext__(self):
-        if self.served == 0:
-            await asyncio.sleep(0.2)
-        return await super().__anext__()
-
-
 def test_a_call_a_draining_replica_accepted_is_not_withdrawn(client):
     """The last replica leaves the handle's list while it drains (a roll, a scale-down): the calls
     it accepted finish there; only calls still in Ray's queue are withdrawn."""
-    views = {"a": LosingView(healthy("a")), "b": FakeView(healthy("b"))}
-    router = None
-
-    def lose():
-        lose_every_replica(router, views["a"])
-
-    def accepted(request):
-        asyncio.get_running_loop().call_later(0.05, lose)
-        return AtDrainingReplica(ok("a")(request).items)
-
-    a = FakeHandle("a", accepted)
-    router, http = client({"a": a, "b": FakeHandle("b", ok("b"))}, views)
+    router, http, a, view = losing_a(client, lambda request: SlowHead(ok("a")(request).items, 0.2, assigned=True))
     response = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
     assert response.status_code == 200 and response.headers["x-served-model"] == "a", response.text
-    assert views["a"].lost and not a.streams[0].cancelled
+    assert view.lost and not a.streams[0].cancelled
     assert router.loads.inflight == {"a": 0, "b": 0}
-
-
-class ColdStart(FakeStream):
-    """A call Ray's handle holds while the autoscaler starts a replica: it comes after a while."""
-
-    async def __anext__(self):
-        if self.served == 0:
-            await asyncio.sleep(0.3)
-        return await super().__anext__()
 
 
 def test_a_model_that_scales_to_zero_keeps_its_queued_calls_for_the_replica_ray_starts(client):
     """min 0: its last replica going is a scale to zero, and a call Ray's handle holds makes Ray
     start one (a cold start): the call waits for it, as a request to a cold model does."""
-    views = {"a": LosingView(healthy("a")), "b": FakeView(healthy("b"))}
     config = json.loads(json.dumps(CONFIG))
     config["models"][0]["replicas"] = {"min": 0, "max": 1}
-    router = None
-
-    def lose():
-        lose_every_replica(router, views["a"])
-
-    def queued(request):
-        asyncio.get_running_loop().call_later(0.05, lose)
-        return ColdStart(ok("a")(request).items)
-
-    a = FakeHandle("a", queued)
-    router, http = client({"a": a, "b": FakeHandle("b", ok("b"))}, views, config=config)
+    router, http, a, view = losing_a(client, lambda request: SlowHead(ok("a")(request).items, 0.3), config=config)
     response = http.post("/v1/chat/completions", json={"model": "a", **CHAT})
     assert response.status_code == 200 and response.headers["x-served-model"] == "a", response.text
-    assert views["a"].lost and not a.streams[0].cancelled
+    assert view.lost and not a.streams[0].cancelled
 
 
 def test_rays_response_generator_still_says_whether_it_was_given_to_a_replica():
