@@ -44,6 +44,9 @@ SHARED_CORES_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # LoRA adapters the twin chat deployment serves (bench/adapters.py, made with peft and cached like the
 # models: `fruit_adapters()` gives their folders): name -> tags. Each one's alias is in e2e_config.
 ADAPTER_TAGS = {"fruit-apple": ["fruit", "red"], "fruit-banana": ["fruit", "yellow"], "fruit-cherry": ["fruit", "red"]}
+# Think time of each worker of the live loads kept going across a change (bench.live_change.LiveLoad):
+# requests stay in flight throughout, and the engine starting beside them is not starved of the cores.
+LOAD_PAUSE_S = 0.25
 # The second stack shape (auto pair + embeddings, 2 router replicas, a keys file): shared by the
 # tenants, abuse and metrics tests.
 TENANTS_PORT = int(os.environ.get("SERVING_TENANTS_TEST_PORT", "28010"))
@@ -168,13 +171,13 @@ def pytest_runtest_setup(item):
         modules = list({id(o.module): o.module for o in item.session.items if hasattr(o, "module")}.values())
         launch_early(_WANTED["names"], modules, item.config._tmp_path_factory)
     group = _group(item)
-    if group not in (0, 0.75, 1) or ("stack" if group == 0 else "tenants") in _SHARED:
+    if group not in (0, 0.5, 0.75, 1) or ("stack" if group == 0 else "tenants") in _SHARED:
         return
     wanted = _WANTED["names"]
     factory = item.config._tmp_path_factory  # what the tmp_path_factory fixture returns
     if group == 0 and "stack" in wanted:
         launch_shared_stack(factory)
-    if group >= 0.75 and "tenants" in wanted:
+    if group >= 0.5 and "tenants" in wanted:
         launch_tenants_stack(factory)
 
 

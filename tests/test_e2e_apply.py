@@ -21,7 +21,7 @@ import yaml
 
 from bench.live_change import LiveLoad, apply_file, check, model_replicas, replicas_by_model, wait_for
 from serving.config import config_digest, load_config
-from tests.conftest import bearer
+from tests.conftest import LOAD_PAUSE_S, bearer
 
 pytestmark = pytest.mark.changes_tenants_stack
 
@@ -92,7 +92,7 @@ def test_dry_run_shows_the_plan_and_changes_nothing(tenants, files, auth):
 def test_apply_moves_an_alias_and_adds_a_model_under_load_without_restarting_engines(tenants, files, auth):
     url = tenants["url"]
     base, add = load_config(files["base"]), load_config(files["add"])
-    with LiveLoad(url, [MOVED_ALIAS, "smollm2", "smollm2-large"], workers=2, headers=auth) as load:
+    with LiveLoad(url, [MOVED_ALIAS, "smollm2", "smollm2-large"], workers=2, pause_s=LOAD_PAUSE_S, headers=auth) as load:
         time.sleep(3)
         output = _apply(tenants, files["add"])
         applied_at = load.now()
@@ -145,7 +145,7 @@ def test_removing_a_model_drains_it_while_another_rolls_its_engine(tenants, file
     in_flight = threading.Thread(target=long_stream)
     in_flight.start()
     assert first_chunk.wait(120)
-    with LiveLoad(url, ["smollm2", "smollm2-large"], workers=2, headers=auth) as load:
+    with LiveLoad(url, ["smollm2", "smollm2-large"], workers=2, pause_s=LOAD_PAUSE_S, headers=auth) as load:
         output = _apply(tenants, files["remove"])
         time.sleep(3)
     in_flight.join(300)

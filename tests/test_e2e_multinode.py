@@ -35,7 +35,7 @@ import yaml
 
 from bench.live_change import LiveLoad, apply_file, check, replicas_by_model
 from serving.config import config_to_dict, load_config
-from tests.conftest import SHARED_CORES_ENV
+from tests.conftest import LOAD_PAUSE_S, SHARED_CORES_ENV
 
 PORT = 28100
 URL = f"http://127.0.0.1:{PORT}"
@@ -181,12 +181,14 @@ def test_a_helm_upgrade_rolls_only_the_models_whose_engine_changed(cluster_stack
     done = threading.Event()
 
     def embed_loop():
-        while not done.is_set():
-            embeddings.append(httpx.post(f"{URL}/v1/embeddings", json={"model": EMBED, "input": "hi"}, timeout=120))
+        with httpx.Client(timeout=120) as client:
+            while not done.is_set():
+                embeddings.append(client.post(f"{URL}/v1/embeddings", json={"model": EMBED, "input": "hi"}))
+                done.wait(LOAD_PAUSE_S)
 
     first = httpx.post(f"{URL}/v1/embeddings", json={"model": EMBED, "input": "hi"}, timeout=60)
     embedder = threading.Thread(target=embed_loop)
-    with LiveLoad(URL, [f"{alias}-chat", CHAT], workers=2) as load:
+    with LiveLoad(URL, [f"{alias}-chat", CHAT], workers=2, pause_s=LOAD_PAUSE_S) as load:
         embedder.start()
         time.sleep(2)
         code, output, seconds = apply_file(stack.tmp / "changed.yaml", PORT, "--address", stack.cluster.address)

@@ -1,7 +1,11 @@
-"""`serving keys` run as the real CLI (subprocesses): create, list, revoke, and what lands on disk."""
+"""`serving keys`: create, list, revoke, and what lands on disk. The command runs in this process
+(`run_cli`: its exit code, stdout and stderr, as a shell sees them); as real processes where that is
+what is tested: the first create (the console entry point) and concurrent creates (the file lock
+between processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -14,17 +18,24 @@ import yaml
 
 from serving.protocol.errors import ServingError
 from serving.tenants.keys import KeyStore, key_digest, load_keys_file
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def serving(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`serving ARGS` run in `cwd`, in this process."""
+    with contextlib.chdir(cwd):
+        return run_cli(*args)
+
+
+def serving_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "serving.control.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_create_prints_the_key_last_and_stores_only_its_hash(tmp_path):
-    done = serving("keys", "create", "team-a", "--models", "smollm2,tag:embed", "--rpm", "30", "--tpm", "5000",
+    done = serving_process("keys", "create", "team-a", "--models", "smollm2,tag:embed", "--rpm", "30", "--tpm", "5000",
                    "--concurrency", "4", "--budget", "0.5", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     key = done.stdout.splitlines()[-1]
@@ -117,7 +128,7 @@ def test_a_broken_file_is_not_overwritten(tmp_path):
 
 def test_concurrent_creates_lose_no_key(tmp_path):
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda i: serving("keys", "create", f"k{i}", cwd=tmp_path), range(6)))
+        results = list(pool.map(lambda i: serving_process("keys", "create", f"k{i}", cwd=tmp_path), range(6)))
     assert all(r.returncode == 0 for r in results)
     stored = {e.name: e.sha256 for e in load_keys_file(tmp_path / "keys.yaml").keys}
     assert stored == {f"k{i}": key_digest(r.stdout.splitlines()[-1]) for i, r in enumerate(results)}
