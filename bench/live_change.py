@@ -59,7 +59,8 @@ class LiveLoad:
     third request streams (a stream counts as answered only if it ends with [DONE]). `pause_s` is
     each worker's think time between requests: requests stay in flight across a change, but the
     engines are not kept busy without a break, so a replica starting beside them gets the cores
-    (on 2 cores a 2-worker closed loop held the CPU at ~100 % and doubled an engine roll)."""
+    (on 2 cores an 8-token request of SmolLM2-135M costs its engine ~0.5 CPU-s: a closed loop of
+    two workers alone kept the machine busy)."""
 
     url: str
     names: list[str]

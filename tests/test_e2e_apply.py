@@ -168,7 +168,8 @@ def test_autoscaling_rises_under_load_and_falls_back_after(tenants, files, auth)
     assert _chat(url, auth, SMALL).headers["x-served-replica"] == before  # changed in place, not restarted
     with LiveLoad(url, [SMALL], workers=8, max_tokens=64, headers=auth) as ramp:
         rose = wait_for(lambda: model_replicas(url, SMALL) >= 2, 180)
-        time.sleep(8)  # the load goes on a little: the new replica takes part of it
+        # the load goes on until the new replica has answered part of it
+        wait_for(lambda: len(replicas_by_model(ramp.samples).get(SMALL, ())) == 2, 60, every_s=0.5)
     assert rose is not None, "no second replica under 8 concurrent streams (target 2 per replica)"
     fell = wait_for(lambda: model_replicas(url, SMALL) == 1, 120)
     assert fell is not None, "still 2 replicas 120 s after the load ended (downscale delay 5 s)"

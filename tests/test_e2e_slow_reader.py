@@ -73,7 +73,6 @@ def open_stream(host: str, port: int, model: str) -> socket.socket:
     return sock
 
 
-@pytest.mark.mostly_waits  # ~35 s for the deadline: the tenants stack starts meanwhile (conftest)
 def test_clients_that_do_not_read_leave_the_router_flat_and_are_cut_at_the_deadline(stack):
     url = stack.url
     host, port = url.removeprefix("http://").split(":")
