@@ -257,7 +257,7 @@ def test_a_lost_node_moves_its_replica_and_stopping_leaves_the_cluster(cluster_s
         assert on_worker, f"no chat replica on the worker node: {nodes}"
         trickle.start()
         try:
-            time.sleep(5)
+            time.sleep(3)  # traffic before the loss (2 requests a second)
             killed_at = time.monotonic()
             stack.cluster.remove_node(stack.worker, allow_graceful=False)
 
@@ -266,7 +266,7 @@ def test_a_lost_node_moves_its_replica_and_stopping_leaves_the_cluster(cluster_s
                 return len(now) == 2 and set(now.values()) == {stack.head_id} and not set(on_worker) & set(now)
 
             wait(moved, 300, "the worker's replica re-created on the head", stack, poll=2)
-            time.sleep(5)  # traffic on the recovered deployment
+            time.sleep(3)  # traffic on the recovered deployment
         finally:
             trickle.stop.set()
             trickle.join(70)

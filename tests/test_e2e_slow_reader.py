@@ -86,7 +86,7 @@ def test_clients_that_do_not_read_leave_the_router_flat_and_are_cut_at_the_deadl
     sockets = [open_stream(host, int(port), MODELS[i % 2]) for i in range(CLIENTS)]
     slow = sockets[1::2]  # one byte a second; the others read nothing
     peak, seen_running, seen_vllm, samples = rss_before, 0, 0.0, []
-    cut_by = started + E2E_REQUEST_TIMEOUT_S + 5
+    cut_by = started + E2E_REQUEST_TIMEOUT_S + 1  # the deadline has passed for every stream; the cut is awaited below
     while time.monotonic() < cut_by:
         for sock in slow:
             try:
