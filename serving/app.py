@@ -26,6 +26,7 @@ from serving.router.metrics_export import MetricsExport, replica_id
 from serving.router.core import Router
 from serving.router.http import app as router_http_app
 from serving.router.registry import activate
+from serving.replica_logs import log_into_replica
 
 # Ray starts every worker at nice 15 (its `worker_niceness`), and vLLM's engine core inherits it
 # from the replica: Ray's daemons, at 0, then preempted the engine's OpenMP threads, each slice
@@ -43,6 +44,7 @@ class RouterIngress(Router):
     again on every change (`serving apply`, `helm upgrade`), which applies it in place."""
 
     async def __init__(self, engines: dict[str, Any] | None = None, per_model_apps: bool = False):
+        log_into_replica()
         self.bound_engines = engines or {}  # handles bound into this application (`serving up`)
         self.per_model_apps = per_model_apps  # else each model is its own application (the Helm chart)
         self.started = False

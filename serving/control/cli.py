@@ -14,6 +14,7 @@ import urllib.request
 from serving.config import ConfigError, ServingConfig, load_config
 from serving.engine.lora import adapter_problems
 from serving.engine.vllm_args import engine_arg_problems, serve_arg_problems
+from serving.replica_logs import serve_logs_dir
 
 DEFAULT_CONFIG = "models.yaml"
 
@@ -363,7 +364,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                  object_store_memory=256 * 2**20, runtime_env=env)
     own_cluster = not args.address
     # where `serving apply --address` and `serving status --address` find this stack's cluster
-    print(f"ray cluster at {ray.get_runtime_context().gcs_address}", flush=True)
+    context = ray.get_runtime_context()
+    print(f"ray cluster at {context.gcs_address}", flush=True)
+    print(f"replica logs in {serve_logs_dir(context.get_temp_dir(), context.get_session_name())}", flush=True)
     stop = _Stop()  # after ray.init: Ray installs its own SIGTERM handler, which would kill us undrained
 
     nodes = capacity.nodes_from_ray(ray.nodes())

@@ -43,6 +43,7 @@ from serving.protocol.messages import EngineRequest, ReplyHead, ReplyTail, Routi
 from serving.engine.lora import AdapterSync, adapter_rank, declared_folders, max_lora_rank
 from serving.engine.provision import provision_adapter, provision_model
 from serving.protocol.streamlink import LinkPool, deliver
+from serving.replica_logs import log_into_replica, reopen_replica_log
 
 logger = logging.getLogger("serving.engine")
 
@@ -133,6 +134,7 @@ class EngineDeployment:
     async def __init__(self, model: ModelSpec, engine_args: dict[str, Any], env: dict[str, str],
                        stream_flush_ms: float = 0.0, serve_args: dict[str, Any] | None = None,
                        adapter_sync_s: float = 1.0):
+        log_into_replica()
         os.environ.update(expand_thread_binding(env))
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -176,12 +178,15 @@ class EngineDeployment:
         # request id -> estimated prompt tokens, until its first output: the prefill work queued here,
         # reported so routers weigh a replica busy with long prompts as busy (ReplicaView.pending_tokens)
         self._unstarted: dict[str, int] = {}
-        self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs.from_cli_args(namespace),
-            # vLLM's own metrics leave through Ray's per-node metrics port (labelled ReplicaId),
-            # as in Ray Serve LLM; being a PrometheusStatLogger it replaces vLLM's default one.
-            stat_loggers=[self._stats.factory, RayPrometheusStatLogger],
-        )
+        try:
+            self.engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs.from_cli_args(namespace),
+                # vLLM's own metrics leave through Ray's per-node metrics port (labelled ReplicaId),
+                # as in Ray Serve LLM; being a PrometheusStatLogger it replaces vLLM's default one.
+                stat_loggers=[self._stats.factory, RayPrometheusStatLogger],
+            )
+        finally:
+            reopen_replica_log()  # vLLM's logging set-up in there closed Ray Serve's replica file
         count_aborted_tokens(self.engine)
         self.app = await build_vllm_app(self.engine, namespace)
         if args.get("enable_lora"):

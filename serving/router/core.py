@@ -73,6 +73,7 @@ class Router:
         self.open_paths = set(router.open_paths)
         # Behind Ray Serve's proxy, its middleware fills in x-request-id and echoes it on every response.
         self.echo_request_id = True
+        self._log_catalog()
 
     def _install(self, config: ServingConfig, engines: dict[str, Any]) -> None:
         """Everything that follows from the models: catalog, routes, replica policies, loads, prices,
@@ -112,7 +113,10 @@ class Router:
             self.auto.stop()
             self.auto = auto
             self.auto.start()
-        logger.info("catalog applied: %d models, %d names", len(config.models), len(self.catalog))
+        self._log_catalog()
+
+    def _log_catalog(self) -> None:
+        logger.info("catalog applied: %d models, %d names", len(self.config.models), len(self.catalog))
 
     def cold_start_timeout(self, deployment: str) -> float | None:
         """How long a request waits for a replica of a scaled-to-zero model (None: it has one, or may not scale to zero)."""
