@@ -22,6 +22,10 @@ def replica_logs(stack, deployment: str) -> str:
 
 
 def test_each_replica_log_has_serving_records_written_at_start(stack):
-    # INFO records, logged at start and in the file although Ray Serve buffers it by 1,000 records
-    assert re.search(rf"INFO .*engine {re.escape(CHAT_MODEL)} ready on replica \S+ in [\d.]+s", replica_logs(stack, CHAT_MODEL))
+    # INFO records, logged at start and in the file although Ray Serve buffers it by 1,000 records;
+    # the engine's after vLLM's logging set-up closed that file (serving.replica_logs.reopen_replica_log)
+    engine = replica_logs(stack, CHAT_MODEL)
+    assert re.search(rf"INFO .*engine {re.escape(CHAT_MODEL)} ready on replica \S+ in [\d.]+s", engine)
+    assert re.search(r"INFO .* -- .*INFO .*\[\w+\.py:\d+\] ", engine)  # vLLM's own records (its format) of the replica's process too
+    assert "\x1b[" not in engine  # and no terminal colour codes (VLLM_LOGGING_COLOR)
     assert re.search(r"INFO .*catalog applied: \d+ models, \d+ names", replica_logs(stack, "router"))

@@ -136,6 +136,8 @@ class EngineDeployment:
                        adapter_sync_s: float = 1.0):
         log_into_replica()
         os.environ.update(expand_thread_binding(env))
+        # Ray Serve's stdout in a replica claims to be a terminal: vLLM would colour its records in the replica's file
+        os.environ.setdefault("VLLM_LOGGING_COLOR", "0")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
