@@ -163,7 +163,7 @@ class MetricsExport:
 
     async def _call(self, method: str, *args: Any) -> Any:
         actor = await self._handle()
-        return await asyncio.wait_for(getattr(actor, method).remote(*args).as_future(), self.call_timeout_s)
+        return await asyncio.wait_for(asyncio.wrap_future(getattr(actor, method).remote(*args).future()), self.call_timeout_s)
 
     def _take(self) -> tuple[int, tuple[FamilyRow, ...]]:
         """(sequence number, snapshot): numbered in the order taken, so the board keeps the newest."""

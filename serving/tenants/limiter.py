@@ -294,7 +294,7 @@ class Limiter:
         """Create (or find) the shared actor and wait until it answers, so the first requests of a
         limited key are counted instead of admitted fail-open while its process starts."""
         actor = await self._handle()
-        await asyncio.wait_for(actor.ping.remote().as_future(), timeout_s)
+        await asyncio.wait_for(asyncio.wrap_future(actor.ping.remote().future()), timeout_s)  # as_future(): deprecated in Ray 2.60
 
     async def sync(self) -> None:
         """Wait until every call this client submitted has run (tests; ordering is per caller)."""
