@@ -2,13 +2,14 @@
 merge of several router replicas' registries (serving/router/metrics_export.py).
 
 The shared actor is stood in for by an in-process `MetricsBoard` behind a fake handle with the
-shape of a Ray actor handle (`board.method.remote(*args).as_future()`); the real actor is made
+shape of a Ray actor handle (`board.method.remote(*args).future()`, a concurrent.futures.Future); the real actor is made
 the same way as the limits actor (tests/test_limits_actor.py covers that pattern on Ray).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 import pytest
 import yaml
@@ -237,12 +238,12 @@ class FakeActor:
             @staticmethod
             def remote(*args):
                 actor.calls.append(method)
-                future = asyncio.get_running_loop().create_future()
+                future = concurrent.futures.Future()
                 if actor.down:
                     future.set_exception(ConnectionError("actor gone"))
                 else:
                     future.set_result(getattr(actor.board, method)(*args))
-                return type("Ref", (), {"as_future": lambda self: future})()
+                return type("Ref", (), {"future": lambda self: future})()
         return Method
 
 
